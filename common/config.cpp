@@ -1,0 +1,365 @@
+#include "common/config.h"
+
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include "common/errors.h"
+
+extern char** environ;
+
+namespace ringllama {
+
+namespace {
+
+enum class Kind { Int, AutoInt, Float, Bool, Path, Endpoint };
+
+struct KeyDef {
+  const char* name;
+  Kind kind;
+  unsigned readers;
+  int64_t min;  // ints: inclusive range
+  int64_t max;
+  double fmin;  // floats: inclusive range
+  double fmax;
+  const char* help;
+  std::function<void(Config&, const std::string&)> set;  // from validated text
+  std::function<std::string(const Config&)> get;
+};
+
+
+std::string bool_text(bool b) { return b ? "true" : "false"; }
+
+constexpr int64_t kBig = int64_t(1) << 40;
+
+#define INT_KEY(key, readers, lo, hi, help)                                                                     \
+  KeyDef {                                                                                                     \
+    #key, Kind::Int, readers, lo, hi, 0, 0, help, [](Config& c, const std::string& v) { c.key = std::stoll(v); }, \
+        [](const Config& c) { return std::to_string(c.key); }                                                  \
+  }
+#define AUTO_KEY(key, readers, lo, hi, help)                                                           \
+  KeyDef {                                                                                            \
+    #key, Kind::AutoInt, readers, lo, hi, 0, 0, help,                                                 \
+        [](Config& c, const std::string& v) { c.key = v == "auto" ? kAuto : std::stoll(v); },        \
+        [](const Config& c) { return c.key == kAuto ? std::string("auto") : std::to_string(c.key); } \
+  }
+#define STR_KEY(key, kind, readers, help)                                                                     \
+  KeyDef {                                                                                                   \
+    #key, kind, readers, 0, 0, 0, 0, help, [](Config& c, const std::string& v) { c.key = v; }, [](const Config& c) { \
+      return c.key;                                                                                          \
+    }                                                                                                        \
+  }
+
+const std::vector<KeyDef>& keys() {
+  static const std::vector<KeyDef> defs = {
+      STR_KEY(store, Kind::Path, kLoaderd | kGenerate, "path of the packed store"),
+      STR_KEY(control, Kind::Endpoint, kAllReaders, "ZeroMQ endpoint of the loader daemon"),
+      INT_KEY(cpu_cap_layers, kLoaderd, 1, 1 << 20, "layer slots in the shared-memory window"),
+      INT_KEY(back_margin, kLoaderd, 0, 1 << 20, "layers kept behind the window's start"),
+      INT_KEY(io_queue_depth, kLoaderd | kGenerate, 1, 4096, "io_uring requests in flight"),
+      INT_KEY(io_block_kib, kLoaderd | kGenerate, 4, 1 << 20, "KiB per read request (a multiple of 4)"),
+      INT_KEY(heartbeat_ms, kLoaderd | kWorker, 10, 600000, "heartbeat period, ms"),
+      INT_KEY(gpu, kWorker | kGenerate, 0, 1023, "CUDA device index"),
+      KeyDef{"gpu_memory_limit", Kind::Float, kWorker | kGenerate, 0, 0, 0.0, 1.0,
+             "fraction of device memory to plan for; 0 = what is free",
+             [](Config& c, const std::string& v) { c.gpu_memory_limit = std::stod(v); },
+             [](const Config& c) { return fmt::format("{}", c.gpu_memory_limit); }},
+      INT_KEY(free_guard_mb, kWorker | kGenerate, 0, 1 << 20, "MiB kept free on the device"),
+      INT_KEY(gpu_ahead_layers, kWorker | kGenerate, 1, 1 << 20, "layers prefetched ahead of compute"),
+      AUTO_KEY(gpu_max_groups, kWorker | kGenerate, 2, 1 << 20, "group buffers in the GPU pool, or auto"),
+      AUTO_KEY(resident_layers, kWorker | kGenerate, 0, 1 << 20, "layers kept on the GPU, or auto"),
+      INT_KEY(h2d_backlog_max, kWorker | kGenerate, 1, 1024, "host-to-device copies in flight"),
+      INT_KEY(batch_size, kWorker | kGenerate, 1, 65536, "sequences per step"),
+      INT_KEY(max_context, kWorker | kGenerate, 1, 1 << 24, "tokens per sequence"),
+      INT_KEY(prefill_chunk_tokens, kWorker | kGenerate, 1, 1 << 24, "prompt tokens per sequence per step"),
+      INT_KEY(kv_block_tokens, kWorker | kGenerate, 1, 1 << 16, "tokens per KV-cache block"),
+      INT_KEY(queue_max, kWorker, 0, 1 << 24, "waiting requests before overloaded"),
+      STR_KEY(listen, Kind::Endpoint, kWorker, "ZeroMQ endpoint for clients; <gpu> expands"),
+      INT_KEY(max_request_bytes, kWorker, 64, kBig, "largest request frame, bytes"),
+      KeyDef{"verbose", Kind::Bool, kAllReaders, 0, 0, 0, 0, "debug logs",
+             [](Config& c, const std::string& v) { c.verbose = v == "true"; },
+             [](const Config& c) { return bool_text(c.verbose); }},
+  };
+  return defs;
+}
+
+const KeyDef* find_key(const std::string& name) {
+  for (const auto& k : keys())
+    if (name == k.name) return &k;
+  return nullptr;
+}
+
+std::string flag_of(const std::string& key) {
+  std::string f = "--" + key;
+  std::replace(f.begin(), f.end(), '_', '-');
+  return f;
+}
+
+std::string env_of(const std::string& key) {
+  std::string e = "RINGLLAMA_" + key;
+  std::transform(e.begin(), e.end(), e.begin(), [](unsigned char ch) { return std::toupper(ch); });
+  return e;
+}
+
+std::string near_miss(const std::string& name) {
+  // Suggest a key that differs by case, dashes or one edit: typos are the usual unknown key.
+  std::string norm = name;
+  std::transform(norm.begin(), norm.end(), norm.begin(), [](unsigned char ch) {
+    return ch == '-' ? '_' : static_cast<char>(std::tolower(ch));
+  });
+  for (const auto& k : keys()) {
+    std::string kn = k.name;
+    if (kn == norm) return fmt::format(" (did you mean '{}'?)", kn);
+    if (kn.size() + 1 >= norm.size() && norm.size() + 1 >= kn.size()) {
+      size_t i = 0, j = 0, diff = 0;
+      while (i < kn.size() && j < norm.size()) {
+        if (kn[i] == norm[j]) { ++i; ++j; continue; }
+        if (++diff > 1) break;
+        if (kn.size() > norm.size()) ++i;
+        else if (norm.size() > kn.size()) ++j;
+        else { ++i; ++j; }
+      }
+      diff += (kn.size() - i) + (norm.size() - j);
+      if (diff <= 1) return fmt::format(" (did you mean '{}'?)", kn);
+    }
+  }
+  return "";
+}
+
+// Parses and range-checks a raw value; returns the canonical text. Throws ConfigError.
+std::string check_value(const KeyDef& k, std::string raw, const ValueSource& src) {
+  auto bad = [&](const std::string& rule) {
+    return ConfigError(fmt::format("config key '{}' = '{}' from {}: {}", k.name, raw, src.text(), rule));
+  };
+  auto trim = [](std::string s) {
+    s.erase(0, s.find_first_not_of(" \t"));
+    s.erase(s.find_last_not_of(" \t") + 1);
+    return s;
+  };
+  raw = trim(raw);
+  switch (k.kind) {
+    case Kind::AutoInt:
+      if (raw == "auto") return raw;
+      [[fallthrough]];
+    case Kind::Int: {
+      errno = 0;
+      char* end = nullptr;
+      long long v = std::strtoll(raw.c_str(), &end, 10);
+      if (raw.empty() || *end != '\0' || errno == ERANGE)
+        throw bad(k.kind == Kind::AutoInt ? "must be an integer or auto" : "must be an integer");
+      if (v < k.min || v > k.max) throw bad(fmt::format("must be between {} and {}", k.min, k.max));
+      return std::to_string(v);
+    }
+    case Kind::Float: {
+      errno = 0;
+      char* end = nullptr;
+      double v = std::strtod(raw.c_str(), &end);
+      if (raw.empty() || *end != '\0' || errno == ERANGE || v != v) throw bad("must be a number");
+      if (v < k.fmin || v > k.fmax) throw bad(fmt::format("must be between {} and {}", k.fmin, k.fmax));
+      return raw;
+    }
+    case Kind::Bool: {
+      std::string l = raw;
+      std::transform(l.begin(), l.end(), l.begin(), [](unsigned char ch) { return std::tolower(ch); });
+      if (l == "true" || l == "1" || l == "yes" || l == "on") return "true";
+      if (l == "false" || l == "0" || l == "no" || l == "off") return "false";
+      throw bad("must be true or false");
+    }
+    case Kind::Path:
+      if (raw.empty()) throw bad("must not be empty");
+      return raw;
+    case Kind::Endpoint:
+      if (raw.rfind("ipc://", 0) != 0 && raw.rfind("tcp://", 0) != 0 && raw.rfind("inproc://", 0) != 0)
+        throw bad("must be a ZeroMQ endpoint (ipc://PATH, tcp://HOST:PORT or inproc://NAME)");
+      return raw;
+  }
+  return raw;
+}
+
+}  // namespace
+
+ConfigLoader::ConfigLoader(unsigned readers) : readers_(readers) {}
+ConfigLoader::~ConfigLoader() = default;
+
+std::vector<std::string> ConfigLoader::all_keys() {
+  std::vector<std::string> v;
+  for (const auto& k : keys()) v.push_back(k.name);
+  return v;
+}
+
+void ConfigLoader::add_flags(CLI::App& app) {
+  app.add_option("--config", config_path_, "YAML configuration file (also RINGLLAMA_CONFIG)");
+  app.add_flag("--print-config", print_requested_, "print every setting and where it came from, then exit");
+  for (const auto& k : keys()) {
+    if (!(k.readers & readers_)) continue;
+    std::string& slot = flag_values_[k.name];
+    const std::string help = fmt::format("{} (config key {}, env {})", k.help, k.name, env_of(k.name));
+    if (k.kind == Kind::Bool) {
+      app.add_option(flag_of(k.name), slot, help)->expected(0, 1)->default_str("true");
+    } else {
+      app.add_option(flag_of(k.name), slot, help);
+    }
+  }
+}
+
+void ConfigLoader::apply(Config& c, const std::string& key, const std::string& raw, ValueSource src) {
+  const KeyDef* k = find_key(key);
+  if (!k) throw ConfigError(fmt::format("unknown config key '{}' from {}{}", key, src.text(), near_miss(key)));
+  std::string text = check_value(*k, raw, src);
+  k->set(c, text);
+  sources_[key] = std::move(src);
+}
+
+Config ConfigLoader::load() {
+  std::map<std::string, std::string> env;
+  for (char** e = environ; e && *e; ++e) {
+    std::string kv = *e;
+    auto eq = kv.find('=');
+    if (eq == std::string::npos) continue;
+    env[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  std::string path = config_path_;
+  if (path.empty() && env.count("RINGLLAMA_CONFIG")) path = env["RINGLLAMA_CONFIG"];
+  std::optional<std::string> text;
+  if (!path.empty()) {
+    std::ifstream in(path);
+    if (!in) throw ConfigError(fmt::format("config file {}: cannot open: {}", path, errno_text(errno)));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    text = ss.str();
+  }
+  std::map<std::string, std::string> flags;
+  for (const auto& [key, value] : flag_values_)
+    if (!value.empty()) flags[key] = value;
+  return load_from(text, path, env, flags);
+}
+
+Config ConfigLoader::load_from(const std::optional<std::string>& yaml_text, const std::string& yaml_name,
+                               const std::map<std::string, std::string>& env,
+                               const std::map<std::string, std::string>& flags) {
+  Config c;
+  sources_.clear();
+  for (const auto& k : keys()) sources_[k.name] = ValueSource{};
+  if (yaml_text) {
+    YAML::Node root;
+    try {
+      root = YAML::Load(*yaml_text);
+    } catch (const YAML::Exception& e) {
+      throw ConfigError(fmt::format("config file {}: not valid YAML: {}", yaml_name, e.what()));
+    }
+    if (root.IsDefined() && !root.IsNull()) {
+      if (!root.IsMap()) throw ConfigError(fmt::format("config file {}: expected a mapping of key: value", yaml_name));
+      for (const auto& kv : root) {
+        std::string key = kv.first.as<std::string>();
+        ValueSource src{"file", fmt::format("{}:{}", yaml_name, kv.first.Mark().line + 1)};
+        if (!find_key(key))
+          throw ConfigError(fmt::format("unknown config key '{}' from {}{}", key, src.text(), near_miss(key)));
+        if (!kv.second.IsScalar())
+          throw ConfigError(fmt::format("config key '{}' from {}: must be a single value, not a list or mapping", key,
+                                        src.text()));
+        apply(c, key, kv.second.Scalar(), src);
+      }
+    }
+  }
+  for (const auto& [name, value] : env) {
+    if (name.rfind("RINGLLAMA_", 0) != 0 || name == "RINGLLAMA_CONFIG") continue;
+    std::string key = name.substr(10);
+    std::transform(key.begin(), key.end(), key.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    ValueSource src{"env", name};
+    if (!find_key(key))
+      throw ConfigError(fmt::format("unknown config key '{}' from {}{}", key, src.text(), near_miss(key)));
+    apply(c, key, value, src);
+  }
+  for (const auto& [key, value] : flags) apply(c, key, value, ValueSource{"flag", flag_of(key)});
+  cross_check(c);
+  return c;
+}
+
+void ConfigLoader::cross_check(const Config& c) const {
+  auto rule = [&](bool ok, const std::string& key, const std::string& text) {
+    if (!ok) throw ConfigError(fmt::format("config key '{}' from {}: {}", key, source(key).text(), text));
+  };
+  rule(c.io_block_kib % 4 == 0, "io_block_kib", fmt::format("{} is not a multiple of 4 KiB", c.io_block_kib));
+  rule(c.back_margin < c.cpu_cap_layers, "back_margin",
+       fmt::format("{} must be less than cpu_cap_layers ({})", c.back_margin, c.cpu_cap_layers));
+  rule(c.kv_block_tokens <= c.max_context, "kv_block_tokens",
+       fmt::format("{} must not exceed max_context ({})", c.kv_block_tokens, c.max_context));
+  if (c.gpu_max_groups != kAuto)
+    rule(c.gpu_max_groups >= 2, "gpu_max_groups", "needs at least 2 (one attn and one ffn group)");
+}
+
+void ConfigLoader::adapt_to_model(Config& c, const ModelConfig& m) {
+  const int64_t L = m.n_layers;
+  auto clamp_default = [&](const char* key, int64_t& v, int64_t limit, const std::string& why) {
+    if (v > limit) {
+      if (is_explicit(key)) {
+        sources_[key].detail += fmt::format(", clamped from {} to {}", v, why);
+      } else {
+        sources_[key] = ValueSource{"model", fmt::format("default {} clamped to {}", v, why)};
+      }
+      v = limit;
+    }
+  };
+  // A window or prefetch deeper than the model only means "all of it".
+  clamp_default("cpu_cap_layers", c.cpu_cap_layers, L, fmt::format("{} layers", L));
+  clamp_default("gpu_ahead_layers", c.gpu_ahead_layers, L, fmt::format("{} layers", L));
+  if (is_explicit("max_context")) {
+    if (c.max_context > m.max_position_embeddings)
+      throw ConfigError(fmt::format("config key 'max_context' = {} from {}: the model supports {} positions",
+                                    c.max_context, source("max_context").text(), m.max_position_embeddings));
+  } else {
+    clamp_default("max_context", c.max_context, m.max_position_embeddings,
+                  fmt::format("the model's {} positions", m.max_position_embeddings));
+  }
+  if (c.resident_layers != kAuto && c.resident_layers > L)
+    throw ConfigError(fmt::format("config key 'resident_layers' = {} from {}: the model has {} layers",
+                                  c.resident_layers, source("resident_layers").text(), L));
+  clamp_default("prefill_chunk_tokens", c.prefill_chunk_tokens, c.max_context,
+                fmt::format("max_context {}", c.max_context));
+  if (c.back_margin >= c.cpu_cap_layers)
+    throw ConfigError(fmt::format("config key 'back_margin' = {} from {}: must be less than cpu_cap_layers ({})",
+                                  c.back_margin, source("back_margin").text(), c.cpu_cap_layers));
+  cross_check(c);
+}
+
+const ValueSource& ConfigLoader::source(const std::string& key) const {
+  static const ValueSource def;
+  auto it = sources_.find(key);
+  return it == sources_.end() ? def : it->second;
+}
+
+bool ConfigLoader::is_explicit(const std::string& key) const {
+  const std::string& k = source(key).kind;
+  return k == "file" || k == "env" || k == "flag";
+}
+
+std::string ConfigLoader::describe(const Config& c) const {
+  std::string out;
+  size_t w = 0;
+  for (const auto& k : keys())
+    if (k.readers & readers_) w = std::max(w, std::string(k.name).size());
+  for (const auto& k : keys()) {
+    if (!(k.readers & readers_)) continue;
+    std::string v = k.get(c);
+    if (std::string(k.name) == "listen") v = expand_listen(c);
+    if (v.empty()) v = "(unset)";
+    out += fmt::format("{:<{}}  {:<40}  {}\n", k.name, w, v, source(k.name).text());
+  }
+  return out;
+}
+
+std::string expand_listen(const Config& c) {
+  std::string s = c.listen;
+  const std::string tag = "<gpu>";
+  for (auto p = s.find(tag); p != std::string::npos; p = s.find(tag)) s.replace(p, tag.size(), std::to_string(c.gpu));
+  return s;
+}
+
+}  // namespace ringllama

@@ -1,0 +1,95 @@
+// The packed store's manifest: model config, groups, tensors, checksums (DESIGN.md "The packed store").
+//
+// weights.bin holds the globals group first, then for each layer its attn group and its ffn group.
+// Every group starts on a 4 KiB boundary and its size is a multiple of 4 KiB, so a group (and a
+// whole layer: attn and ffn are adjacent) is one O_DIRECT read into an aligned buffer. Inside a
+// group each tensor starts on a 256-byte boundary so that GPU kernels can use 16-byte loads.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/model_config.h"
+
+namespace ringllama {
+
+inline constexpr uint64_t kGroupAlign = 4096;
+inline constexpr uint64_t kTensorAlign = 256;
+inline constexpr int kManifestFormat = 1;
+
+// The element type of a stored tensor. Only bf16 is written today; the field is open to fp8 and
+// int4-with-scales later.
+enum class DType { BF16 };
+
+const char* dtype_name(DType t);
+DType parse_dtype(const std::string& s);  // throws StoreError
+uint64_t dtype_bytes(DType t);
+
+enum class GroupKind { Globals, Attn, Ffn };
+const char* group_kind_name(GroupKind k);
+
+struct TensorEntry {
+  std::string name;             // "tok_embeddings", "wq", ... (see tensor names below)
+  DType dtype = DType::BF16;
+  std::vector<int64_t> shape;   // row-major; linear weights are [out, in] as in transformers
+  uint64_t offset = 0;          // bytes from the start of its group
+  uint64_t size = 0;            // bytes
+
+  int64_t numel() const;
+};
+
+struct GroupEntry {
+  GroupKind kind = GroupKind::Globals;
+  int64_t layer = -1;           // -1 for globals
+  uint64_t offset = 0;          // bytes from the start of weights.bin, a multiple of kGroupAlign
+  uint64_t size = 0;            // bytes, padding included, a multiple of kGroupAlign
+  uint64_t xxh3 = 0;            // XXH3-64 of all `size` bytes
+  std::vector<TensorEntry> tensors;
+
+  const TensorEntry& tensor(const std::string& name) const;  // throws StoreError
+  const TensorEntry* find(const std::string& name) const;
+  std::string label() const;    // "globals", "layer 3 attn"
+};
+
+// Tensor names inside each group, in store order.
+//   globals: tok_embeddings [vocab, dim], norm [dim], output [vocab, dim] (absent when tied)
+//   attn:    attn_norm [dim], wq [q_dim, dim], wk [kv_dim, dim], wv [kv_dim, dim], wo [dim, q_dim]
+//   ffn:     ffn_norm [dim], w1 (gate) [ffn, dim], w3 (up) [ffn, dim], w2 (down) [dim, ffn]
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+std::vector<TensorSpec> group_layout(const ModelConfig& m, GroupKind kind);
+
+struct Manifest {
+  int format = kManifestFormat;
+  ModelConfig model;
+  std::string source;                       // where the weights came from ("hf:DIR", "random:tiny")
+  std::vector<GroupEntry> groups;           // globals, then attn/ffn of layer 0, 1, ...
+  uint64_t weights_size = 0;                // bytes of weights.bin
+  std::vector<std::string> tokenizer_files; // copied beside the manifest
+
+  const GroupEntry& globals() const { return groups.at(0); }
+  const GroupEntry& attn(int64_t layer) const { return groups.at(1 + 2 * layer); }
+  const GroupEntry& ffn(int64_t layer) const { return groups.at(2 + 2 * layer); }
+  // A layer's two groups are adjacent: one span [offset, offset + size).
+  uint64_t layer_offset(int64_t layer) const { return attn(layer).offset; }
+  uint64_t layer_size(int64_t layer) const { return ffn(layer).offset + ffn(layer).size - attn(layer).offset; }
+  uint64_t max_layer_size() const;
+
+  // Lay out groups and tensors for a model (offsets, sizes; checksums left 0).
+  static Manifest plan(const ModelConfig& m, const std::string& source);
+
+  // Checks that the groups, tensors and offsets agree with the model config and each other.
+  void validate() const;
+
+  std::string to_yaml() const;
+  static Manifest from_yaml(const std::string& text, const std::string& what);  // what: for messages
+  static Manifest load(const std::string& path);
+  void save(const std::string& path) const;
+};
+
+uint64_t align_up(uint64_t v, uint64_t a);
+
+}  // namespace ringllama

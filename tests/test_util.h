@@ -1,0 +1,41 @@
+// Helpers shared by the test suites: where the binaries and fixtures are, temporary folders,
+// running a binary as a real process.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace ringllama::test {
+
+// build/bin, found from this executable's own path, so a build folder that moved still works.
+std::string bin_dir();
+// tests/data of the source tree: RINGLLAMA_TEST_DATA, else build/bin/../../tests/data.
+std::string data_dir();
+
+// A fresh directory removed (with its contents) when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+struct RunResult {
+  int status = -1;      // exit code, or 128 + signal
+  std::string out;      // stdout
+  std::string err;      // stderr
+};
+
+// Runs build/bin/<binary> with args, waits at most timeout_s, captures both streams.
+RunResult run_bin(const std::string& binary, const std::vector<std::string>& args, int timeout_s = 300);
+
+std::string read_file(const std::string& path);
+void write_file(const std::string& path, const std::string& text);
+
+}  // namespace ringllama::test

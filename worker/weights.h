@@ -1,0 +1,57 @@
+// Host views of the model's weights, and where they come from.
+//
+// A backend never owns host weights: it asks a WeightSource for the globals once and for each
+// layer as its pass reaches it. The source may hold the whole model (StoreWeights), or a ring
+// window that a daemon fills (DaemonWeights); either way a LayerWeights stays valid until the
+// layer is released.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "common/bf16.h"
+#include "common/manifest.h"
+
+namespace ringllama {
+
+struct GlobalWeights {
+  const bf16_t* tok_embeddings = nullptr;  // [vocab, dim]
+  const bf16_t* norm = nullptr;            // [dim]
+  const bf16_t* output = nullptr;          // [vocab, dim]; == tok_embeddings when tied
+};
+
+struct LayerWeights {
+  const bf16_t* attn_norm = nullptr;  // [dim]
+  const bf16_t* wq = nullptr;         // [q_dim, dim]
+  const bf16_t* wk = nullptr;         // [kv_dim, dim]
+  const bf16_t* wv = nullptr;         // [kv_dim, dim]
+  const bf16_t* wo = nullptr;         // [dim, q_dim]
+  const bf16_t* ffn_norm = nullptr;   // [dim]
+  const bf16_t* w1 = nullptr;         // gate [ffn, dim]
+  const bf16_t* w3 = nullptr;         // up [ffn, dim]
+  const bf16_t* w2 = nullptr;         // down [dim, ffn]
+};
+
+// Pointers into a globals group that starts at `base`.
+GlobalWeights globals_view(const Manifest& m, const void* base);
+// Pointers into a layer span (attn group then ffn group) that starts at `base`.
+LayerWeights layer_view(const Manifest& m, int64_t layer, const void* base);
+
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual const Manifest& manifest() const = 0;
+  virtual GlobalWeights globals() = 0;
+  // Blocks until the layer is in host memory; the view stays valid until release_layer.
+  // Throws Error when the layer cannot be had (read error, checksum, dead daemon).
+  virtual LayerWeights acquire_layer(int64_t layer) = 0;
+  virtual void release_layer(int64_t layer) = 0;
+  // A forward pass over the layers starts / ends (a window source tracks its progress by them).
+  virtual void begin_pass() {}
+  virtual void end_pass() {}
+};
+
+// The whole store read into one host buffer, every checksum checked on the way in.
+std::unique_ptr<WeightSource> open_store_weights(const std::string& store_dir);
+
+}  // namespace ringllama
