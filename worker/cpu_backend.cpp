@@ -1,0 +1,334 @@
+#include "worker/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+#include "common/errors.h"
+#include "worker/backend.h"
+
+// The matmul and dot kernels are built twice on x86-64, for AVX2+FMA and for the baseline, and the
+// loader picks one at startup: the binaries travel between machines, so no -march=native.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RL_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RL_SIMD_CLONES
+#endif
+
+// The 32-byte vector helpers below are internal and always inlined, so the ABI GCC warns about
+// (how such vectors are passed without AVX) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ringllama {
+namespace cpu {
+
+namespace {
+
+// Eight floats as one value; GCC maps it to one AVX register or two SSE/NEON registers.
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+#define RL_INLINE inline __attribute__((always_inline))
+
+RL_INLINE v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// bf16 is the top half of a float: widening is a shift.
+RL_INLINE v8f widen8(const bf16_t* p) {
+  v8h h;
+  __builtin_memcpy(&h, p, sizeof h);
+  v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+RL_INLINE float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+RL_INLINE void widen_row(const bf16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f f = widen8(src + i);
+    __builtin_memcpy(dst + i, &f, sizeof f);
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// y[t * ldy + r] += dot(w row r, x row t) over n values, for R weight rows and NT token rows.
+template <int R, int NT>
+RL_INLINE void micro(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy) {
+  v8f acc[R][NT] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = load8(x + t * ldx + i);
+    for (int r = 0; r < R; ++r) {
+      const v8f wv = load8(w + r * ldw + i);
+      for (int t = 0; t < NT; ++t) acc[r][t] += wv * xv[t];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < NT; ++t) {
+      float s = hsum(acc[r][t]);
+      for (int64_t j = i; j < n; ++j) s += w[r * ldw + j] * x[t * ldx + j];
+      y[t * ldy + r] += s;
+    }
+  }
+}
+
+template <int NT>
+RL_INLINE void tile_rows(const float* tile, int64_t ldw, int64_t rows, const float* x, int64_t ldx, int64_t n,
+                         float* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) micro<4, NT>(tile + r * ldw, ldw, x, ldx, n, y + r, ldy);
+  for (; r < rows; ++r) micro<1, NT>(tile + r * ldw, ldw, x, ldx, n, y + r, ldy);
+}
+
+// Rows [o0, o0 + rows) of y for all tokens. The weight block is widened KC values at a time into
+// `tile` (RB x KC floats, L1/L2 sized) and reused by every token, so a prefill reads each weight
+// once from memory; a decode step (one token) streams the weights at memory speed.
+constexpr int64_t kRB = 32;
+constexpr int64_t kKC = 512;
+
+RL_SIMD_CLONES void matmul_block(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out,
+                                 int64_t o0, int64_t rows, float* tile, float* y) {
+  for (int64_t t = 0; t < n_tokens; ++t) std::fill(y + t * out + o0, y + t * out + o0 + rows, 0.0f);
+  for (int64_t k0 = 0; k0 < in; k0 += kKC) {
+    const int64_t kc = std::min(kKC, in - k0);
+    for (int64_t r = 0; r < rows; ++r) widen_row(w + (o0 + r) * in + k0, kc, tile + r * kKC);
+    int64_t t = 0;
+    for (; t + 2 <= n_tokens; t += 2) tile_rows<2>(tile, kKC, rows, x + t * in + k0, in, kc, y + t * out + o0, out);
+    if (t < n_tokens) tile_rows<1>(tile, kKC, rows, x + t * in + k0, in, kc, y + t * out + o0, out);
+  }
+}
+
+RL_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
+  v8f acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+void matmul_bf16(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y) {
+  const int64_t n_blocks = (out + kRB - 1) / kRB;
+#pragma omp parallel if (n_blocks > 1)
+  {
+    std::unique_ptr<float[]> tile(new float[kRB * kKC]);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t o0 = b * kRB;
+      matmul_block(x, n_tokens, in, w, out, o0, std::min(kRB, out - o0), tile.get(), y);
+    }
+  }
+}
+
+void rms_norm(const float* x, const bf16_t* w, int64_t n_tokens, int64_t dim, float eps, float* y) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* xr = x + t * dim;
+    float* yr = y + t * dim;
+    // The mean of squares in double: at least as exact as torch's float32 reduction.
+    double ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float var = static_cast<float>(ss / static_cast<double>(dim));
+    const float r = 1.0f / std::sqrt(var + eps);
+    for (int64_t i = 0; i < dim; ++i) yr[i] = bf16_to_f32(w[i]) * (xr[i] * r);
+  }
+}
+
+std::vector<float> rope_inv_freq_f32(const ModelConfig& m) {
+  std::vector<double> d = rope_inv_freq(m);
+  return std::vector<float>(d.begin(), d.end());
+}
+
+void rope(float* x, int64_t n_heads, int64_t head_dim, int64_t pos, const std::vector<float>& inv_freq) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    // transformers: freqs = inv_freq @ position (float32), cos/sin of that, q*cos + rotate_half(q)*sin.
+    const float angle = static_cast<float>(pos) * inv_freq[i];
+    const float c = static_cast<float>(std::cos(static_cast<double>(angle)));
+    const float s = static_cast<float>(std::sin(static_cast<double>(angle)));
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* v = x + h * head_dim;
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c + (-b) * s;
+      v[i + half] = b * c + a * s;
+    }
+  }
+}
+
+void silu_mul(float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+// Causal GQA attention of n_tokens queries at positions [start, start + n_tokens) over the
+// cached keys and values of one layer ([pos][kv_dim]); softmax in float32.
+void attention(const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,
+               int64_t start, float* out) {
+  const int64_t hd = m.head_dim, q_dim = m.q_dim(), kv_dim = m.kv_dim();
+  const int64_t group = m.n_heads / m.n_kv_heads;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const int64_t work = m.n_heads * n_tokens;
+#pragma omp parallel if (work > 1)
+  {
+    std::vector<float> p(static_cast<size_t>(start + n_tokens));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < work; ++w) {
+      const int64_t h = w % m.n_heads, t = w / m.n_heads;
+      const int64_t pos = start + t;
+      const int64_t kvo = (h / group) * hd;
+      const float* qh = q + t * q_dim + h * hd;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {
+        p[j] = dot(qh, k_cache + j * kv_dim + kvo, hd) * scale;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0;
+      for (int64_t j = 0; j <= pos; ++j) {
+        p[j] = std::exp(p[j] - mx);
+        sum += p[j];
+      }
+      float* o = out + t * q_dim + h * hd;
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float pj = p[j] / sum;
+        const float* vj = v_cache + j * kv_dim + kvo;
+        for (int64_t i = 0; i < hd; ++i) o[i] += pj * vj[i];
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+
+namespace {
+
+class CpuBackend : public Backend {
+ public:
+  CpuBackend(WeightSource& ws, const Config& config)
+      : ws_(ws), m_(ws.manifest().model), max_ctx_(config.max_context), inv_freq_(cpu::rope_inv_freq_f32(m_)) {
+    if (max_ctx_ <= 0) fail("max_context must be > 0 (got {})", max_ctx_);
+    // Allocated, not touched: pages appear as positions are written.
+    const size_t cache = static_cast<size_t>(m_.n_layers) * static_cast<size_t>(max_ctx_) * m_.kv_dim();
+    k_cache_.reset(new float[cache]);
+    v_cache_.reset(new float[cache]);
+  }
+
+  const char* name() const override { return "cpu"; }
+  void reset() override { n_cached_ = 0; }
+
+  std::vector<float> forward(const std::vector<int32_t>& tokens, int64_t start_pos) override {
+    const int64_t T = static_cast<int64_t>(tokens.size());
+    RL_REQUIRE(T > 0, "forward needs at least one token");
+    RL_REQUIRE(start_pos == n_cached_, "forward at position {}, but the sequence has {} cached positions",
+               start_pos, n_cached_);
+    RL_REQUIRE(start_pos + T <= max_ctx_, "a context of {} tokens exceeds max_context ({})", start_pos + T,
+               max_ctx_);
+    for (int64_t t = 0; t < T; ++t)
+      RL_REQUIRE(tokens[t] >= 0 && tokens[t] < m_.vocab_size, "token {} at position {} is outside the vocabulary [0, {})",
+                 tokens[t], start_pos + t, m_.vocab_size);
+
+    ws_.begin_pass();
+    std::vector<float> logits;
+    try {
+      logits = run(tokens, start_pos);
+    } catch (...) {
+      ws_.end_pass();
+      throw;
+    }
+    ws_.end_pass();
+    n_cached_ = start_pos + T;
+    return logits;
+  }
+
+ private:
+  std::vector<float> run(const std::vector<int32_t>& tokens, int64_t start) {
+    const int64_t T = static_cast<int64_t>(tokens.size());
+    const int64_t dim = m_.dim;
+    const GlobalWeights g = ws_.globals();
+    x_.resize(T * dim);
+    xn_.resize(T * dim);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < dim; ++i) x_[t * dim + i] = bf16_to_f32(g.tok_embeddings[tokens[t] * dim + i]);
+
+    for (int64_t l = 0; l < m_.n_layers; ++l) {
+      const LayerWeights w = ws_.acquire_layer(l);
+      try {
+        layer(l, w, T, start);
+      } catch (...) {
+        ws_.release_layer(l);
+        throw;
+      }
+      ws_.release_layer(l);
+    }
+
+    // Only the last position's logits are asked for: norm and lm_head on one row.
+    const float* last = x_.data() + (T - 1) * dim;
+    cpu::rms_norm(last, g.norm, 1, dim, static_cast<float>(m_.norm_eps), xn_.data());
+    std::vector<float> logits(m_.vocab_size);
+    cpu::matmul_bf16(xn_.data(), 1, dim, g.output, m_.vocab_size, logits.data());
+    return logits;
+  }
+
+  void layer(int64_t l, const LayerWeights& w, int64_t T, int64_t start) {
+    const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), ffn = m_.ffn_dim;
+    const float eps = static_cast<float>(m_.norm_eps);
+    q_.resize(T * q_dim);
+    att_.resize(T * q_dim);
+    gate_.resize(T * ffn);
+    up_.resize(T * ffn);
+    float* kc = k_cache_.get() + static_cast<size_t>(l) * max_ctx_ * kv_dim;
+    float* vc = v_cache_.get() + static_cast<size_t>(l) * max_ctx_ * kv_dim;
+
+    // Attention block. Keys and values go straight into the cache rows of their positions.
+    cpu::rms_norm(x_.data(), w.attn_norm, T, dim, eps, xn_.data());
+    cpu::matmul_bf16(xn_.data(), T, dim, w.wq, q_dim, q_.data());
+    cpu::matmul_bf16(xn_.data(), T, dim, w.wk, kv_dim, kc + start * kv_dim);
+    cpu::matmul_bf16(xn_.data(), T, dim, w.wv, kv_dim, vc + start * kv_dim);
+    for (int64_t t = 0; t < T; ++t) {
+      cpu::rope(q_.data() + t * q_dim, m_.n_heads, m_.head_dim, start + t, inv_freq_);
+      cpu::rope(kc + (start + t) * kv_dim, m_.n_kv_heads, m_.head_dim, start + t, inv_freq_);
+    }
+    cpu::attention(m_, q_.data(), kc, vc, T, start, att_.data());
+    cpu::matmul_bf16(att_.data(), T, q_dim, w.wo, dim, xn_.data());
+    for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
+
+    // FFN block: SwiGLU, the product written over the gate.
+    cpu::rms_norm(x_.data(), w.ffn_norm, T, dim, eps, xn_.data());
+    cpu::matmul_bf16(xn_.data(), T, dim, w.w1, ffn, gate_.data());
+    cpu::matmul_bf16(xn_.data(), T, dim, w.w3, ffn, up_.data());
+    cpu::silu_mul(gate_.data(), up_.data(), T * ffn);
+    cpu::matmul_bf16(gate_.data(), T, ffn, w.w2, dim, xn_.data());
+    for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
+  }
+
+  WeightSource& ws_;
+  const ModelConfig m_;
+  const int64_t max_ctx_;
+  const std::vector<float> inv_freq_;
+  std::unique_ptr<float[]> k_cache_, v_cache_;  // [layer][pos][kv_dim], rope already applied to keys
+  int64_t n_cached_ = 0;
+  // Activations of the current forward, [tokens][width].
+  std::vector<float> x_, xn_, q_, att_, gate_, up_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(WeightSource& weights, const Config& config) {
+  return std::make_unique<CpuBackend>(weights, config);
+}
+
+}  // namespace ringllama

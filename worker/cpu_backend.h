@@ -1,0 +1,37 @@
+// The CPU backend's operations: the same forward as transformers' LlamaForCausalLM in float32,
+// from bf16 weights. They are the reference the CUDA kernels are checked against, so each one
+// states the exact arithmetic it performs. Work is split over OpenMP threads.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/model_config.h"
+
+namespace ringllama::cpu {
+
+// y[t, o] = sum_i x[t, i] * w[o, i] for t < n_tokens, o < out: a linear layer with the weight in
+// transformers' [out, in] layout. fp32 accumulation; the bf16 rows are widened as they are used.
+void matmul_bf16(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y);
+
+// y[t] = w * (x[t] * rsqrt(mean(x[t]^2) + eps)), as LlamaRMSNorm in float32. x and y may alias.
+void rms_norm(const float* x, const bf16_t* w, int64_t n_tokens, int64_t dim, float eps, float* y);
+
+// The rotation angles of one model: inv_freq as float32 (transformers keeps it in float32).
+std::vector<float> rope_inv_freq_f32(const ModelConfig& m);
+
+// Rotates n_heads heads of head_dim values in place at position pos, rotate_half style: value i
+// pairs with value i + head_dim/2; angle = float(pos) * inv_freq[i] in float32.
+void rope(float* x, int64_t n_heads, int64_t head_dim, int64_t pos, const std::vector<float>& inv_freq);
+
+// gate[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
+void silu_mul(float* gate, const float* up, int64_t n);
+
+// Causal GQA attention of n_tokens queries ([n_tokens, q_dim], rotated) at positions
+// [start, start + n_tokens) over one layer's cached keys and values ([pos][kv_dim], keys rotated):
+// scores q.k * (1/sqrt(head_dim)) in float32, softmax in float32, out [n_tokens, q_dim].
+void attention(const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,
+               int64_t start, float* out);
+
+}  // namespace ringllama::cpu

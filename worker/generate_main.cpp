@@ -1,0 +1,195 @@
+// ringllama-generate: runs one prompt (token ids) through the model and prints the generated ids.
+//
+//   ringllama-generate --store DIR --prompt-ids 1,2,3 --max-tokens 16 [--temperature T --top-k K
+//                      --top-p P --seed S] [--stop-ids 5,6] [--ignore-eos] [--tokens-out FILE]
+//                      [--logits-out FILE] [--backend cpu]
+//
+// stdout: the generated ids on one line. stderr: one timing line. Errors: one line, exit 1.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <set>
+
+#include "common/config.h"
+#include "common/errors.h"
+#include "common/store.h"
+#include "worker/backend.h"
+#include "worker/sampler.h"
+
+namespace ringllama {
+namespace {
+
+struct Options {
+  std::string backend = "cpu";
+  std::string prompt_ids;
+  int64_t max_tokens = 16;
+  SamplingParams sampling;
+  std::string stop_ids;
+  bool ignore_eos = false;
+  std::string tokens_out;
+  std::string logits_out;
+};
+
+// "1,2, 3" -> ids; each must be a decimal integer in [0, vocab).
+std::vector<int32_t> parse_ids(const std::string& text, const char* flag, int64_t vocab) {
+  std::vector<int32_t> ids;
+  size_t at = 0;
+  while (at <= text.size()) {
+    size_t comma = text.find(',', at);
+    if (comma == std::string::npos) comma = text.size();
+    std::string item = text.substr(at, comma - at);
+    item.erase(0, item.find_first_not_of(" \t"));
+    item.erase(item.find_last_not_of(" \t") + 1);
+    if (item.empty()) fail("{}: empty id in '{}'", flag, text);
+    errno = 0;
+    char* end = nullptr;
+    long long v = std::strtoll(item.c_str(), &end, 10);
+    if (*end != '\0' || errno == ERANGE) fail("{}: '{}' is not a token id", flag, item);
+    if (v < 0 || v >= vocab) fail("{}: token id {} is outside the vocabulary [0, {})", flag, v, vocab);
+    ids.push_back(static_cast<int32_t>(v));
+    at = comma + 1;
+  }
+  return ids;
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& ws, const Config& config) {
+  if (name == "cpu") return make_cpu_backend(ws, config);
+  if (name == "cuda") fail("--backend cuda is not available in this build");
+  fail("--backend '{}' is unknown (cpu, cuda)", name);
+}
+
+std::string join_ids(const std::vector<int32_t>& ids) { return fmt::format("{}", fmt::join(ids, " ")); }
+
+int run(int argc, char** argv) {
+  CLI::App app{"Generate tokens from a packed store", "ringllama-generate"};
+  ConfigLoader loader(kGenerate);
+  loader.add_flags(app);
+  Options o;
+  app.add_option("--backend", o.backend, "compute backend: cpu or cuda")->capture_default_str();
+  app.add_option("--prompt-ids", o.prompt_ids, "prompt token ids, comma separated, used exactly as given");
+  app.add_option("--max-tokens", o.max_tokens, "most tokens to generate")->capture_default_str();
+  app.add_option("--temperature", o.sampling.temperature, "0 = greedy")->capture_default_str();
+  app.add_option("--top-k", o.sampling.top_k, "keep the k most likely tokens; 0 = off")->capture_default_str();
+  app.add_option("--top-p", o.sampling.top_p, "nucleus mass; 1 = off")->capture_default_str();
+  app.add_option("--seed", o.sampling.seed, "sampling seed")->capture_default_str();
+  app.add_option("--stop-ids", o.stop_ids, "stop after any of these ids (comma separated; kept in the output)");
+  app.add_flag("--ignore-eos", o.ignore_eos, "do not stop at the model's eos ids");
+  app.add_option("--tokens-out", o.tokens_out, "write the generated ids to this file (one line)");
+  app.add_option("--logits-out", o.logits_out,
+                 "write each generated token's logits row (float32, little-endian, vocab_size per token)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    fail("{}", e.what());
+  }
+
+  Config config = loader.load();
+  if (config.store.empty()) {
+    if (loader.print_requested()) {
+      std::fputs(loader.describe(config).c_str(), stdout);
+      return 0;
+    }
+    fail("no store: pass --store DIR (or set store in the config file or RINGLLAMA_STORE)");
+  }
+  const Store store = Store::open(config.store);
+  loader.adapt_to_model(config, store.model());
+  if (loader.print_requested()) {
+    std::fputs(loader.describe(config).c_str(), stdout);
+    return 0;
+  }
+
+  const ModelConfig& m = store.model();
+  if (o.prompt_ids.empty()) fail("--prompt-ids is required (comma separated token ids)");
+  const std::vector<int32_t> prompt = parse_ids(o.prompt_ids, "--prompt-ids", m.vocab_size);
+  std::set<int32_t> stop;
+  if (!o.stop_ids.empty())
+    for (int32_t id : parse_ids(o.stop_ids, "--stop-ids", m.vocab_size)) stop.insert(id);
+  if (!o.ignore_eos)
+    for (int64_t id : m.eos_ids) stop.insert(static_cast<int32_t>(id));
+  if (o.max_tokens < 1) fail("--max-tokens must be >= 1 (got {})", o.max_tokens);
+  const int64_t need = static_cast<int64_t>(prompt.size()) + o.max_tokens;
+  if (need > config.max_context)
+    fail("the prompt ({} tokens) plus --max-tokens ({}) is {} tokens, over max_context ({})", prompt.size(),
+         o.max_tokens, need, config.max_context);
+  Sampler sampler(o.sampling);
+  if (o.backend != "cpu" && o.backend != "cuda") fail("--backend '{}' is unknown (cpu, cuda)", o.backend);
+
+  // Open the outputs before the long part, so that a bad path fails at once.
+  std::ofstream logits_file;
+  if (!o.logits_out.empty()) {
+    logits_file.open(o.logits_out, std::ios::binary | std::ios::trunc);
+    if (!logits_file) fail("--logits-out {}: cannot open: {}", o.logits_out, errno_text(errno));
+  }
+  std::ofstream tokens_file;
+  if (!o.tokens_out.empty()) {
+    tokens_file.open(o.tokens_out, std::ios::trunc);
+    if (!tokens_file) fail("--tokens-out {}: cannot open: {}", o.tokens_out, errno_text(errno));
+  }
+
+  std::unique_ptr<WeightSource> weights = open_store_weights(config.store);
+  std::unique_ptr<Backend> backend = make_backend(o.backend, *weights, config);
+
+  using clock = std::chrono::steady_clock;
+  std::vector<int32_t> generated;
+  const char* reason = "length";
+  auto t0 = clock::now();
+  std::vector<float> logits = backend->forward(prompt, 0);
+  auto t1 = clock::now();
+  int64_t pos = static_cast<int64_t>(prompt.size());
+  for (;;) {
+    const int32_t tok = sampler.sample(logits);
+    generated.push_back(tok);
+    if (logits_file) {
+      static_assert(sizeof(float) == 4, "float32 rows");
+      // The host is little-endian (x86-64, aarch64), so the floats are written as they are.
+      logits_file.write(reinterpret_cast<const char*>(logits.data()),
+                        static_cast<std::streamsize>(logits.size() * sizeof(float)));
+    }
+    if (stop.count(tok)) {
+      reason = "stop";
+      break;
+    }
+    if (static_cast<int64_t>(generated.size()) >= o.max_tokens) break;
+    logits = backend->forward({tok}, pos++);
+  }
+  auto t2 = clock::now();
+
+  const std::string line = join_ids(generated);
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+  if (tokens_file) tokens_file << line << "\n";
+  if (logits_file && !logits_file.flush()) fail("--logits-out {}: write failed", o.logits_out);
+  if (tokens_file && !tokens_file.flush()) fail("--tokens-out {}: write failed", o.tokens_out);
+
+  const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
+  const double decode_s = std::chrono::duration<double>(t2 - t1).count();
+  const int64_t decoded = static_cast<int64_t>(generated.size()) - 1;  // the first token came from prefill
+  fmt::print(stderr, "{}: prefill {} tokens in {:.1f} ms ({:.1f} tokens/s); decode {} tokens in {:.1f} ms ({:.1f} tokens/s); stop: {}\n",
+             backend->name(), prompt.size(), prefill_s * 1e3, prompt.size() / std::max(prefill_s, 1e-9), decoded,
+             decode_s * 1e3, decoded > 0 ? decoded / std::max(decode_s, 1e-9) : 0.0, reason);
+  return 0;
+}
+
+}  // namespace
+}  // namespace ringllama
+
+int main(int argc, char** argv) {
+  try {
+    return ringllama::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    for (char& c : msg)
+      if (c == '\n') c = ' ';
+    std::fprintf(stderr, "ringllama-generate: error: %s\n", msg.c_str());
+    return 1;
+  }
+}
