@@ -1,0 +1,87 @@
+// A tiny Llama model with random weights, built in memory: its manifest, its weights.bin image, a
+// WeightSource over it, and a store on disk. For suites that must not depend on the packer.
+#pragma once
+
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/manifest.h"
+#include "common/store.h"
+#include "worker/weights.h"
+
+namespace ringllama::test {
+
+inline ModelConfig tiny_config() {
+  ModelConfig m;
+  m.dim = 48;
+  m.n_layers = 2;
+  m.n_heads = 4;
+  m.n_kv_heads = 2;
+  m.head_dim = 12;
+  m.ffn_dim = 80;
+  m.vocab_size = 97;
+  m.max_position_embeddings = 64;
+  m.norm_eps = 1e-5;
+  m.rope_theta = 10000.0;
+  m.bos_id = 1;
+  m.eos_ids = {2};
+  return m;
+}
+
+// The manifest and the bytes of weights.bin (globals and groups at their offsets, checksums set).
+// Weights ~ N(0, std); norm weights ~ 1 + N(0, 0.1), as trained models have them.
+struct TinyModel {
+  Manifest manifest;
+  std::vector<char> image;
+
+  explicit TinyModel(const ModelConfig& m, uint64_t seed = 1, float std = 0.08f) {
+    manifest = Manifest::plan(m, "random:test");
+    image.assign(manifest.weights_size, 0);
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (GroupEntry& g : manifest.groups) {
+      for (const TensorEntry& t : g.tensors) {
+        auto* p = reinterpret_cast<bf16_t*>(image.data() + g.offset + t.offset);
+        const bool norm = t.shape.size() == 1;
+        for (int64_t i = 0; i < t.numel(); ++i)
+          p[i] = f32_to_bf16(norm ? 1.0f + 0.1f * normal(rng) : std * normal(rng));
+      }
+      g.xxh3 = checksum(image.data() + g.offset, g.size);
+    }
+  }
+
+  void write_store(const std::string& dir) const {
+    manifest.save(dir + "/" + kManifestFile);
+    std::ofstream out(dir + "/" + kWeightsFile, std::ios::binary);
+    out.write(image.data(), static_cast<std::streamsize>(image.size()));
+  }
+};
+
+// A WeightSource over a TinyModel's image that counts its calls.
+class MemoryWeights : public WeightSource {
+ public:
+  explicit MemoryWeights(const TinyModel& t) : t_(t) {}
+  const Manifest& manifest() const override { return t_.manifest; }
+  GlobalWeights globals() override {
+    return globals_view(t_.manifest, t_.image.data() + t_.manifest.globals().offset);
+  }
+  LayerWeights acquire_layer(int64_t layer) override {
+    ++acquired;
+    ++held;
+    return layer_view(t_.manifest, layer, t_.image.data() + t_.manifest.layer_offset(layer));
+  }
+  void release_layer(int64_t) override { --held; }
+  void begin_pass() override { ++passes; }
+  void end_pass() override { ++ended; }
+
+  int acquired = 0, held = 0, passes = 0, ended = 0;
+
+ private:
+  const TinyModel& t_;
+};
+
+}  // namespace ringllama::test
