@@ -1,0 +1,395 @@
+#include "daemon/pack_writer.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "common/errors.h"
+#include "common/store.h"
+
+namespace fs = std::filesystem;
+
+namespace ringllama {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+[[noreturn]] void io_fail(const std::string& path, const char* action, int err) {
+  if (err == ENOSPC || err == EDQUOT) throw StoreError(fmt::format("{}: no space left on device", path));
+  throw StoreError(fmt::format("{}: {} failed: {}", path, action, errno_text(err)));
+}
+
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  // close(2) can report a deferred write error (NFS, quotas): check it where the data matters.
+  void close_checked(const std::string& path) {
+    int f = fd;
+    fd = -1;
+    if (::close(f) != 0) io_fail(path, "close", errno);
+  }
+};
+
+void fsync_checked(int fd, const std::string& path) {
+  if (::fsync(fd) != 0 && errno != EINVAL) io_fail(path, "fsync", errno);
+}
+
+void fsync_dir(const std::string& dir) {
+  Fd d;
+  d.fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (d.fd >= 0) fsync_checked(d.fd, dir);
+}
+
+std::string normal_out(const std::string& out) {
+  std::string o = out;
+  while (o.size() > 1 && o.back() == '/') o.pop_back();
+  return o;
+}
+
+// Writes a whole small file, checked, and makes it durable.
+void write_small_file(const std::string& path, const std::string& text) {
+  Fd f;
+  f.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (f.fd < 0) io_fail(path, "create", errno);
+  write_all(f.fd, text.data(), text.size(), path);
+  fsync_checked(f.fd, path);
+  f.close_checked(path);
+}
+
+void copy_file_checked(const std::string& from, const std::string& to) {
+  Fd in;
+  in.fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in.fd < 0) throw StoreError(fmt::format("{}: cannot open: {}", from, errno_text(errno)));
+  Fd out;
+  out.fd = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (out.fd < 0) io_fail(to, "create", errno);
+  std::vector<char> buf(1 << 20);
+  for (;;) {
+    ssize_t n = ::read(in.fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw StoreError(fmt::format("{}: read failed: {}", from, errno_text(errno)));
+    if (n == 0) break;
+    write_all(out.fd, buf.data(), static_cast<uint64_t>(n), to);
+  }
+  fsync_checked(out.fd, to);
+  out.close_checked(to);
+}
+
+// Removes the temporary directory unless the store was committed.
+struct TmpGuard {
+  std::string dir;
+  bool committed = false;
+  ~TmpGuard() {
+    if (committed) return;
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+};
+
+// Group bytes [off, off + len): tensor values where tensors lie, zeros in the padding.
+void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst) {
+  uint64_t pos = off;
+  const uint64_t end = off + len;
+  for (size_t ti = 0; ti < g.tensors.size() && pos < end; ++ti) {
+    const TensorEntry& t = g.tensors[ti];
+    const uint64_t tb = t.offset, te = t.offset + t.size;
+    if (te <= pos) continue;
+    if (tb >= end) break;
+    if (tb > pos) {
+      std::memset(dst + (pos - off), 0, tb - pos);
+      pos = tb;
+    }
+    const uint64_t stop = std::min(te, end);
+    const uint64_t eb = dtype_bytes(t.dtype);
+    // Slices start on kGroupAlign boundaries and tensors on kTensorAlign ones: never mid-element.
+    src.fill(g, ti, (pos - tb) / eb, (stop - pos) / eb, reinterpret_cast<bf16_t*>(dst + (pos - off)));
+    pos = stop;
+  }
+  if (pos < end) std::memset(dst + (pos - off), 0, end - pos);
+}
+
+void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst, int threads) {
+  const uint64_t slice = align_up((len + threads - 1) / threads, kGroupAlign);
+  std::vector<std::exception_ptr> errors(threads);
+  std::vector<std::thread> pool;
+  for (int k = 1; k < threads && k * slice < len; ++k) {
+    const uint64_t b = k * slice, e = std::min(len, b + slice);
+    pool.emplace_back([&, k, b, e] {
+      try {
+        fill_range(g, src, off + b, e - b, dst + b);
+      } catch (...) {
+        errors[k] = std::current_exception();
+      }
+    });
+  }
+  try {
+    fill_range(g, src, off, std::min(len, slice), dst);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+class Progress {
+ public:
+  Progress(uint64_t total, bool enabled) : total_(total), enabled_(enabled), tty_(::isatty(2) == 1) {}
+
+  void add(uint64_t n) {
+    done_ += n;
+    if (!enabled_) return;
+    const double t = seconds_since(start_);
+    if (tty_ ? t - last_ < 0.2 && done_ < total_ : t - last_ < 5.0) return;
+    last_ = t;
+    show(t);
+  }
+
+  // Ends the bar's line, so that what is printed next starts on its own.
+  void finish() {
+    if (enabled_ && tty_ && shown_) {
+      show(seconds_since(start_));
+      std::fputc('\n', stderr);
+    }
+  }
+
+ private:
+  void show(double t) {
+    shown_ = true;
+    const double mbs = t > 0 ? done_ / t / 1e6 : 0;
+    const double frac = total_ ? static_cast<double>(done_) / total_ : 1;
+    if (!tty_) {
+      spdlog::info("wrote {:.2f} of {:.2f} GB ({:.0f}%), {:.0f} MB/s", done_ / 1e9, total_ / 1e9, frac * 100, mbs);
+      return;
+    }
+    constexpr int kWidth = 30;
+    const int fill = static_cast<int>(frac * kWidth);
+    std::string bar(fill, '#');
+    bar.resize(kWidth, '-');
+    std::fprintf(stderr, "\r[%s] %3.0f%%  %.2f/%.2f GB  %.0f MB/s ", bar.c_str(), frac * 100, done_ / 1e9,
+                 total_ / 1e9, mbs);
+    std::fflush(stderr);
+  }
+
+  uint64_t total_;
+  bool enabled_;
+  bool tty_;
+  uint64_t done_ = 0;
+  double last_ = 0;
+  bool shown_ = false;
+  Clock::time_point start_ = Clock::now();
+};
+
+struct Job {
+  char* buf = nullptr;
+  uint64_t len = 0;
+  size_t group = 0;
+  bool first = false;  // first chunk of its group
+  bool last = false;   // last chunk of its group
+};
+
+// Hands filled chunks to the thread that hashes and writes them, and empty buffers back.
+struct Pipe {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Job> queue;
+  std::vector<char*> free;
+  bool done = false;    // no more jobs will come
+  bool abort = false;   // the producer failed: drop what is queued
+  std::exception_ptr writer_error;
+};
+
+}  // namespace
+
+void write_all(int fd, const void* data, uint64_t n, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  uint64_t done = 0;
+  while (done < n) {
+    // Linux writes at most ~2 GiB per call; ask for no more than 1 GiB.
+    ssize_t w = ::write(fd, p + done, std::min<uint64_t>(n - done, 1ull << 30));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) io_fail(path, "write", errno);
+    if (w == 0) throw StoreError(fmt::format("{}: write made no progress at byte {}", path, done));
+    done += static_cast<uint64_t>(w);
+  }
+}
+
+void stream_groups(Manifest& plan, const PackSource& src, const WriteOptions& opts,
+                   const std::function<void(const char*, uint64_t)>& sink) {
+  const int threads = opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
+  const uint64_t chunk = align_up(std::max<uint64_t>(opts.chunk_bytes, kGroupAlign), kGroupAlign);
+  constexpr int kBuffers = 3;  // one filling, one queued, one being written
+
+  std::vector<std::unique_ptr<char, decltype(&std::free)>> buffers;
+  Pipe pipe;
+  for (int i = 0; i < kBuffers; ++i) {
+    char* b = static_cast<char*>(std::aligned_alloc(kGroupAlign, chunk));
+    if (!b) throw Error(fmt::format("cannot allocate a {} MiB chunk buffer", chunk >> 20));
+    buffers.emplace_back(b, &std::free);
+    pipe.free.push_back(b);
+  }
+
+  std::vector<uint64_t> hashes(plan.groups.size(), 0);
+  Progress progress(plan.weights_size, opts.progress);
+
+  // The checksum is computed in pieces: the same XXH3-64 value as checksum() over the whole group,
+  // without a 4 GB globals group ever sitting in memory.
+  std::thread writer([&] {
+    std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lk(pipe.mu);
+        pipe.cv.wait(lk, [&] { return !pipe.queue.empty() || pipe.done || pipe.abort; });
+        if (pipe.abort || pipe.queue.empty()) return;
+        job = pipe.queue.front();
+        pipe.queue.pop_front();
+      }
+      try {
+        if (job.first) XXH3_64bits_reset(state.get());
+        XXH3_64bits_update(state.get(), job.buf, job.len);
+        sink(job.buf, job.len);
+        progress.add(job.len);
+        if (job.last) hashes[job.group] = XXH3_64bits_digest(state.get());
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(pipe.mu);
+        pipe.writer_error = std::current_exception();
+        pipe.cv.notify_all();
+        return;
+      }
+      std::lock_guard<std::mutex> lk(pipe.mu);
+      pipe.free.push_back(job.buf);
+      pipe.cv.notify_all();
+    }
+  });
+
+  auto stop_writer = [&](bool abort) {
+    {
+      std::lock_guard<std::mutex> lk(pipe.mu);
+      pipe.done = true;
+      pipe.abort = abort;
+      pipe.cv.notify_all();
+    }
+    writer.join();
+  };
+
+  try {
+    for (size_t gi = 0; gi < plan.groups.size(); ++gi) {
+      const GroupEntry& g = plan.groups[gi];
+      for (uint64_t off = 0; off < g.size; off += chunk) {
+        if (opts.cancel && opts.cancel->load()) throw Error("interrupted");
+        char* buf = nullptr;
+        {
+          std::unique_lock<std::mutex> lk(pipe.mu);
+          pipe.cv.wait(lk, [&] { return !pipe.free.empty() || pipe.writer_error; });
+          if (pipe.writer_error) std::rethrow_exception(pipe.writer_error);
+          buf = pipe.free.back();
+          pipe.free.pop_back();
+        }
+        const uint64_t len = std::min(chunk, g.size - off);
+        parallel_fill(g, src, off, len, buf, threads);
+        std::lock_guard<std::mutex> lk(pipe.mu);
+        pipe.queue.push_back(Job{buf, len, gi, off == 0, off + len == g.size});
+        pipe.cv.notify_all();
+      }
+    }
+  } catch (...) {
+    stop_writer(true);
+    progress.finish();
+    throw;
+  }
+  stop_writer(false);
+  if (pipe.writer_error) std::rethrow_exception(pipe.writer_error);
+  progress.finish();
+  for (size_t gi = 0; gi < plan.groups.size(); ++gi) plan.groups[gi].xxh3 = hashes[gi];
+}
+
+void check_output(const std::string& out_arg, bool force) {
+  const std::string out = normal_out(out_arg);
+  if (out.empty()) throw StoreError("the output path is empty");
+  std::error_code ec;
+  if (fs::symlink_status(out, ec).type() != fs::file_type::not_found && !ec && !force)
+    throw StoreError(fmt::format("{}: already exists (--force replaces it)", out));
+  fs::path parent = fs::path(out).parent_path();
+  if (parent.empty()) parent = ".";
+  if (!fs::is_directory(parent, ec))
+    throw StoreError(fmt::format("{}: the output's parent directory does not exist", parent.string()));
+}
+
+WriteResult write_store(Manifest plan, const PackSource& src, const WriteOptions& opts) {
+  const auto t0 = Clock::now();
+  const std::string out = normal_out(opts.out);
+  check_output(out, opts.force);
+
+  TmpGuard tmp{fmt::format("{}.tmp-{}", out, ::getpid())};
+  std::error_code ec;
+  fs::remove_all(tmp.dir, ec);  // left by an earlier process that had our pid and was killed
+  if (::mkdir(tmp.dir.c_str(), 0755) != 0) io_fail(tmp.dir, "mkdir", errno);
+
+  const std::string wpath = tmp.dir + "/" + kWeightsFile;
+  Fd wf;
+  wf.fd = ::open(wpath.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (wf.fd < 0) io_fail(wpath, "create", errno);
+  // Reserve the space up front: a full disk fails now, not after minutes of work. File systems
+  // without fallocate just skip this.
+  if (plan.weights_size > 0 && ::fallocate(wf.fd, 0, 0, static_cast<off_t>(plan.weights_size)) != 0 &&
+      (errno == ENOSPC || errno == EDQUOT))
+    io_fail(wpath, "fallocate", errno);
+
+  stream_groups(plan, src, opts, [&](const char* data, uint64_t n) { write_all(wf.fd, data, n, wpath); });
+  fsync_checked(wf.fd, wpath);
+  wf.close_checked(wpath);
+
+  plan.tokenizer_files.clear();
+  for (const std::string& f : opts.copy_files) {
+    const std::string name = fs::path(f).filename().string();
+    copy_file_checked(f, tmp.dir + "/" + name);
+    plan.tokenizer_files.push_back(name);
+  }
+  write_small_file(tmp.dir + "/" + kManifestFile, plan.to_yaml());
+  fsync_dir(tmp.dir);
+
+  // Commit: the new store appears under its name in one rename; a replaced one goes away after.
+  std::string old;
+  if (fs::symlink_status(out, ec).type() != fs::file_type::not_found) {
+    if (!opts.force) throw StoreError(fmt::format("{}: already exists (--force replaces it)", out));
+    old = fmt::format("{}.old-{}", out, ::getpid());
+    if (::rename(out.c_str(), old.c_str()) != 0) io_fail(out, "rename", errno);
+  }
+  if (::rename(tmp.dir.c_str(), out.c_str()) != 0) {
+    const int err = errno;
+    if (!old.empty()) ::rename(old.c_str(), out.c_str());
+    io_fail(out, "rename", err);
+  }
+  tmp.committed = true;
+  if (!old.empty()) fs::remove_all(old, ec);
+  fs::path parent = fs::path(out).parent_path();
+  fsync_dir(parent.empty() ? "." : parent.string());
+
+  WriteResult r;
+  r.manifest = std::move(plan);
+  r.seconds = seconds_since(t0);
+  r.bytes = r.manifest.weights_size;
+  return r;
+}
+
+}  // namespace ringllama
