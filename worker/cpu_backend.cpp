@@ -120,9 +120,12 @@ RL_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
 void matmul_bf16(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y) {
   const int64_t n_blocks = (out + kRB - 1) / kRB;
-#pragma omp parallel if (n_blocks > 1)
+#pragma omp parallel if (n_blocks > 1 && n_tokens * in * out >= kParallelWork)
   {
     std::unique_ptr<float[]> tile(new float[kRB * kKC]);
 #pragma omp for schedule(static)
@@ -182,7 +185,7 @@ void attention(const ModelConfig& m, const float* q, const float* k_cache, const
   const int64_t group = m.n_heads / m.n_kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const int64_t work = m.n_heads * n_tokens;
-#pragma omp parallel if (work > 1)
+#pragma omp parallel if (work > 1 && work * (start + n_tokens) * hd >= kParallelWork)
   {
     std::vector<float> p(static_cast<size_t>(start + n_tokens));
 #pragma omp for schedule(dynamic, 1)

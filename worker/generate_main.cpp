@@ -108,7 +108,8 @@ int run(int argc, char** argv) {
   }
 
   const ModelConfig& m = store.model();
-  if (o.prompt_ids.empty()) fail("--prompt-ids is required (comma separated token ids)");
+  if (app.count("--prompt-ids") == 0) fail("--prompt-ids is required (comma separated token ids)");
+  if (o.prompt_ids.find_first_not_of(" \t") == std::string::npos) fail("--prompt-ids is empty: give at least one token id");
   const std::vector<int32_t> prompt = parse_ids(o.prompt_ids, "--prompt-ids", m.vocab_size);
   std::set<int32_t> stop;
   if (!o.stop_ids.empty())
