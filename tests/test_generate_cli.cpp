@@ -1,0 +1,223 @@
+// ringllama-generate end to end, as real processes, on stores made by ringllama-pack (and one
+// written here, for the eos rule): output files, determinism, stopping, and bad input.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+
+#include "common/store.h"
+#include "tests/test_util.h"
+#include "tests/tiny_model.h"
+#include "worker/backend.h"
+
+namespace ringllama {
+namespace {
+
+namespace fs = std::filesystem;
+using test::run_bin;
+
+constexpr int64_t kVocab = 512;  // the packer's tiny shape
+
+class GenerateCli : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new test::TempDir();
+    auto r = run_bin("ringllama-pack", {"--random", "tiny", "--out", store(), "--quiet"});
+    ASSERT_EQ(r.status, 0) << "ringllama-pack --random tiny failed: " << r.err;
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+  void SetUp() override { ASSERT_TRUE(fs::exists(store() + "/" + kManifestFile)) << "no tiny store"; }
+
+  static std::string store() { return *dir_ / "tiny"; }
+  static std::string path(const std::string& name) { return *dir_ / name; }
+
+  static inline test::TempDir* dir_ = nullptr;
+};
+
+std::vector<int32_t> ids_of(const std::string& line) {
+  std::istringstream in(line);
+  std::vector<int32_t> v;
+  int32_t x;
+  while (in >> x) v.push_back(x);
+  return v;
+}
+
+std::vector<float> floats_of(const std::string& bytes) {
+  std::vector<float> v(bytes.size() / 4);
+  std::memcpy(v.data(), bytes.data(), v.size() * 4);
+  return v;
+}
+
+struct Gen {
+  test::RunResult r;
+  std::vector<int32_t> ids;
+  std::string tokens_file;
+  std::string logits;  // raw bytes
+};
+
+Gen generate(const std::string& store, const std::string& out_dir, std::vector<std::string> extra) {
+  std::vector<std::string> args = {"--store",      store, "--tokens-out", out_dir + "/t.txt", "--logits-out",
+                                   out_dir + "/l.bin"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  Gen g;
+  g.r = run_bin("ringllama-generate", args);
+  g.ids = ids_of(g.r.out);
+  if (g.r.status == 0) {
+    g.tokens_file = test::read_file(out_dir + "/t.txt");
+    g.logits = test::read_file(out_dir + "/l.bin");
+  }
+  return g;
+}
+
+TEST_F(GenerateCli, GreedyWritesOneLogitsRowPerToken) {
+  Gen g = generate(store(), dir_->path(), {"--prompt-ids", "1,17,300,42", "--max-tokens", "12", "--ignore-eos"});
+  ASSERT_EQ(g.r.status, 0) << g.r.err;
+  ASSERT_EQ(g.ids.size(), 12u);
+  // stdout: one line of space-separated ids; the file holds the same line.
+  EXPECT_EQ(std::count(g.r.out.begin(), g.r.out.end(), '\n'), 1);
+  EXPECT_EQ(g.tokens_file, g.r.out);
+  EXPECT_NE(g.r.err.find("prefill 4 tokens"), std::string::npos) << g.r.err;
+  EXPECT_NE(g.r.err.find("decode 11 tokens"), std::string::npos) << g.r.err;
+  ASSERT_EQ(g.logits.size(), 12u * kVocab * 4);
+  // Each token is the argmax of its row.
+  auto rows = floats_of(g.logits);
+  for (size_t i = 0; i < g.ids.size(); ++i) {
+    auto row = rows.begin() + i * kVocab;
+    EXPECT_EQ(std::max_element(row, row + kVocab) - row, g.ids[i]) << "token " << i;
+  }
+  // The first row is the prompt's last position, as the engine computes it in this process.
+  auto ws = open_store_weights(store());
+  Config c;
+  c.max_context = 64;
+  auto backend = make_cpu_backend(*ws, c);
+  auto first = backend->forward({1, 17, 300, 42}, 0);
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), rows.begin()));
+  auto second = backend->forward({g.ids[0]}, 4);
+  EXPECT_TRUE(std::equal(second.begin(), second.end(), rows.begin() + kVocab));
+}
+
+TEST_F(GenerateCli, SameSeedSameOutputDifferentSeedDiffers) {
+  const std::vector<std::string> common = {"--prompt-ids", "5,6,7", "--max-tokens", "24", "--ignore-eos",
+                                           "--temperature", "1.5", "--top-k", "100", "--top-p", "0.95"};
+  auto with_seed = [&](const std::string& seed, const std::string& sub) {
+    fs::create_directories(path(sub));
+    auto args = common;
+    args.insert(args.end(), {"--seed", seed});
+    return generate(store(), path(sub), args);
+  };
+  Gen a = with_seed("7", "a"), b = with_seed("7", "b"), c = with_seed("8", "c");
+  ASSERT_EQ(a.r.status, 0) << a.r.err;
+  ASSERT_EQ(c.r.status, 0) << c.r.err;
+  EXPECT_EQ(a.ids, b.ids);
+  EXPECT_EQ(a.logits, b.logits);
+  EXPECT_EQ(a.ids.size(), 24u);
+  EXPECT_NE(a.ids, c.ids);
+  EXPECT_EQ(c.logits.size(), c.ids.size() * kVocab * 4);
+  // Greedy runs agree with each other too.
+  Gen g1 = generate(store(), path("a"), {"--prompt-ids", "5,6,7", "--max-tokens", "8", "--ignore-eos"});
+  Gen g2 = generate(store(), path("b"), {"--prompt-ids", "5,6,7", "--max-tokens", "8", "--ignore-eos"});
+  EXPECT_EQ(g1.ids, g2.ids);
+  EXPECT_EQ(g1.logits, g2.logits);
+}
+
+TEST_F(GenerateCli, StopsAtStopIdsKeepingTheStopToken) {
+  Gen full = generate(store(), dir_->path(), {"--prompt-ids", "9,10,11", "--max-tokens", "16", "--ignore-eos"});
+  ASSERT_EQ(full.r.status, 0) << full.r.err;
+  // The first token that did not occur before it: stopping there gives exactly that prefix.
+  size_t at = 2;
+  while (at < full.ids.size() &&
+         std::find(full.ids.begin(), full.ids.begin() + at, full.ids[at]) != full.ids.begin() + at)
+    ++at;
+  ASSERT_LT(at, full.ids.size()) << "no fresh token in " << full.r.out;
+  Gen stopped = generate(store(), dir_->path(),
+                         {"--prompt-ids", "9,10,11", "--max-tokens", "16", "--ignore-eos", "--stop-ids",
+                          "511," + std::to_string(full.ids[at])});
+  ASSERT_EQ(stopped.r.status, 0) << stopped.r.err;
+  EXPECT_EQ(stopped.ids, std::vector<int32_t>(full.ids.begin(), full.ids.begin() + at + 1));
+  EXPECT_EQ(stopped.logits.size(), (at + 1) * kVocab * 4);
+  EXPECT_EQ(stopped.logits, full.logits.substr(0, stopped.logits.size()));
+  EXPECT_NE(stopped.r.err.find("stop: stop"), std::string::npos) << stopped.r.err;
+}
+
+TEST_F(GenerateCli, StopsAtTheModelsEosUnlessIgnored) {
+  // A store whose eos is a token greedy decoding is known to produce.
+  const ModelConfig m = test::tiny_config();
+  test::TinyModel tm(m, 3, 0.3f);
+  const std::string s1 = path("eos1"), s2 = path("eos2");
+  fs::create_directories(s1);
+  tm.write_store(s1);
+  Gen full = generate(s1, dir_->path(), {"--prompt-ids", "4,5", "--max-tokens", "10", "--ignore-eos"});
+  ASSERT_EQ(full.r.status, 0) << full.r.err;
+  size_t at = 1;
+  while (at < full.ids.size() &&
+         std::find(full.ids.begin(), full.ids.begin() + at, full.ids[at]) != full.ids.begin() + at)
+    ++at;
+  ASSERT_LT(at, full.ids.size()) << full.r.out;
+  tm.manifest.model.eos_ids = {full.ids[at]};
+  fs::create_directories(s2);
+  tm.write_store(s2);
+  Gen eos = generate(s2, dir_->path(), {"--prompt-ids", "4,5", "--max-tokens", "10"});
+  ASSERT_EQ(eos.r.status, 0) << eos.r.err;
+  EXPECT_EQ(eos.ids, std::vector<int32_t>(full.ids.begin(), full.ids.begin() + at + 1));
+  Gen ignored = generate(s2, dir_->path(), {"--prompt-ids", "4,5", "--max-tokens", "10", "--ignore-eos"});
+  EXPECT_EQ(ignored.ids, full.ids);
+}
+
+TEST_F(GenerateCli, ContextExactlyAtMaxContextIsAllowed) {
+  Gen g = generate(store(), dir_->path(), {"--prompt-ids", "1,2,3", "--max-tokens", "5", "--max-context", "8",
+                                           "--kv-block-tokens", "8", "--ignore-eos"});
+  ASSERT_EQ(g.r.status, 0) << g.r.err;
+  EXPECT_EQ(g.ids.size(), 5u);
+}
+
+TEST_F(GenerateCli, BadInputIsOneErrorLine) {
+  const std::string s = store();
+  const std::string missing = path("no-such-store");
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--store", s, "--max-tokens", "4"}, "--prompt-ids is required"},
+      {{"--store", s, "--prompt-ids", "", "--max-tokens", "4"}, "--prompt-ids is empty"},
+      {{"--store", s, "--prompt-ids", "1,two", "--max-tokens", "4"}, "'two' is not a token id"},
+      {{"--store", s, "--prompt-ids", "1,,2", "--max-tokens", "4"}, "empty id"},
+      {{"--store", s, "--prompt-ids", "1,512", "--max-tokens", "4"}, "token id 512 is outside the vocabulary [0, 512)"},
+      {{"--store", s, "--prompt-ids", "-1", "--max-tokens", "4"}, "outside the vocabulary"},
+      {{"--store", s, "--prompt-ids", "1,2,3", "--max-tokens", "6", "--max-context", "8", "--kv-block-tokens", "8"},
+       "is 9 tokens, over max_context (8)"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "0"}, "--max-tokens must be >= 1"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--backend", "tpu"}, "--backend 'tpu' is unknown"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--backend", "cuda"}, "--backend cuda is not available"},
+      {{"--store", missing, "--prompt-ids", "1", "--max-tokens", "4"}, "cannot open store"},
+      {{"--prompt-ids", "1", "--max-tokens", "4"}, "no store"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--temperature", "-1"}, "temperature must be >= 0"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--top-p", "2"}, "top_p must be in (0, 1]"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--stop-ids", "x"}, "--stop-ids: 'x' is not a token id"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "many"}, "--max-tokens"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--no-such-flag"}, "--no-such-flag"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--max-context", "100000"}, "the model supports 2048"},
+      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--logits-out", missing + "/l.bin"}, "--logits-out"},
+  };
+  for (const auto& [args, want] : cases) {
+    auto r = run_bin("ringllama-generate", args);
+    const std::string what = ::testing::PrintToString(args);
+    EXPECT_EQ(r.status, 1) << what << "\n" << r.err;
+    EXPECT_EQ(r.out, "") << what;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << what << "\n" << r.err;
+    EXPECT_EQ(r.err.rfind("ringllama-generate: error: ", 0), 0u) << what << "\n" << r.err;
+    EXPECT_NE(r.err.find(want), std::string::npos) << what << "\nwanted: " << want << "\ngot: " << r.err;
+  }
+}
+
+TEST_F(GenerateCli, HelpExitsZero) {
+  auto r = run_bin("ringllama-generate", {"--help"});
+  EXPECT_EQ(r.status, 0);
+  for (const char* flag : {"--prompt-ids", "--max-tokens", "--stop-ids", "--logits-out", "--config", "--print-config",
+                           "--max-context", "--store"})
+    EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
+}
+
+}  // namespace
+}  // namespace ringllama
