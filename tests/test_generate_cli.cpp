@@ -168,6 +168,21 @@ TEST_F(GenerateCli, StopsAtTheModelsEosUnlessIgnored) {
   EXPECT_EQ(ignored.ids, full.ids);
 }
 
+// Rows of logits do not depend on how many tokens share a forward: chunks give the same bytes.
+TEST_F(GenerateCli, PrefillInChunksGivesTheSameLogits) {
+  fs::create_directories(path("one"));
+  fs::create_directories(path("chunks"));
+  const std::vector<std::string> args = {"--prompt-ids", "3,1,4,1,5,9,2,6,5", "--max-tokens", "6", "--ignore-eos"};
+  Gen one = generate(store(), path("one"), args);
+  auto chunked_args = args;
+  chunked_args.insert(chunked_args.end(), {"--prefill-chunk-tokens", "4"});
+  Gen chunks = generate(store(), path("chunks"), chunked_args);
+  ASSERT_EQ(one.r.status, 0) << one.r.err;
+  ASSERT_EQ(chunks.r.status, 0) << chunks.r.err;
+  EXPECT_EQ(one.ids, chunks.ids);
+  EXPECT_EQ(one.logits, chunks.logits);
+}
+
 TEST_F(GenerateCli, ContextExactlyAtMaxContextIsAllowed) {
   Gen g = generate(store(), dir_->path(), {"--prompt-ids", "1,2,3", "--max-tokens", "5", "--max-context", "8",
                                            "--kv-block-tokens", "8", "--ignore-eos"});

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -143,9 +144,16 @@ int run(int argc, char** argv) {
   std::vector<int32_t> generated;
   const char* reason = "length";
   auto t0 = clock::now();
-  std::vector<float> logits = backend->forward(prompt, 0);
+  // The prompt goes in prefill_chunk_tokens at a time (one forward for most prompts): the chunk
+  // bounds the activations, which grow with the tokens of one forward.
+  std::vector<float> logits;
+  int64_t pos = 0;
+  while (pos < static_cast<int64_t>(prompt.size())) {
+    const int64_t n = std::min<int64_t>(config.prefill_chunk_tokens, static_cast<int64_t>(prompt.size()) - pos);
+    logits = backend->forward(std::vector<int32_t>(prompt.begin() + pos, prompt.begin() + pos + n), pos);
+    pos += n;
+  }
   auto t1 = clock::now();
-  int64_t pos = static_cast<int64_t>(prompt.size());
   for (;;) {
     const int32_t tok = sampler.sample(logits);
     generated.push_back(tok);
