@@ -97,6 +97,32 @@ RL_INLINE void tile_rows(const float* tile, int64_t ldw, int64_t rows, const flo
 constexpr int64_t kRB = 32;
 constexpr int64_t kKC = 512;
 
+// One token (a decode step): the weights stream from memory once, widened in registers.
+template <int R>
+RL_INLINE void micro_bf16(const bf16_t* w, int64_t ldw, const float* x, int64_t n, float* y) {
+  v8f acc[R] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f xv = load8(x + i);
+    for (int r = 0; r < R; ++r) acc[r] += widen8(w + r * ldw + i) * xv;
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(acc[r]);
+    for (int64_t j = i; j < n; ++j) s += bf16_to_f32(w[r * ldw + j]) * x[j];
+    y[r] += s;
+  }
+}
+
+RL_SIMD_CLONES void matvec_block(const float* x, int64_t in, const bf16_t* w, int64_t o0, int64_t rows, float* y) {
+  std::fill(y + o0, y + o0 + rows, 0.0f);
+  for (int64_t k0 = 0; k0 < in; k0 += kKC) {
+    const int64_t kc = std::min(kKC, in - k0);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) micro_bf16<4>(w + (o0 + r) * in + k0, in, x + k0, kc, y + o0 + r);
+    for (; r < rows; ++r) micro_bf16<1>(w + (o0 + r) * in + k0, in, x + k0, kc, y + o0 + r);
+  }
+}
+
 RL_SIMD_CLONES void matmul_block(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out,
                                  int64_t o0, int64_t rows, float* tile, float* y) {
   for (int64_t t = 0; t < n_tokens; ++t) std::fill(y + t * out + o0, y + t * out + o0 + rows, 0.0f);
@@ -131,6 +157,10 @@ void matmul_bf16(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t o0 = b * kRB;
+      if (n_tokens == 1) {
+        matvec_block(x, in, w, o0, std::min(kRB, out - o0), y);
+        continue;
+      }
       matmul_block(x, n_tokens, in, w, out, o0, std::min(kRB, out - o0), tile.get(), y);
     }
   }
