@@ -1,0 +1,114 @@
+// Which layers the shared-memory window holds (DESIGN.md "The ring window"). A pure unit: no I/O,
+// no clock. The daemon tells it what the workers do and what the slots hold; it answers which
+// position each slot should hold and which slots to load now.
+//
+// Positions are absolute: step * n_layers + layer, so layer n_layers - 1 is followed by layer 0 of
+// the next step. The window is [start, start + cap) with cap = min(cpu_cap_layers, n_layers):
+//
+//   start = max(p_min - back_margin, pass start of the worker at p_min), never moving backwards,
+//
+// where p_min is the lowest position not yet copied by a worker with a pass in flight. With no pass
+// in flight the window is layer 0.. of the next pass, so a pass that begins finds it loaded.
+// A pass begins at the first layer 0 at or after the window's start (and after the worker's own
+// previous pass): layer 0 of the pass in flight while back_margin still holds it, else of the next
+// step. Since the start never moves backwards and every pass begins inside or after the window,
+// a position that leaves the window has been copied by every worker that needs it: a slot holding
+// a position some active worker has not copied is never reused.
+//
+// Slots hold layers: the bytes of layer l are the same at every step, so a slot that holds layer l
+// serves every position p with p % n_layers == l. With cpu_cap_layers >= n_layers every layer is
+// in the window for good: each is loaded once and never evicted.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+namespace ringllama {
+
+using WorkerId = uint64_t;
+
+struct WindowParams {
+  int64_t n_layers = 0;        // layers of the model
+  int64_t cpu_cap_layers = 0;  // slots
+  int64_t back_margin = 0;     // positions kept behind p_min, < cpu_cap_layers
+  void validate() const;       // throws ConfigError naming the rule
+};
+
+// What a slot of the segment holds, as the daemon sees it.
+enum class SlotFill { Empty, Loading, Ready, Error };
+
+struct SlotView {
+  int64_t layer = -1;          // -1: nothing
+  SlotFill fill = SlotFill::Empty;
+};
+
+struct SlotLoad {
+  int64_t slot = 0;
+  int64_t layer = 0;
+  int64_t position = 0;        // the window position it is loaded for
+};
+
+struct WindowPlan {
+  int64_t start = 0;                  // the window: [start, end)
+  int64_t end = 0;
+  std::vector<int64_t> position;      // per slot: the position it serves, -1 none
+  std::vector<SlotLoad> loads;        // to start now, most urgent first
+  int64_t waiting = 0;                // window positions neither held nor loadable yet (slots busy loading)
+};
+
+struct WorkerView {
+  WorkerId id = 0;
+  bool active = false;         // a pass in flight
+  int64_t pass_start = 0;      // first position of the pass (layer 0)
+  int64_t next = 0;            // lowest position of the pass not yet copied
+  int64_t next_pass_min = 0;   // its next pass begins at or after this (end of the last one)
+};
+
+class WindowPolicy {
+ public:
+  explicit WindowPolicy(const WindowParams& p);
+
+  const WindowParams& params() const { return p_; }
+  int64_t cap() const { return cap_; }  // slots in use: min(cpu_cap_layers, n_layers)
+
+  // Workers. Unknown ids and impossible transitions throw Error (they come from a peer).
+  void attach(WorkerId id);
+  int64_t begin_pass(WorkerId id);                // returns the pass's first position
+  void progress(WorkerId id, int64_t next);       // positions below `next` of this pass are copied
+  void end_pass(WorkerId id);                     // all copied; idle, holding nothing
+  void detach(WorkerId id);                       // gone (dead or bye): holds nothing
+  bool attached(WorkerId id) const { return workers_.count(id) != 0; }
+  const WorkerView& worker(WorkerId id) const;
+  std::vector<WorkerView> workers() const;
+
+  // The window now: [start, start + cap).
+  int64_t window_start() const { return start_; }
+  int64_t window_end() const { return start_ + cap_; }
+  bool in_window(int64_t position) const { return position >= start_ && position < start_ + cap_; }
+  // The position in the window that layer `layer` serves, or -1.
+  int64_t position_of_layer(int64_t layer) const;
+
+  // Given what the slots hold, which position each serves and which to load now. A slot that is
+  // loading is never chosen (its read cannot be called back); a slot in error keeps its layer
+  // while the layer is in the window (the daemon decides about retrying by emptying it).
+  WindowPlan plan(const std::vector<SlotView>& slots) const;
+
+  // Active workers whose next position's layer is not in the window: they wait for slower ones.
+  std::vector<WorkerId> convoy() const;
+  // Times a worker started waiting that way (counted on each change of state).
+  uint64_t convoy_events() const { return convoy_events_; }
+
+ private:
+  WorkerView& get(WorkerId id, const char* what);
+  void update();  // recompute the window start and the convoy count
+
+  WindowParams p_;
+  int64_t cap_ = 0;
+  int64_t start_ = 0;
+  std::map<WorkerId, WorkerView> workers_;
+  std::map<WorkerId, bool> in_convoy_;
+  uint64_t convoy_events_ = 0;
+};
+
+}  // namespace ringllama
