@@ -75,6 +75,9 @@ inline TensorValues make_values(const std::string& dtype, int64_t numel, uint64_
       if (((h >> 10) & 0x1F) == 0x1F) h &= 0xBFFF;  // no inf/NaN
       v.raw.append(reinterpret_cast<const char*>(&h), 2);
       v.expected.push_back(f32_to_bf16(f16_to_f32(h)));
+    } else if (dtype != "BF16") {  // a dtype the packer refuses: bytes of the right size
+      const size_t n = dtype == "F64" || dtype == "I64" ? 8 : dtype == "I32" ? 4 : 1;
+      for (size_t k = 0; k < n; ++k) v.raw.push_back(static_cast<char>((r >> (8 * k)) & 0xFF));
     } else {  // BF16: copied as is
       uint16_t b = static_cast<uint16_t>(r & 0xFFFF);
       if (((b >> 7) & 0xFF) == 0xFF) b &= 0xBFFF;
@@ -92,6 +95,7 @@ struct HfModelSpec {
   std::string dtype = "F32";
   int shards = 1;              // > 1: model-0000k-of-0000n.safetensors + index
   bool lm_head_when_tied = false;
+  std::map<std::string, std::string> dtype_of;  // HF name -> dtype other than `dtype`
 };
 
 inline nlohmann::json tiny_config(const HfModelSpec& s) {
@@ -169,10 +173,12 @@ inline std::map<std::string, std::vector<bf16_t>> write_tiny_hf(const std::strin
     if (name == reshape) sh.back() += 1;
     int64_t numel = 1;
     for (int64_t d : sh) numel *= d;
-    TensorValues v = make_values(s.dtype, numel, seed);
+    auto odd = s.dtype_of.find(name);
+    const std::string dtype = odd == s.dtype_of.end() ? s.dtype : odd->second;
+    TensorValues v = make_values(dtype, numel, seed);
     expected[name] = v.expected;
     const int k = i++ % s.shards;
-    shards[k].push_back({name, s.dtype, sh, v.raw});
+    shards[k].push_back({name, dtype, sh, v.raw});
     weight_map[name] = "model-0000" + std::to_string(k + 1) + "-of-0000" + std::to_string(s.shards) + ".safetensors";
   }
   if (s.shards == 1) {
