@@ -38,6 +38,13 @@ RL_INLINE v8f load8(const float* p) {
   return v;
 }
 
+// The last n < 8 values, zero-padded.
+RL_INLINE v8f load_tail(const float* p, int64_t n) {
+  float b[8] = {};
+  for (int64_t j = 0; j < n; ++j) b[j] = p[j];
+  return load8(b);
+}
+
 // bf16 is the top half of a float: widening is a shift.
 RL_INLINE v8f widen8(const bf16_t* p) {
   v8h h;
@@ -62,6 +69,8 @@ RL_INLINE void widen_row(const bf16_t* src, int64_t n, float* dst) {
 }
 
 // y[t * ldy + r] += dot(w row r, x row t) over n values, for R weight rows and NT token rows.
+// Every output element sees the same operations in the same order whatever R, NT and the path
+// (micro or micro_bf16), so a row's result does not depend on how many tokens share a forward.
 template <int R, int NT>
 RL_INLINE void micro(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy) {
   v8f acc[R][NT] = {};
@@ -74,13 +83,16 @@ RL_INLINE void micro(const float* w, int64_t ldw, const float* x, int64_t ldx, i
       for (int t = 0; t < NT; ++t) acc[r][t] += wv * xv[t];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < NT; ++t) {
-      float s = hsum(acc[r][t]);
-      for (int64_t j = i; j < n; ++j) s += w[r * ldw + j] * x[t * ldx + j];
-      y[t * ldy + r] += s;
+  if (i < n) {  // the tail, zero-padded, through the same vector arithmetic as the rest
+    v8f xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = load_tail(x + t * ldx + i, n - i);
+    for (int r = 0; r < R; ++r) {
+      const v8f wv = load_tail(w + r * ldw + i, n - i);
+      for (int t = 0; t < NT; ++t) acc[r][t] += wv * xv[t];
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) y[t * ldy + r] += hsum(acc[r][t]);
 }
 
 template <int NT>
@@ -106,11 +118,15 @@ RL_INLINE void micro_bf16(const bf16_t* w, int64_t ldw, const float* x, int64_t 
     const v8f xv = load8(x + i);
     for (int r = 0; r < R; ++r) acc[r] += widen8(w + r * ldw + i) * xv;
   }
-  for (int r = 0; r < R; ++r) {
-    float s = hsum(acc[r]);
-    for (int64_t j = i; j < n; ++j) s += bf16_to_f32(w[r * ldw + j]) * x[j];
-    y[r] += s;
+  if (i < n) {
+    const v8f xv = load_tail(x + i, n - i);
+    for (int r = 0; r < R; ++r) {
+      float wt[8] = {};
+      for (int64_t j = i; j < n; ++j) wt[j - i] = bf16_to_f32(w[r * ldw + j]);
+      acc[r] += load8(wt) * xv;
+    }
   }
+  for (int r = 0; r < R; ++r) y[r] += hsum(acc[r]);
 }
 
 RL_SIMD_CLONES void matvec_block(const float* x, int64_t in, const bf16_t* w, int64_t o0, int64_t rows, float* y) {
