@@ -18,6 +18,7 @@
 
 #include "common/config.h"
 #include "common/errors.h"
+#include "common/log.h"
 #include "common/store.h"
 #include "worker/backend.h"
 #include "worker/sampler.h"
@@ -58,10 +59,16 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag, int64_
   return ids;
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& ws, const Config& config) {
-  if (name == "cpu") return make_cpu_backend(ws, config);
+// Checked before the weights are read, so that a wrong name fails at once.
+void require_backend(const std::string& name) {
+  if (name == "cpu") return;
   if (name == "cuda") fail("--backend cuda is not available in this build");
   fail("--backend '{}' is unknown (cpu, cuda)", name);
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& ws, const Config& config) {
+  require_backend(name);
+  return make_cpu_backend(ws, config);
 }
 
 std::string join_ids(const std::vector<int32_t>& ids) { return fmt::format("{}", fmt::join(ids, " ")); }
@@ -94,6 +101,7 @@ int run(int argc, char** argv) {
   }
 
   Config config = loader.load();
+  init_logging("ringllama-generate", config.verbose);
   if (config.store.empty()) {
     if (loader.print_requested()) {
       std::fputs(loader.describe(config).c_str(), stdout);
@@ -123,7 +131,7 @@ int run(int argc, char** argv) {
     fail("the prompt ({} tokens) plus --max-tokens ({}) is {} tokens, over max_context ({})", prompt.size(),
          o.max_tokens, need, config.max_context);
   Sampler sampler(o.sampling);
-  if (o.backend != "cpu" && o.backend != "cuda") fail("--backend '{}' is unknown (cpu, cuda)", o.backend);
+  require_backend(o.backend);
 
   // Open the outputs before the long part, so that a bad path fails at once.
   std::ofstream logits_file;
@@ -137,8 +145,13 @@ int run(int argc, char** argv) {
     if (!tokens_file) fail("--tokens-out {}: cannot open: {}", o.tokens_out, errno_text(errno));
   }
 
+  auto tl = std::chrono::steady_clock::now();
   std::unique_ptr<WeightSource> weights = open_store_weights(config.store);
   std::unique_ptr<Backend> backend = make_backend(o.backend, *weights, config);
+  spdlog::debug("{}: {} bytes read and checked in {:.0f} ms; backend {}, max_context {}", config.store,
+                store.manifest().weights_size,
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tl).count(),
+                backend->name(), config.max_context);
 
   using clock = std::chrono::steady_clock;
   std::vector<int32_t> generated;
@@ -171,6 +184,7 @@ int run(int argc, char** argv) {
     logits = backend->forward({tok}, pos++);
   }
   auto t2 = clock::now();
+  spdlog::debug("prompt {} tokens, generated {} ({})", prompt.size(), generated.size(), reason);
 
   const std::string line = join_ids(generated);
   std::printf("%s\n", line.c_str());
