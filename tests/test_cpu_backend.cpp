@@ -156,6 +156,7 @@ std::vector<std::vector<double>> naive_forward(const TinyModel& tm, const std::v
 // ---- Operations ----
 
 TEST(CpuOps, MatmulMatchesNaiveAtOddSizes) {
+  ThreadPool pool(3);
   std::mt19937_64 rng(3);
   std::normal_distribution<float> nd;
   // Sizes that are not multiples of the vector width, the row block or the k block.
@@ -165,7 +166,7 @@ TEST(CpuOps, MatmulMatchesNaiveAtOddSizes) {
     for (auto& v : x) v = nd(rng);
     for (auto& v : w) v = f32_to_bf16(nd(rng));
     std::vector<float> y(T * out, -1.0f);
-    cpu::matmul_bf16(x.data(), T, in, w.data(), out, y.data());
+    cpu::matmul_bf16(&pool, x.data(), T, in, w.data(), out, y.data());
     for (int64_t t = 0; t < T; ++t)
       for (int64_t o = 0; o < out; ++o) {
         double ref = 0;
@@ -183,14 +184,15 @@ TEST(CpuOps, MatmulRowDoesNotDependOnTheTokenCount) {
   std::normal_distribution<float> nd;
   for (int64_t in : {8, 172, 1030}) {
     const int64_t out = 45, T = 5;
+    ThreadPool pool(2);
     std::vector<float> x(T * in);
     std::vector<bf16_t> w(out * in);
     for (auto& v : x) v = nd(rng);
     for (auto& v : w) v = f32_to_bf16(nd(rng));
     std::vector<float> all(T * out), one(out);
-    cpu::matmul_bf16(x.data(), T, in, w.data(), out, all.data());
+    cpu::matmul_bf16(&pool, x.data(), T, in, w.data(), out, all.data());
     for (int64_t t = 0; t < T; ++t) {
-      cpu::matmul_bf16(x.data() + t * in, 1, in, w.data(), out, one.data());
+      cpu::matmul_bf16(nullptr, x.data() + t * in, 1, in, w.data(), out, one.data());
       EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + t * out)) << "in=" << in << " t=" << t;
     }
   }

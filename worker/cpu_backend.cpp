@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 
 #include "common/errors.h"
@@ -162,24 +163,30 @@ RL_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-// Below this many multiply-adds a parallel region costs more than it saves.
+// Below this many multiply-adds a parallel loop costs more than it saves.
 constexpr int64_t kParallelWork = int64_t(1) << 18;
 
-void matmul_bf16(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y) {
-  const int64_t n_blocks = (out + kRB - 1) / kRB;
-#pragma omp parallel if (n_blocks > 1 && n_tokens * in * out >= kParallelWork)
-  {
-    std::unique_ptr<float[]> tile(new float[kRB * kKC]);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t o0 = b * kRB;
-      if (n_tokens == 1) {
-        matvec_block(x, in, w, o0, std::min(kRB, out - o0), y);
-        continue;
-      }
-      matmul_block(x, n_tokens, in, w, out, o0, std::min(kRB, out - o0), tile.get(), y);
-    }
+// Runs fn over [0, n) on the pool when the work is worth it, else on this thread.
+void maybe_parallel(ThreadPool* pool, int64_t n, int64_t work, const std::function<void(int64_t, int)>& fn) {
+  if (pool && n > 1 && work >= kParallelWork) {
+    pool->parallel_for(n, fn);
+  } else {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
   }
+}
+
+void matmul_bf16(ThreadPool* pool, const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out,
+                 float* y) {
+  const int64_t n_blocks = (out + kRB - 1) / kRB;
+  maybe_parallel(pool, n_blocks, n_tokens * in * out, [&](int64_t b, int) {
+    const int64_t o0 = b * kRB, rows = std::min(kRB, out - o0);
+    if (n_tokens == 1) {
+      matvec_block(x, in, w, o0, rows, y);
+    } else {
+      alignas(32) float tile[kRB * kKC];
+      matmul_block(x, n_tokens, in, w, out, o0, rows, tile, y);
+    }
+  });
 }
 
 void rms_norm(const float* x, const bf16_t* w, int64_t n_tokens, int64_t dim, float eps, float* y) {
@@ -223,42 +230,39 @@ void silu_mul(float* gate, const float* up, int64_t n) {
   }
 }
 
-// Causal GQA attention of n_tokens queries at positions [start, start + n_tokens) over the
-// cached keys and values of one layer ([pos][kv_dim]); softmax in float32.
-void attention(const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,
-               int64_t start, float* out) {
+void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache,
+               int64_t n_tokens, int64_t start, float* out) {
   const int64_t hd = m.head_dim, q_dim = m.q_dim(), kv_dim = m.kv_dim();
   const int64_t group = m.n_heads / m.n_kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const int64_t work = m.n_heads * n_tokens;
-#pragma omp parallel if (work > 1 && work * (start + n_tokens) * hd >= kParallelWork)
-  {
-    std::vector<float> p(static_cast<size_t>(start + n_tokens));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < work; ++w) {
-      const int64_t h = w % m.n_heads, t = w / m.n_heads;
-      const int64_t pos = start + t;
-      const int64_t kvo = (h / group) * hd;
-      const float* qh = q + t * q_dim + h * hd;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j <= pos; ++j) {
-        p[j] = dot(qh, k_cache + j * kv_dim + kvo, hd) * scale;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0;
-      for (int64_t j = 0; j <= pos; ++j) {
-        p[j] = std::exp(p[j] - mx);
-        sum += p[j];
-      }
-      float* o = out + t * q_dim + h * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t j = 0; j <= pos; ++j) {
-        const float pj = p[j] / sum;
-        const float* vj = v_cache + j * kv_dim + kvo;
-        for (int64_t i = 0; i < hd; ++i) o[i] += pj * vj[i];
-      }
+  const int64_t items = m.n_heads * n_tokens;
+  // One row of probabilities per thread.
+  std::vector<std::vector<float>> scratch(pool ? pool->threads() : 1,
+                                          std::vector<float>(static_cast<size_t>(start + n_tokens)));
+  maybe_parallel(pool, items, items * (start + n_tokens) * hd, [&](int64_t item, int thread) {
+    float* p = scratch[thread].data();
+    const int64_t h = item % m.n_heads, t = item / m.n_heads;
+    const int64_t pos = start + t;
+    const int64_t kvo = (h / group) * hd;
+    const float* qh = q + t * q_dim + h * hd;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j <= pos; ++j) {
+      p[j] = dot(qh, k_cache + j * kv_dim + kvo, hd) * scale;
+      mx = std::max(mx, p[j]);
     }
-  }
+    float sum = 0;
+    for (int64_t j = 0; j <= pos; ++j) {
+      p[j] = std::exp(p[j] - mx);
+      sum += p[j];
+    }
+    float* o = out + t * q_dim + h * hd;
+    std::fill(o, o + hd, 0.0f);
+    for (int64_t j = 0; j <= pos; ++j) {
+      const float pj = p[j] / sum;
+      const float* vj = v_cache + j * kv_dim + kvo;
+      for (int64_t i = 0; i < hd; ++i) o[i] += pj * vj[i];
+    }
+  });
 }
 
 }  // namespace cpu
@@ -328,7 +332,7 @@ class CpuBackend : public Backend {
     const float* last = x_.data() + (T - 1) * dim;
     cpu::rms_norm(last, g.norm, 1, dim, static_cast<float>(m_.norm_eps), xn_.data());
     std::vector<float> logits(m_.vocab_size);
-    cpu::matmul_bf16(xn_.data(), 1, dim, g.output, m_.vocab_size, logits.data());
+    cpu::matmul_bf16(&pool_, xn_.data(), 1, dim, g.output, m_.vocab_size, logits.data());
     return logits;
   }
 
@@ -344,23 +348,23 @@ class CpuBackend : public Backend {
 
     // Attention block. Keys and values go straight into the cache rows of their positions.
     cpu::rms_norm(x_.data(), w.attn_norm, T, dim, eps, xn_.data());
-    cpu::matmul_bf16(xn_.data(), T, dim, w.wq, q_dim, q_.data());
-    cpu::matmul_bf16(xn_.data(), T, dim, w.wk, kv_dim, kc + start * kv_dim);
-    cpu::matmul_bf16(xn_.data(), T, dim, w.wv, kv_dim, vc + start * kv_dim);
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wq, q_dim, q_.data());
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wk, kv_dim, kc + start * kv_dim);
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wv, kv_dim, vc + start * kv_dim);
     for (int64_t t = 0; t < T; ++t) {
       cpu::rope(q_.data() + t * q_dim, m_.n_heads, m_.head_dim, start + t, inv_freq_);
       cpu::rope(kc + (start + t) * kv_dim, m_.n_kv_heads, m_.head_dim, start + t, inv_freq_);
     }
-    cpu::attention(m_, q_.data(), kc, vc, T, start, att_.data());
-    cpu::matmul_bf16(att_.data(), T, q_dim, w.wo, dim, xn_.data());
+    cpu::attention(&pool_, m_, q_.data(), kc, vc, T, start, att_.data());
+    cpu::matmul_bf16(&pool_, att_.data(), T, q_dim, w.wo, dim, xn_.data());
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
 
     // FFN block: SwiGLU, the product written over the gate.
     cpu::rms_norm(x_.data(), w.ffn_norm, T, dim, eps, xn_.data());
-    cpu::matmul_bf16(xn_.data(), T, dim, w.w1, ffn, gate_.data());
-    cpu::matmul_bf16(xn_.data(), T, dim, w.w3, ffn, up_.data());
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.w1, ffn, gate_.data());
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.w3, ffn, up_.data());
     cpu::silu_mul(gate_.data(), up_.data(), T * ffn);
-    cpu::matmul_bf16(gate_.data(), T, ffn, w.w2, dim, xn_.data());
+    cpu::matmul_bf16(&pool_, gate_.data(), T, ffn, w.w2, dim, xn_.data());
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
   }
 
@@ -368,6 +372,7 @@ class CpuBackend : public Backend {
   const ModelConfig m_;
   const int64_t max_ctx_;
   const std::vector<float> inv_freq_;
+  ThreadPool pool_;
   std::unique_ptr<float[]> k_cache_, v_cache_;  // [layer][pos][kv_dim], rope already applied to keys
   int64_t n_cached_ = 0;
   // Activations of the current forward, [tokens][width].

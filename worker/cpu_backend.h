@@ -1,6 +1,7 @@
 // The CPU backend's operations: the same forward as transformers' LlamaForCausalLM in float32,
 // from bf16 weights. They are the reference the CUDA kernels are checked against, so each one
-// states the exact arithmetic it performs. Work is split over OpenMP threads.
+// states the exact arithmetic it performs. Loops run on a ThreadPool when one is given (nullptr:
+// this thread only); the result is the same bits either way.
 #pragma once
 
 #include <cstdint>
@@ -8,12 +9,13 @@
 
 #include "common/bf16.h"
 #include "common/model_config.h"
+#include "worker/thread_pool.h"
 
 namespace ringllama::cpu {
 
 // y[t, o] = sum_i x[t, i] * w[o, i] for t < n_tokens, o < out: a linear layer with the weight in
 // transformers' [out, in] layout. fp32 accumulation; the bf16 rows are widened as they are used.
-void matmul_bf16(const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y);
+void matmul_bf16(ThreadPool* pool, const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y);
 
 // y[t] = w * (x[t] * rsqrt(mean(x[t]^2) + eps)), as LlamaRMSNorm in float32. x and y may alias.
 void rms_norm(const float* x, const bf16_t* w, int64_t n_tokens, int64_t dim, float eps, float* y);
@@ -31,7 +33,7 @@ void silu_mul(float* gate, const float* up, int64_t n);
 // Causal GQA attention of n_tokens queries ([n_tokens, q_dim], rotated) at positions
 // [start, start + n_tokens) over one layer's cached keys and values ([pos][kv_dim], keys rotated):
 // scores q.k * (1/sqrt(head_dim)) in float32, softmax in float32, out [n_tokens, q_dim].
-void attention(const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache, int64_t n_tokens,
-               int64_t start, float* out);
+void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache,
+               int64_t n_tokens, int64_t start, float* out);
 
 }  // namespace ringllama::cpu

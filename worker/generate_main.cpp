@@ -21,6 +21,9 @@
 #include "common/log.h"
 #include "common/store.h"
 #include "worker/backend.h"
+#ifdef RINGLLAMA_HAVE_CUDA
+#include "worker/cuda_backend.h"
+#endif
 #include "worker/sampler.h"
 
 namespace ringllama {
@@ -62,12 +65,22 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag, int64_
 // Checked before the weights are read, so that a wrong name fails at once.
 void require_backend(const std::string& name) {
   if (name == "cpu") return;
-  if (name == "cuda") fail("--backend cuda is not available in this build");
+  if (name == "cuda") {
+#ifdef RINGLLAMA_HAVE_CUDA
+    if (cuda_device_count() == 0) fail("--backend cuda: no CUDA device is visible");
+    return;
+#else
+    fail("--backend cuda is not available in this build");
+#endif
+  }
   fail("--backend '{}' is unknown (cpu, cuda)", name);
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& ws, const Config& config) {
   require_backend(name);
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (name == "cuda") return make_cuda_backend(ws, config);
+#endif
   return make_cpu_backend(ws, config);
 }
 
