@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -151,6 +152,29 @@ std::vector<std::vector<double>> naive_forward(const TinyModel& tm, const std::v
   std::vector<std::vector<double>> logits(T);
   for (int64_t t = 0; t < T; ++t) logits[t] = linear(g.output, m.vocab_size, dim, rmsnorm(x[t], g.norm, m.norm_eps));
   return logits;
+}
+
+// ---- Thread pool ----
+
+TEST(ThreadPool, EveryIndexRunsOnceOnAKnownThread) {
+  for (int threads : {1, 2, 5}) {
+    ThreadPool pool(threads);
+    EXPECT_EQ(pool.threads(), threads);
+    for (int64_t n : {0, 1, 7, 1000}) {
+      for (int round = 0; round < 20; ++round) {
+        std::vector<std::atomic<int>> hits(n);
+        std::atomic<int> bad_thread{0};
+        pool.parallel_for(n, [&](int64_t i, int t) {
+          hits[i].fetch_add(1);
+          if (t < 0 || t >= threads) bad_thread.fetch_add(1);
+        });
+        for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "threads " << threads << " n " << n;
+        EXPECT_EQ(bad_thread.load(), 0);
+      }
+    }
+  }
+  EXPECT_GE(usable_cores(), 1);
+  EXPECT_GE(ThreadPool().threads(), 1);
 }
 
 // ---- Operations ----
