@@ -1,0 +1,165 @@
+// Wire messages (DESIGN.md "Wire protocol"): one JSON object per ZeroMQ frame.
+//
+//   daemon <-> worker, DEALER -> ROUTER on `control`:
+//     {"op":"hello","pid":123,"worker":"gpu0"}      -> welcome | error
+//     {"op":"progress","pass":7,"copied":12}        layers [0, copied) of pass 7 are copied: 0 begins
+//                                                   the pass, n_layers ends it (also when it stops early)
+//     {"op":"heartbeat"}  {"op":"bye"}  {"op":"stats"} -> stats
+//   daemon -> workers on PUB (wake-ups only; the slot table in the segment is the truth):
+//     {"type":"slot_ready","slot":3,"layer":17,"generation":42}   slot -1 is the globals
+//     {"type":"slot_error","slot":3,"layer":17,"message":"..."}
+//   client <-> worker, DEALER -> ROUTER on `listen`:
+//     {"op":"generate","id":"r1","prompt_ids":[1,2,3],"max_tokens":16, optional "temperature",
+//      "top_k", "top_p", "seed", "stop_ids", "ignore_eos"}   {"op":"cancel","id":"r1"}
+//     {"op":"stats"}  {"op":"health"}
+//     <- token | done | error | stats | health
+//
+// Messages from the daemon carry "type", requests carry "op". Parsing is total: any bytes give a
+// message or a ProtocolError whose text says what is wrong, never a crash. Unknown keys are
+// refused, so that a misspelt option does not pass silently.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "common/errors.h"
+
+namespace ringllama {
+
+inline constexpr int kMaxJsonDepth = 32;        // nesting refused beyond this, before parsing
+inline constexpr size_t kMaxIdBytes = 256;      // request ids
+inline constexpr int64_t kMaxTokenId = 0x7fffffff;
+
+// A frame that is not a valid message. `id` is the request's id when it could be read, so that
+// the reply can name it.
+class ProtocolError : public Error {
+ public:
+  explicit ProtocolError(const std::string& msg, std::string id = {}) : Error(msg), id_(std::move(id)) {}
+  const std::string& id() const { return id_; }
+
+ private:
+  std::string id_;
+};
+
+// ---- daemon <-> worker ----
+
+struct Hello {
+  int64_t pid = 0;               // the daemon watches it (pidfd) to detach a dead worker
+  std::string worker;            // a name for logs and stats, e.g. "gpu0"
+};
+struct Progress {
+  int64_t pass = 0;              // the worker's pass counter, >= 0, increasing
+  int64_t copied = 0;            // layers [0, copied) of the pass are copied
+};
+struct Heartbeat {};
+struct Bye {};
+struct StatsRequest {};
+using ControlRequest = std::variant<Hello, Progress, Heartbeat, Bye, StatsRequest>;
+
+struct Welcome {
+  std::string segment;           // shm name, "/ringllama-<instance>"
+  uint32_t layout_version = 0;
+  std::string instance_id;
+  std::string store;             // the store's directory (its manifest.yaml is the manifest)
+  uint64_t store_identity = 0;   // store_identity() of that store, checked against the segment
+  int64_t n_layers = 0;
+  int64_t n_slots = 0;
+  int64_t heartbeat_ms = 0;
+};
+struct StatsReply {
+  nlohmann::json stats = nlohmann::json::object();
+};
+struct ControlError {
+  std::string message;
+};
+using ControlReply = std::variant<Welcome, StatsReply, ControlError>;
+
+struct SlotReady {
+  int64_t slot = 0;              // -1: the globals
+  int64_t layer = 0;             // -1 for the globals
+  uint64_t generation = 0;
+};
+struct SlotErrorNotice {
+  int64_t slot = 0;
+  int64_t layer = 0;
+  std::string message;
+};
+using Notice = std::variant<SlotReady, SlotErrorNotice>;
+
+// ---- client <-> worker ----
+
+struct GenerateRequest {
+  std::string id;
+  std::vector<int64_t> prompt_ids;   // non-empty token ids
+  int64_t max_tokens = 0;            // >= 1
+  double temperature = 0.0;          // 0 = greedy; [0, 100]
+  int64_t top_k = 0;                 // 0 = off
+  double top_p = 1.0;                // (0, 1]
+  uint64_t seed = 0;
+  std::vector<int64_t> stop_ids;
+  bool ignore_eos = false;
+
+  // Token ids against the model's vocabulary; throws ProtocolError naming the first bad one.
+  void check_vocab(int64_t vocab_size) const;
+};
+struct CancelRequest {
+  std::string id;
+};
+struct ClientStatsRequest {};
+struct HealthRequest {};
+using ClientRequest = std::variant<GenerateRequest, CancelRequest, ClientStatsRequest, HealthRequest>;
+
+struct TokenReply {
+  std::string id;
+  int64_t index = 0;                 // 0, 1, ... within the request
+  int64_t token = 0;
+};
+enum class DoneReason { Length, Stop, Eos };
+const char* done_reason_name(DoneReason r);
+struct DoneReply {
+  std::string id;
+  DoneReason reason = DoneReason::Length;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double ttft_ms = 0;                // time to first token
+  double tpot_ms = 0;                // mean time per output token after the first
+};
+enum class ErrorCode { BadRequest, Overloaded, Internal, Unavailable };
+const char* error_code_name(ErrorCode c);
+struct ErrorReply {
+  std::string id;                    // empty when the request's id could not be read (null on the wire)
+  ErrorCode code = ErrorCode::BadRequest;
+  std::string message;
+};
+struct HealthReply {
+  std::string status = "ok";         // ok | unavailable
+  nlohmann::json detail = nlohmann::json::object();
+};
+using ClientReply = std::variant<TokenReply, DoneReply, ErrorReply, StatsReply, HealthReply>;
+
+// ---- encoding: one compact JSON object; strings that are not UTF-8 are repaired, never thrown ----
+
+std::string encode(const ControlRequest& m);
+std::string encode(const ControlReply& m);
+std::string encode(const Notice& m);
+std::string encode(const ClientRequest& m);
+std::string encode(const ClientReply& m);
+
+// ---- decoding: throws ProtocolError only ----
+
+ControlRequest parse_control_request(std::string_view frame);
+ControlReply parse_control_reply(std::string_view frame);
+Notice parse_notice(std::string_view frame);
+// A frame over max_bytes is refused before parsing (0: no limit).
+ClientRequest parse_client_request(std::string_view frame, size_t max_bytes = 0);
+ClientReply parse_client_reply(std::string_view frame);
+
+// The error reply for a request that failed to parse (its id when known).
+ErrorReply bad_request(const ProtocolError& e);
+
+}  // namespace ringllama
