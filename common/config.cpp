@@ -270,6 +270,8 @@ Config ConfigLoader::load_from(const std::optional<std::string>& yaml_text, cons
   }
   for (const auto& [name, value] : env) {
     if (name.rfind("RINGLLAMA_", 0) != 0 || name == "RINGLLAMA_CONFIG") continue;
+    // RINGLLAMA_TEST_* and RINGLLAMA_DEMO_* belong to the test suites and the demo script.
+    if (name.rfind("RINGLLAMA_TEST_", 0) == 0 || name.rfind("RINGLLAMA_DEMO_", 0) == 0) continue;
     std::string key = name.substr(10);
     std::transform(key.begin(), key.end(), key.begin(), [](unsigned char ch) { return std::tolower(ch); });
     ValueSource src{"env", name};

@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 namespace ringllama::test {
 
 std::string bin_dir() {
-  if (const char* d = std::getenv("RINGLLAMA_BIN_DIR")) return d;
+  if (const char* d = std::getenv("RINGLLAMA_TEST_BIN_DIR")) return d;
   return fs::canonical("/proc/self/exe").parent_path().string();
 }
 

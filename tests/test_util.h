@@ -7,7 +7,8 @@
 
 namespace ringllama::test {
 
-// build/bin, found from this executable's own path, so a build folder that moved still works.
+// build/bin: RINGLLAMA_TEST_BIN_DIR, else found from this executable's own path, so a build
+// folder that moved still works.
 std::string bin_dir();
 // tests/data of the source tree: RINGLLAMA_TEST_DATA, else build/bin/../../tests/data.
 std::string data_dir();
