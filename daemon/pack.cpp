@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "common/errors.h"
@@ -98,6 +99,7 @@ HfSource::HfSource(const std::string& dir, const Manifest& plan) {
     throw StoreError(fmt::format("{}: no model.safetensors or model.safetensors.index.json", dir));
   std::map<std::string, std::string> weight_map;
   if (sharded) weight_map = read_index(index);
+  std::set<std::string> used;
 
   for (const GroupEntry& g : plan.groups) {
     if (store_index(g) != refs_.size()) throw Error("hf source: groups are not in store order");
@@ -130,8 +132,21 @@ HfSource::HfSource(const std::string& dir, const Manifest& plan) {
         throw StoreError(fmt::format("{}: tensor '{}' has dtype {}; only BF16, F16 and F32 can be packed",
                                      file->path(), hf, st_dtype_name(st->dtype)));
       refs_.back().push_back({file, st});
+      used.insert(hf);
     }
   }
+  // Checkpoints can carry what the store has no use for (rotary inv_freq buffers, a tied lm_head,
+  // layers beyond num_hidden_layers): say so, since a wrong config.json also looks like this.
+  std::vector<std::string> unused;
+  if (sharded) {
+    for (const auto& [name, file] : weight_map)
+      if (!used.count(name)) unused.push_back(name);
+  } else {
+    for (const auto& [name, t] : files_.begin()->second->header().tensors)
+      if (!used.count(name)) unused.push_back(name);
+  }
+  if (!unused.empty())
+    spdlog::warn("{}: {} tensor(s) not packed, e.g. '{}'", dir, unused.size(), unused.front());
 }
 
 void HfSource::fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t count, bf16_t* out) const {

@@ -3,6 +3,9 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <cstring>
+#include <map>
+#include <tuple>
 
 #include "common/errors.h"
 
@@ -98,55 +101,64 @@ void RandomSource::scale_of(const ModelConfig& m, const std::string& name, doubl
 }
 
 RandomSource::RandomSource(const Manifest& plan, uint64_t seed) {
+  const uint64_t base = mix64(seed * kGolden + 0x1234);
+  // Tables are shared by tensors of one scale, so a 70B model builds a handful, not 723.
+  std::map<std::tuple<double, double, uint64_t>, size_t> table_of;
+  std::vector<std::pair<size_t, uint64_t>> refs;  // per tensor: table index, key
   for (size_t gi = 0; gi < plan.groups.size(); ++gi) {
     const GroupEntry& g = plan.groups[gi];
     if (group_index(g) != gi) throw Error("random source: groups are not in store order");
-    first_table_.push_back(tables_.size());
+    first_key_.push_back(refs.size());
     for (size_t ti = 0; ti < g.tensors.size(); ++ti) {
-      Table t;
-      t.key = mix64(mix64(seed * kGolden + 0x1234) + gi * 64 + ti);
+      const uint64_t key = mix64(base + gi * 64 + ti);
       double mean = 0, sd = 1;
       scale_of(plan.model, g.tensors[ti].name, &mean, &sd);
-      const size_t n = size_t{1} << kTableBits;
-      t.values.resize(n);
-      // Box-Muller on the tensor's own stream: two normal draws per pair of uniforms.
-      uint64_t ctr = mix64(t.key ^ 0x5DEECE66Dull);
-      auto uniform = [&] { return (static_cast<double>(mix64(ctr += kGolden) >> 11) + 0.5) * 0x1p-53; };
-      for (size_t i = 0; i < n; i += 2) {
-        const double r = std::sqrt(-2 * std::log(uniform())), a = 2 * M_PI * uniform();
-        t.values[i] = f32_to_bf16(static_cast<float>(mean + sd * r * std::cos(a)));
-        t.values[i + 1] = f32_to_bf16(static_cast<float>(mean + sd * r * std::sin(a)));
+      const auto id = std::make_tuple(mean, sd, key & 3);
+      auto it = table_of.find(id);
+      if (it == table_of.end()) {
+        it = table_of.emplace(id, tables_.size()).first;
+        // Box-Muller on the table's own stream: one pair of normal draws per pair of uniforms.
+        uint64_t ctr = mix64(base ^ mix64(tables_.size() + 0x5DEECE66Dull));
+        auto uniform = [&] { return (static_cast<double>(mix64(ctr += kGolden) >> 11) + 0.5) * 0x1p-53; };
+        std::vector<uint32_t> pairs(size_t{1} << kTableBits);
+        for (uint32_t& p : pairs) {
+          const double r = std::sqrt(-2 * std::log(uniform())), a = 2 * M_PI * uniform();
+          const bf16_t lo = f32_to_bf16(static_cast<float>(mean + sd * r * std::cos(a)));
+          const bf16_t hi = f32_to_bf16(static_cast<float>(mean + sd * r * std::sin(a)));
+          p = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+        }
+        tables_.push_back(std::move(pairs));
       }
-      tables_.push_back(std::move(t));
+      refs.emplace_back(it->second, key);
     }
   }
+  for (const auto& [table, key] : refs) keys_.push_back({key, tables_[table].data()});
 }
 
-const RandomSource::Table& RandomSource::table(const GroupEntry& g, size_t ti) const {
-  return tables_.at(first_table_.at(group_index(g)) + ti);
+const RandomSource::TensorKey& RandomSource::tensor_key(const GroupEntry& g, size_t ti) const {
+  return keys_.at(first_key_.at(group_index(g)) + ti);
 }
 
 void RandomSource::fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t count, bf16_t* out) const {
-  const Table& t = table(g, ti);
-  const bf16_t* tab = t.values.data();
+  const TensorKey& t = tensor_key(g, ti);
+  const uint32_t* tab = t.pairs;
   const uint64_t key = t.key;
   constexpr uint64_t kMask = (1u << kTableBits) - 1;
-  // Element e takes 16-bit slice (e % 4) of hash(key, e / 4), of which the low 12 bits pick.
+  // Element e is half (e % 2) of the pair that 16-bit slice (e / 2 % 4) of hash(key, e / 8) picks.
+  auto one = [&](uint64_t e) {
+    const uint32_t pair = tab[(mix64(key + (e >> 3) * kGolden) >> (16 * ((e >> 1) & 3))) & kMask];
+    return static_cast<bf16_t>(pair >> (16 * (e & 1)));
+  };
   uint64_t e = first;
   const uint64_t end = first + count;
-  while (e < end && (e & 3)) {
-    *out++ = tab[(mix64(key + (e >> 2) * kGolden) >> (16 * (e & 3))) & kMask];
-    ++e;
+  for (; e < end && (e & 7); ++e) *out++ = one(e);
+  for (; e + 8 <= end; e += 8) {
+    const uint64_t h = mix64(key + (e >> 3) * kGolden);
+    const uint32_t p[4] = {tab[h & kMask], tab[(h >> 16) & kMask], tab[(h >> 32) & kMask], tab[h >> 48]};
+    std::memcpy(out, p, sizeof p);
+    out += 8;
   }
-  for (; e + 4 <= end; e += 4) {
-    const uint64_t h = mix64(key + (e >> 2) * kGolden);
-    out[0] = tab[h & kMask];
-    out[1] = tab[(h >> 16) & kMask];
-    out[2] = tab[(h >> 32) & kMask];
-    out[3] = tab[(h >> 48) & kMask];
-    out += 4;
-  }
-  for (; e < end; ++e) *out++ = tab[(mix64(key + (e >> 2) * kGolden) >> (16 * (e & 3))) & kMask];
+  for (; e < end; ++e) *out++ = one(e);
 }
 
 }  // namespace ringllama

@@ -24,10 +24,10 @@ ModelConfig random_shape(const std::string& name);
 // embeddings ~N(0, 1), projections ~N(0, 1/sqrt(in)), and wo / w2
 // (which add to the residual stream) at half that, so the residual grows slowly with depth.
 //
-// Speed: a 16 GB store must be generated faster than a disk can take it. Each tensor gets a table
-// of 4096 normal draws (bf16); an element is a table entry picked by 12 bits of a counter-based
-// hash (splitmix64 of the element's index), so any range is generated independently with one
-// multiply-xorshift hash per four elements.
+// Speed: a 16 GB store must be generated faster than a disk can take it. Values come from tables
+// of 65536 pairs of normal draws (bf16), one table per distinct scale and one of four variants;
+// a pair is picked by 16 bits of a counter-based hash (splitmix64 of the pair's index under the
+// tensor's own key), so any range is generated independently, with one hash per eight elements.
 class RandomSource : public PackSource {
  public:
   RandomSource(const Manifest& plan, uint64_t seed);
@@ -37,15 +37,16 @@ class RandomSource : public PackSource {
   static void scale_of(const ModelConfig& m, const std::string& name, double* mean, double* stddev);
 
  private:
-  static constexpr int kTableBits = 12;
-  struct Table {
-    uint64_t key = 0;
-    std::vector<bf16_t> values;  // 1 << kTableBits entries
+  static constexpr int kTableBits = 16;  // pairs per table: 1 << kTableBits
+  struct TensorKey {
+    uint64_t key = 0;                   // the tensor's hash key
+    const uint32_t* pairs = nullptr;    // its table: two bf16 values per entry, low one first
   };
-  const Table& table(const GroupEntry& g, size_t ti) const;
+  const TensorKey& tensor_key(const GroupEntry& g, size_t ti) const;
 
-  std::vector<size_t> first_table_;  // per group (store order): index of its first tensor's table
-  std::vector<Table> tables_;
+  std::vector<std::vector<uint32_t>> tables_;
+  std::vector<size_t> first_key_;  // per group (store order): index of its first tensor's key
+  std::vector<TensorKey> keys_;
 };
 
 }  // namespace ringllama

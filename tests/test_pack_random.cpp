@@ -135,8 +135,8 @@ TEST(RandomStore, ValuesAreScaledAsDocumented) {
       const double mean = sum / n, sd = std::sqrt(std::max(0.0, sq / n - mean * mean));
       double want_mean = 0, want_sd = 0;
       RandomSource::scale_of(s.model(), t.name, &want_mean, &want_sd);
-      // Sampling error: n elements drawn from a table of 4096 draws.
-      const double mean_err = want_sd * std::sqrt(1.0 / 4096 + 1.0 / n);
+      // Sampling error: n elements drawn from a table of 131072 draws.
+      const double mean_err = want_sd * std::sqrt(1.0 / 131072 + 1.0 / n);
       EXPECT_NEAR(mean, want_mean, 4.5 * mean_err) << g.label() << " " << t.name;
       EXPECT_NEAR(sd, want_sd, 0.1 * want_sd + 4 * want_sd / std::sqrt(2.0 * n)) << g.label() << " " << t.name;
       EXPECT_GT(distinct.size(), 8u) << g.label() << " " << t.name;
