@@ -2,7 +2,7 @@
 //
 //   [0]                 SegmentHeader: identity, sizes, offsets, the globals' slot entry
 //   slot_table_offset   SlotEntry[n_slots]: state, generation, layer of each slot
-//   worker_table_offset WorkerEntry[kMaxWorkers]: attached workers (pid, position), for tools
+//   worker_table_offset WorkerEntry[kMaxWorkers]: attached workers (pid, position), for inspection
 //   globals_offset      the globals group (4 KiB aligned)
 //   slots_offset        n_slots slots of slot_bytes each (2 MiB aligned start, 4 KiB aligned
 //                       stride), one layer per slot
