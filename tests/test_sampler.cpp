@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <random>
@@ -122,6 +123,32 @@ TEST(Sampler, TopPKeepsTheSmallestPrefixWithTheMass) {
     auto h = histogram(s, l, 200);
     EXPECT_EQ(h.size(), 1u);
     EXPECT_EQ(h[1], 200);
+  }
+}
+
+// A nucleus of hundreds of tokens out of thousands: only those are ever drawn, and the boundary
+// tokens on both sides of the cut behave.
+TEST(Sampler, TopPOnALargeVocabulary) {
+  const int n = 5000;
+  std::vector<float> l(n);
+  std::mt19937_64 rng(8);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& x : l) x = nd(rng);
+  for (double top_p : {0.3, 0.9}) {
+    std::vector<int> idx(n);
+    for (int i = 0; i < n; ++i) idx[i] = i;
+    std::sort(idx.begin(), idx.end(), [&](int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    double total = 0;
+    for (float x : l) total += std::exp(static_cast<double>(x));
+    double mass = 0;
+    size_t cut = 0;
+    while (cut < idx.size() && mass < top_p * total) mass += std::exp(static_cast<double>(l[idx[cut++]]));
+    ASSERT_GT(cut, 64u);  // past the first partial sort
+    const std::set<int32_t> nucleus(idx.begin(), idx.begin() + cut);
+    Sampler s(params(1.0, 0, top_p, 17));
+    auto h = histogram(s, l, 4000);
+    for (auto [tok, count] : h) EXPECT_TRUE(nucleus.count(tok)) << "token " << tok << " outside the nucleus";
+    EXPECT_GT(h.size(), std::min<size_t>(cut / 2, 1000)) << "top_p " << top_p;
   }
 }
 

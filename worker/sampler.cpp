@@ -30,45 +30,49 @@ int32_t Sampler::sample(const float* logits, int64_t n) {
   if (p_.temperature == 0) return argmax(logits, n);
   RL_REQUIRE(n > 0, "cannot choose a token from an empty row of logits");
 
-  // Candidates in order of logit (the order of probability), ties by index; only as far as needed.
+  // Unnormalised probabilities exp((logit - max) / T), in double.
+  const double mx = logits[argmax(logits, n)];
+  auto weight = [&](int32_t i) { return std::exp((static_cast<double>(logits[i]) - mx) / p_.temperature); };
+
+  // Candidates in order of logit (the order of probability), ties by index; sorted only as far as
+  // needed: a nucleus is usually a few dozen tokens of a vocabulary of 128k.
   order_.resize(n);
   std::iota(order_.begin(), order_.end(), 0);
   auto before = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  int64_t keep = n;
+  int64_t keep = n, sorted = 0;
   if (p_.top_k > 0 && p_.top_k < n) {
-    keep = p_.top_k;
+    keep = sorted = p_.top_k;
     std::partial_sort(order_.begin(), order_.begin() + keep, order_.end(), before);
-  } else if (p_.top_p < 1) {
-    std::sort(order_.begin(), order_.end(), before);
-  } else {
-    // No truncation: any fixed order will do, keep the index order, and only the maximum matters.
-    std::swap(order_[0], order_[argmax(logits, n)]);
   }
+  double total = 0;
+  for (int64_t i = 0; i < keep; ++i) total += weight(order_[i]);
 
-  // softmax(logits / T) over the kept candidates; order_[0] is the maximum in every branch.
-  const double mx = logits[order_[0]];
-  prob_.resize(keep);
-  double sum = 0;
-  for (int64_t i = 0; i < keep; ++i) {
-    prob_[i] = std::exp((static_cast<double>(logits[order_[i]]) - mx) / p_.temperature);
-    sum += prob_[i];
-  }
   if (p_.top_p < 1) {
+    // The smallest prefix whose mass reaches top_p of what top_k kept (at least one token).
+    const double target = p_.top_p * total;
     double mass = 0;
     int64_t cut = 0;
-    while (cut < keep) {
-      mass += prob_[cut++];
-      if (mass >= p_.top_p * sum) break;
+    for (int64_t span = 64; cut < keep;) {
+      if (sorted < keep) {
+        const int64_t upto = std::min(keep, sorted + span);
+        // The next best `span` candidates: select them (linear), then order just those.
+        std::nth_element(order_.begin() + sorted, order_.begin() + upto - 1, order_.begin() + keep, before);
+        std::sort(order_.begin() + sorted, order_.begin() + upto, before);
+        sorted = upto;
+        span *= 4;
+      }
+      while (cut < sorted && mass < target) mass += weight(order_[cut++]);
+      if (mass >= target) break;
     }
-    keep = cut;
-    sum = mass;
+    keep = std::max<int64_t>(cut, 1);
+    total = mass;
   }
 
-  // One draw from the renormalised distribution.
-  const double u = uniform() * sum;
+  // One draw from the renormalised distribution over order_[0, keep).
+  const double u = uniform() * total;
   double acc = 0;
   for (int64_t i = 0; i < keep; ++i) {
-    acc += prob_[i];
+    acc += weight(order_[i]);
     if (u < acc) return order_[i];
   }
   return order_[keep - 1];  // rounding left u at the very top

@@ -41,7 +41,6 @@ class Sampler {
   SamplingParams p_;
   std::mt19937_64 rng_;
   std::vector<int32_t> order_;  // scratch: candidate indices
-  std::vector<double> prob_;    // scratch: their probabilities
 };
 
 // Index of the largest value, the lowest index on ties (NaN never wins).
