@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs the GPU checks from an existing build, on a machine with a CUDA GPU: every GPU test suite
+# (build/bin/gpu_test_*), then compute-sanitizer (memcheck, racecheck) over the CUDA backend on a
+# golden fixture. Builds and installs nothing: what it needs must already be in the build folder
+# (binaries, lib/, devlibs/ from collect-libs.sh).
+#
+# Usage: scripts/gpu-check.sh OUTDIR
+#   BUILD_DIR   the build folder (default: <repo>/build); its bin/, lib/ and devlibs/ are used
+#   SANITIZER   compute-sanitizer to use (default: the one beside nvcc, else on PATH)
+# Writes one log per step and the GoogleTest XML reports to OUTDIR, prints a summary table, and
+# exits non-zero if any step failed.
+set -uo pipefail
+
+[[ $# -eq 1 ]] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$1
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+build=${BUILD_DIR:-$root/build}
+bin=$build/bin
+export LD_LIBRARY_PATH="$build/lib:$build/devlibs:$root/build/devlibs:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The suites find the fixtures here; the engine's own binaries refuse RINGLLAMA_* variables that are
+# not config keys, so the steps that run them directly drop these two (see `plain` below).
+export RINGLLAMA_TEST_DATA=${RINGLLAMA_TEST_DATA:-$root/tests/data}
+export RINGLLAMA_BIN_DIR=${RINGLLAMA_BIN_DIR:-$bin}
+plain=(env -u RINGLLAMA_TEST_DATA -u RINGLLAMA_BIN_DIR)
+
+sanitizer=${SANITIZER:-}
+if [[ -z $sanitizer ]]; then
+  if [[ -x /usr/local/cuda/bin/compute-sanitizer ]]; then sanitizer=/usr/local/cuda/bin/compute-sanitizer
+  else sanitizer=$(command -v compute-sanitizer || true); fi
+fi
+
+names=() results=() times=()
+# step NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in OUTDIR/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS rc
+  echo "== $name: $*" | tee "$out/$name.log"
+  timeout --kill-after=10 "$limit" "$@" >>"$out/$name.log" 2>&1
+  rc=$?
+  names+=("$name") times+=($((SECONDS - t0)))
+  if [[ $rc -eq 0 ]]; then results+=(ok)
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then results+=("TIMEOUT")
+  else results+=("FAIL ($rc)"); fi
+  tail -n 3 "$out/$name.log"
+}
+skipped() {
+  names+=("$1") results+=("skipped: $2") times+=(0)
+}
+
+echo "gpu-check: build $build, logs in $out"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true; } | tee "$out/gpu.txt"
+
+# 1. Every GPU suite.
+shopt -s nullglob
+suites=("$bin"/gpu_test_*)
+if [[ ${#suites[@]} -eq 0 ]]; then
+  echo "no $bin/gpu_test_* (build first)" >&2
+  names+=("gpu suites") results+=("FAIL (none built)") times+=(0)
+fi
+for t in "${suites[@]}"; do
+  n=$(basename "$t")
+  step "$n" 1200 "$t" --gtest_output="xml:$out/$n.xml" --gtest_color=no
+done
+
+# 2. compute-sanitizer over the CUDA backend on a fixture: ringllama-generate --backend cuda where
+#    this build has it, else the backend suite's comparison of a chunked prefill and 8 decode steps.
+if [[ -z $sanitizer ]]; then
+  skipped "memcheck" "no compute-sanitizer"
+else
+  fixture=""
+  for d in "$RINGLLAMA_TEST_DATA"/*/; do
+    [[ -f $d/golden.json && -d $d/hf ]] && { fixture=${d%/}; break; }
+  done
+  store=$(mktemp -d)
+  trap 'rm -rf "$store"' EXIT
+  generate_cuda=0
+  if [[ -n $fixture && -x $bin/ringllama-pack && -x $bin/ringllama-generate ]] &&
+     "${plain[@]}" "$bin/ringllama-pack" --hf "$fixture/hf" --out "$store/s" --quiet >"$out/pack.log" 2>&1; then
+    prompt=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["prompt_ids"])))' \
+             "$fixture/golden.json" 2>/dev/null || echo 1,2,3,4,5,6,7,8,9,10)
+    gen=("$bin/ringllama-generate" --store "$store/s" --backend cuda --prompt-ids "$prompt" --max-tokens 8 --ignore-eos)
+    "${plain[@]}" "${gen[@]}" >"$out/generate-probe.log" 2>&1 && generate_cuda=1
+  fi
+  memcheck=("$sanitizer" --tool memcheck --error-exitcode 9 --leak-check full)
+  if [[ $generate_cuda -eq 1 ]]; then
+    step memcheck-generate 900 "${plain[@]}" "${memcheck[@]}" "${gen[@]}"
+  elif [[ -x $bin/gpu_test_cuda_backend ]]; then
+    step memcheck-backend 900 "${memcheck[@]}" "$bin/gpu_test_cuda_backend" \
+      --gtest_filter='Models/CudaVsCpu.PrefillAndDecodeAgree/gqa3_hd40_llama3_chunked:CudaBackend.*' --gtest_color=no
+  else
+    skipped "memcheck" "no ringllama-generate --backend cuda and no gpu_test_cuda_backend"
+  fi
+  if [[ -x $bin/gpu_test_cuda_backend ]]; then
+    # Shared-memory races in the attention kernels, on a small model (racecheck is slow).
+    step racecheck-backend 900 "$sanitizer" --tool racecheck --error-exitcode 9 "$bin/gpu_test_cuda_backend" \
+      --gtest_filter='Models/CudaVsCpu.PrefillAndDecodeAgree/tiny_hd12_gqa2' --gtest_color=no
+  fi
+fi
+
+# Summary.
+echo
+printf '%-28s %-22s %6s\n' step result seconds | tee "$out/summary.txt"
+failed=0
+for i in "${!names[@]}"; do
+  printf '%-28s %-22s %6s\n' "${names[$i]}" "${results[$i]}" "${times[$i]}" | tee -a "$out/summary.txt"
+  case ${results[$i]} in ok|skipped*) ;; *) failed=1 ;; esac
+done
+[[ $failed -eq 0 ]] && echo "gpu-check: all passed" || echo "gpu-check: FAILED"
+exit $failed
