@@ -5,6 +5,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 
 #include "common/errors.h"
 #include "worker/backend.h"
@@ -276,8 +277,13 @@ class CpuBackend : public Backend {
     if (max_ctx_ <= 0) fail("max_context must be > 0 (got {})", max_ctx_);
     // Allocated, not touched: pages appear as positions are written.
     const size_t cache = static_cast<size_t>(m_.n_layers) * static_cast<size_t>(max_ctx_) * m_.kv_dim();
-    k_cache_.reset(new float[cache]);
-    v_cache_.reset(new float[cache]);
+    try {
+      k_cache_.reset(new float[cache]);
+      v_cache_.reset(new float[cache]);
+    } catch (const std::bad_alloc&) {
+      fail("cannot allocate the KV cache: {} bytes for max_context {} (lower max_context)", 2 * cache * sizeof(float),
+           max_ctx_);
+    }
   }
 
   const char* name() const override { return "cpu"; }
