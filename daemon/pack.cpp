@@ -66,6 +66,8 @@ const std::vector<std::string>& tokenizer_file_names() {
   return names;
 }
 
+// q_proj and k_proj are copied as they are, not permuted into the interleaved layout that
+// llama.cpp uses: the store keeps Hugging Face's layout and every backend applies rotate_half RoPE.
 std::string hf_tensor_name(const GroupEntry& g, const std::string& n) {
   if (g.kind == GroupKind::Globals) {
     if (n == "tok_embeddings") return "model.embed_tokens.weight";

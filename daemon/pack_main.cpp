@@ -22,7 +22,11 @@ namespace {
 // removes the temporary directory.
 std::atomic<bool> g_interrupted{false};
 
-void on_signal(int) { g_interrupted.store(true); }
+// A second signal (say, Ctrl-C while a long fsync runs) ends the process at once.
+void on_signal(int sig) {
+  g_interrupted.store(true);
+  std::signal(sig, SIG_DFL);
+}
 
 int run(int argc, char** argv) {
   CLI::App app{"Packs a Llama model into a ringllama store, or checks one."};

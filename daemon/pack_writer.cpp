@@ -358,6 +358,7 @@ WriteResult write_store(Manifest plan, const PackSource& src, const WriteOptions
   stream_groups(plan, src, opts, [&](const char* data, uint64_t n) { write_all(wf.fd, data, n, wpath); });
   fsync_checked(wf.fd, wpath);
   wf.close_checked(wpath);
+  if (opts.cancel && opts.cancel->load()) throw Error("interrupted");  // during the fsync
 
   plan.tokenizer_files.clear();
   for (const std::string& f : opts.copy_files) {
