@@ -32,7 +32,9 @@ int32_t Sampler::sample(const float* logits, int64_t n) {
 
   // Unnormalised probabilities exp((logit - max) / T), in double.
   const double mx = logits[argmax(logits, n)];
-  auto weight = [&](int32_t i) { return std::exp((static_cast<double>(logits[i]) - mx) / p_.temperature); };
+  weights_.resize(n);
+  for (int64_t i = 0; i < n; ++i) weights_[i] = std::exp((static_cast<double>(logits[i]) - mx) / p_.temperature);
+  auto weight = [this](int32_t i) { return weights_[i]; };
 
   // Candidates in order of logit (the order of probability), ties by index; sorted only as far as
   // needed: a nucleus is usually a few dozen tokens of a vocabulary of 128k.

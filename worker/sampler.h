@@ -40,7 +40,8 @@ class Sampler {
 
   SamplingParams p_;
   std::mt19937_64 rng_;
-  std::vector<int32_t> order_;  // scratch: candidate indices
+  std::vector<int32_t> order_;    // scratch: candidate indices
+  std::vector<double> weights_;   // scratch: exp((logit - max) / T) per token
 };
 
 // Index of the largest value, the lowest index on ties (NaN never wins).
