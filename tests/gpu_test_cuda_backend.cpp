@@ -1,9 +1,13 @@
 // The CUDA backend against the CPU backend (plain fp32) on tiny random models, and against the
 // golden logits of Hugging Face transformers (tests/data/*/golden.json).
 //
-// Agreement is measured per logits row as max|cuda - ref| / max|ref|. The CUDA backend keeps
-// activations in bf16 (2^-9 relative rounding at every GEMM input and every cache row), so rows
-// agree to about 1e-2, not 1e-6; greedy tokens must agree wherever the reference's top-2 gap is
+// Agreement is measured per logits row as max|cuda - ref| / max|ref|. The CUDA backend rounds its
+// activations to bf16 before every GEMM and in the KV cache (2^-9 relative each time), and random
+// models with large weights amplify that through the layers: rows agree to 0.4e-2 .. 3.5e-2, not
+// 1e-6. A CPU forward in fp32 with bf16 rounding inserted at the same points reproduces the CUDA
+// rows' errors to within a few percent (mha_hd128, last row: 2.60e-2 emulated, 2.62e-2 on an H100),
+// so that is the precision of the design, not a fault; the kernels themselves are held to bf16
+// rounding in gpu_test_kernels. Greedy tokens must agree wherever the reference's top-2 gap is
 // clearly larger than that noise.
 #include <gtest/gtest.h>
 
@@ -32,7 +36,7 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-constexpr double kRowTolerance = 2e-2;       // max|diff| / max|ref| per row
+constexpr double kRowTolerance = 5e-2;       // max|diff| / max|ref| per row (bf16 activations)
 constexpr double kScreenMargin = 4e-2;       // top-2 gap / max|logit| the CPU run of a test model must keep
 constexpr int kDecodeSteps = 8;
 
