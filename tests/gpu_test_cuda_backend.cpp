@@ -310,6 +310,7 @@ TEST_P(CudaGolden, MatchesTransformers) {
   // Teacher-forced with the golden tokens: row i after tokens[0..i-1].
   double worst = 0;
   int agree = 0, real_mismatch = 0;
+  int64_t first_miss = rows;  // greedy decoding reproduces transformers' tokens up to here
   int64_t pos = 0;
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<float> got = r == 0 ? gpu->forward(prompt, 0) : gpu->forward({want[r - 1]}, pos);
@@ -323,6 +324,7 @@ TEST_P(CudaGolden, MatchesTransformers) {
     if (pick == want[r]) {
       ++agree;
     } else {
+      first_miss = std::min(first_miss, r);
       // A flip between two logits closer than twice the measured error is rounding, not a bug.
       const double gap = static_cast<double>(ref[want[r]]) - ref[pick];
       const bool real = gap > 2 * d.max_diff;
@@ -336,7 +338,7 @@ TEST_P(CudaGolden, MatchesTransformers) {
   RecordProperty("worst_row_ratio", std::to_string(worst));
   RecordProperty("tokens_agree", std::to_string(agree) + "/" + std::to_string(rows));
   EXPECT_EQ(real_mismatch, 0) << "picks differ where the golden gap exceeds twice the error";
-  EXPECT_GE(agree, std::min<int64_t>(rows, kDecodeSteps)) << "fewer than 8 greedy picks agree";
+  EXPECT_GE(first_miss, std::min<int64_t>(rows, kDecodeSteps)) << "greedy picks differ within the first 8 steps";
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaGolden, ::testing::ValuesIn(fixture_names()),
