@@ -266,7 +266,9 @@ std::string encode(const ControlReply& m) {
                                            {"store_identity", fmt::format("{:016x}", w.store_identity)},
                                            {"n_layers", w.n_layers},
                                            {"n_slots", w.n_slots},
-                                           {"heartbeat_ms", w.heartbeat_ms}};
+                                           {"heartbeat_ms", w.heartbeat_ms},
+                                           {"pub", w.pub},
+                                           {"worker_id", w.worker_id}};
                              },
                              [](const StatsReply& s) { return json{{"type", "stats"}, {"stats", s.stats}}; },
                              [](const ControlError& e) { return json{{"type", "error"}, {"message", e.message}}; },
@@ -369,7 +371,7 @@ ControlReply parse_control_reply(std::string_view frame) {
   Fields f(j, type);
   if (type == "welcome") {
     f.allow({"type", "segment", "layout_version", "instance_id", "store", "store_identity", "n_layers", "n_slots",
-             "heartbeat_ms"});
+             "heartbeat_ms", "pub", "worker_id"});
     Welcome w;
     w.segment = f.str("segment");
     w.layout_version = static_cast<uint32_t>(f.integer("layout_version", 0, std::numeric_limits<uint32_t>::max()));
@@ -379,6 +381,8 @@ ControlReply parse_control_reply(std::string_view frame) {
     w.n_layers = f.integer("n_layers", 1, 1 << 24);
     w.n_slots = f.integer("n_slots", 1, 1 << 24);
     w.heartbeat_ms = f.integer("heartbeat_ms", 1, kI64Max);
+    w.pub = f.opt_str("pub", "");
+    w.worker_id = f.find("worker_id") ? f.integer("worker_id", -1, 1 << 24) : -1;
     return w;
   }
   if (type == "stats") {

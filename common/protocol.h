@@ -70,6 +70,8 @@ struct Welcome {
   int64_t n_layers = 0;
   int64_t n_slots = 0;
   int64_t heartbeat_ms = 0;
+  std::string pub;               // the daemon's PUB endpoint for slot_ready / slot_error ("" = none)
+  int64_t worker_id = -1;        // the worker's entry in the segment's worker table (-1 = none)
 };
 struct StatsReply {
   nlohmann::json stats = nlohmann::json::object();

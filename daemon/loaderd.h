@@ -1,0 +1,160 @@
+// ringllama-loaderd's engine (DESIGN.md "The ring window"): owns the shared-memory segment, fills
+// its slots from the store through io_uring as the window policy asks, and serves the workers over
+// ZeroMQ (ROUTER on `control`, PUB beside it for slot_ready / slot_error wake-ups).
+//
+// One thread runs everything that touches the segment, the policy and the sockets; a second one
+// only computes checksums (loaderd_verify.h), so that the reads keep the queue full while a
+// finished layer is checked. A slot goes Loading before its read is submitted and Ready (or
+// Error) only after both of its groups' checksums matched.
+//
+// A worker reads a slot straight from the segment. The policy protects the positions inside the
+// window; a worker running ahead of the window (a convoy) may find its layer still in a slot that
+// the policy would reuse. So the daemon (a) writes each worker's next position into the segment's
+// worker table once its progress is applied, (b) never reloads a slot that holds the next layer of
+// an active worker, and the worker uses layer l only after its table entry shows that position:
+// the slot it reads is then never overwritten under it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "common/io_reader.h"
+#include "common/protocol.h"
+#include "common/segment.h"
+#include "common/store.h"
+#include "common/window_policy.h"
+
+namespace zmq {
+class context_t;
+class socket_t;
+}  // namespace zmq
+
+namespace ringllama {
+
+class ChecksumThread;
+
+// Settings of the daemon that are not config keys (command-line only).
+struct LoaderdOptions {
+  std::string instance_id;                 // segment name's instance; "" = derived from `control`
+  MlockMode mlock = MlockMode::Require;    // DESIGN.md wants the window pinned
+  std::string lock_dir = "/dev/shm";       // where the segment's lock file lives
+};
+
+// The instance id used when none is given: the control endpoint's file name (or port) and a hash
+// of the whole endpoint, so that two daemons on two endpoints never share a segment, and a daemon
+// restarted on the same endpoint finds (and replaces) the segment of the one that died.
+std::string instance_id_for(const std::string& control);
+// The PUB endpoint beside `control`: "<control>-pub" for ipc://, port + 1 for tcp://.
+std::string pub_endpoint_for(const std::string& control);
+
+class Loaderd {
+ public:
+  // Opens the store and its reader, creates the segment (slots: cpu_cap_layers, already clamped to
+  // the layers by ConfigLoader::adapt_to_model). Throws Error.
+  Loaderd(const Config& config, const LoaderdOptions& opt);
+  ~Loaderd();
+  Loaderd(const Loaderd&) = delete;
+  Loaderd& operator=(const Loaderd&) = delete;
+
+  // Reads the globals and the first window (layer 0..), checksums checked. Returns false when
+  // `stop_fd` became readable first (the reads in flight are drained). Throws Error when the
+  // globals cannot be read: nothing can be served without them.
+  bool fill(int stop_fd);
+  // Binds the control ROUTER and the PUB socket.
+  void bind();
+  // Serves until `stop_fd` is readable, then drains the reads in flight. `tick` runs at least
+  // every `tick_ms` (the watchdog).
+  void run(int stop_fd, int64_t tick_ms, const std::function<void()>& tick);
+
+  nlohmann::json stats() const;
+  const Segment& segment() const { return segment_; }
+  const Store& store() const { return store_; }
+  const std::string& instance_id() const { return instance_; }
+  uint64_t bytes_loaded() const { return bytes_loaded_; }   // bytes of verified loads (globals included)
+
+ private:
+  struct Peer {
+    WorkerId id = 0;
+    std::string routing_id;    // the DEALER's identity frame
+    int64_t pid = 0;
+    std::string name;
+    int pidfd = -1;            // -1: watched with kill(pid, 0) on each tick instead
+    int64_t entry = -1;        // index in the segment's worker table
+    bool active = false;       // a pass in flight
+    int64_t pass = -1;         // the worker's pass counter of the pass in flight (or the last)
+    int64_t pass_start = 0;    // its first position
+    int64_t copied = 0;        // layers of the pass copied
+    std::chrono::steady_clock::time_point last_seen;
+    bool silent_logged = false;
+  };
+  struct Detached {
+    int64_t pid = 0;
+    std::string name;
+    std::string reason;
+  };
+
+  // I/O
+  void start_load(int64_t slot, int64_t layer);
+  void on_read(const ReadCompletion& c);
+  void on_verified(uint64_t tag, const std::string& error);
+  void finish_slot(int64_t slot, int64_t layer, const std::string& error);
+  void replan();
+  void pump_io(bool wait);       // io completions and checksum results
+  void drain_io();
+  // Control
+  void on_control();
+  void handle(const std::string& routing_id, const std::string& frame);
+  void on_hello(const std::string& routing_id, const Hello& h);
+  void on_progress(Peer& p, const Progress& m);
+  void detach(WorkerId id, const std::string& reason);
+  void reply(const std::string& routing_id, const ControlReply& r);
+  void publish(const Notice& n);
+  void check_peers();
+  Peer* peer_by_routing(const std::string& routing_id);
+
+  Config config_;
+  LoaderdOptions opt_;
+  Store store_;
+  std::string store_dir_;        // absolute
+  uint64_t identity_ = 0;
+  std::string instance_;
+  Segment segment_;
+  WindowPolicy policy_;
+  std::unique_ptr<IoReader> io_;
+  std::unique_ptr<ChecksumThread> verify_;
+  std::vector<SlotView> views_;  // what each slot holds, as the daemon set it
+  bool globals_ready_ = false;
+  std::string globals_error_;
+  bool stopping_ = false;
+
+  std::unique_ptr<zmq::context_t> ctx_;
+  std::unique_ptr<zmq::socket_t> router_;
+  std::unique_ptr<zmq::socket_t> pub_;
+  std::string pub_endpoint_;
+  bool bound_ = false;
+
+  std::map<WorkerId, Peer> peers_;
+  WorkerId next_id_ = 1;
+  std::deque<Detached> detached_;   // the latest, for stats
+  uint64_t detached_total_ = 0;
+
+  // Stats
+  std::chrono::steady_clock::time_point started_;
+  uint64_t bytes_loaded_ = 0;
+  uint64_t loads_ = 0;
+  uint64_t load_errors_ = 0;
+  uint64_t slot_hits_ = 0;
+  uint64_t slot_misses_ = 0;
+  std::map<int64_t, uint64_t> layer_loads_;   // layer -> times read
+};
+
+}  // namespace ringllama

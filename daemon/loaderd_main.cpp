@@ -1,0 +1,168 @@
+// ringllama-loaderd: the resident loader daemon (DESIGN.md "Processes and folders").
+//
+//   ringllama-loaderd --store DIR [--config FILE] [--control ENDPOINT] [--cpu-cap-layers N] ...
+//   ringllama-loaderd --stats [--control ENDPOINT]     print a running daemon's stats (JSON)
+//   ringllama-loaderd --bench --store DIR [...]        window fill vs a plain O_DIRECT read
+//
+// SIGTERM and SIGINT stop it cleanly: the reads in flight land, the segment, its lock file and the
+// socket files are removed, exit 0. Under systemd (Type=notify) it says READY=1 once the globals and
+// the first window are loaded and pings the watchdog at half of WatchdogSec.
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <zmq.hpp>
+#ifdef RINGLLAMA_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+#include "common/config.h"
+#include "common/errors.h"
+#include "common/log.h"
+#include "common/protocol.h"
+#include "common/store.h"
+#include "daemon/loaderd.h"
+#include "daemon/loaderd_bench.h"
+
+namespace ringllama {
+namespace {
+
+void notify(const char* state) {
+#ifdef RINGLLAMA_HAVE_SYSTEMD
+  ::sd_notify(0, state);
+#else
+  (void)state;
+#endif
+}
+
+// The watchdog period systemd asks for, in microseconds; 0 = none.
+uint64_t watchdog_usec() {
+#ifdef RINGLLAMA_HAVE_SYSTEMD
+  uint64_t usec = 0;
+  if (::sd_watchdog_enabled(0, &usec) > 0) return usec;
+#endif
+  return 0;
+}
+
+MlockMode parse_mlock(const std::string& s) {
+  if (s == "require") return MlockMode::Require;
+  if (s == "warn") return MlockMode::Warn;
+  if (s == "off") return MlockMode::Off;
+  fail("--mlock '{}' is unknown (require, warn, off)", s);
+}
+
+// SIGTERM and SIGINT as a readable fd, blocked before any thread starts so that none of them
+// takes the signal instead.
+int stop_signal_fd() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  if (::pthread_sigmask(SIG_BLOCK, &set, nullptr) != 0) fail("cannot block SIGTERM/SIGINT");
+  int fd = ::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (fd < 0) fail("signalfd: {}", errno_text(errno));
+  return fd;
+}
+
+int query_stats(const std::string& control) {
+  zmq::context_t ctx(1);
+  zmq::socket_t s(ctx, zmq::socket_type::dealer);
+  s.set(zmq::sockopt::linger, 0);
+  s.connect(control);
+  s.send(zmq::buffer(encode(ControlRequest{StatsRequest{}})), zmq::send_flags::none);
+  zmq::pollitem_t item{static_cast<void*>(s), 0, ZMQ_POLLIN, 0};
+  if (zmq::poll(&item, 1, std::chrono::milliseconds(3000)) == 0)
+    fail("no reply from the loader daemon at {} within 3 s: is ringllama-loaderd running?", control);
+  zmq::message_t msg;
+  (void)s.recv(msg, zmq::recv_flags::none);
+  const ControlReply r = parse_control_reply(msg.to_string());
+  if (const auto* e = std::get_if<ControlError>(&r)) fail("the loader daemon refused: {}", e->message);
+  const auto* st = std::get_if<StatsReply>(&r);
+  if (!st) fail("the loader daemon answered stats with something else");
+  std::printf("%s\n", st->stats.dump(2).c_str());
+  return 0;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"Fill the shared-memory ring window from a packed store and serve the workers",
+               "ringllama-loaderd"};
+  ConfigLoader loader(kLoaderd);
+  loader.add_flags(app);
+  std::string mlock = "require";
+  LoaderdOptions opt;
+  bool stats = false, bench = false, no_drop = false;
+  int rounds = 1;
+  app.add_option("--instance", opt.instance_id, "segment instance id (default: from the control endpoint)");
+  app.add_option("--mlock", mlock, "lock the segment in memory: require, warn or off")->capture_default_str();
+  app.add_option("--lock-dir", opt.lock_dir, "folder of the segment's lock file")->capture_default_str();
+  app.add_flag("--stats", stats, "print the stats of the daemon on --control and exit");
+  app.add_flag("--bench", bench, "measure the window fill against a plain O_DIRECT read of weights.bin, and exit");
+  app.add_option("--bench-rounds", rounds, "with --bench: rounds of both reads")->capture_default_str();
+  app.add_flag("--bench-no-drop", no_drop, "with --bench: do not drop the page cache before each read");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    fail("{}", e.what());
+  }
+  opt.mlock = parse_mlock(mlock);
+
+  Config config = loader.load();
+  init_logging("ringllama-loaderd", config.verbose);
+  if (stats) return query_stats(config.control);
+  if (config.store.empty()) {
+    if (loader.print_requested()) {
+      std::fputs(loader.describe(config).c_str(), stdout);
+      return 0;
+    }
+    fail("no store: pass --store DIR (or set store in the config file or RINGLLAMA_STORE)");
+  }
+  {
+    const Store store = Store::open(config.store);
+    loader.adapt_to_model(config, store.model());
+  }
+  if (loader.print_requested()) {
+    std::fputs(loader.describe(config).c_str(), stdout);
+    return 0;
+  }
+  if (bench) return run_loaderd_bench(config, opt, rounds, !no_drop);
+
+  const int stop_fd = stop_signal_fd();
+  Loaderd d(config, opt);
+  if (!d.fill(stop_fd)) {
+    notify("STOPPING=1");
+    return 0;
+  }
+  d.bind();
+  const uint64_t wd = watchdog_usec();
+  const int64_t tick_ms = wd ? std::max<int64_t>(1, static_cast<int64_t>(wd / 2000)) : 1000;
+  notify("READY=1\nSTATUS=serving");
+  if (wd) notify("WATCHDOG=1");
+  spdlog::info("ready{}", wd ? fmt::format(" (watchdog every {} ms)", tick_ms) : std::string());
+  d.run(stop_fd, tick_ms, [wd] {
+    if (wd) notify("WATCHDOG=1");
+  });
+  notify("STOPPING=1");
+  spdlog::info("stopped: {} bytes read", d.stats().value("bytes_read", uint64_t(0)));
+  return 0;
+}
+
+}  // namespace
+}  // namespace ringllama
+
+int main(int argc, char** argv) {
+  try {
+    return ringllama::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    for (char& c : msg)
+      if (c == '\n') c = ' ';
+    std::fprintf(stderr, "ringllama-loaderd: error: %s\n", msg.c_str());
+    return 1;
+  }
+}
