@@ -3,7 +3,10 @@
 //   ringllama-generate --store DIR --prompt-ids 1,2,3 --max-tokens 16 [--temperature T --top-k K
 //                      --top-p P --seed S] [--stop-ids 5,6] [--ignore-eos] [--tokens-out FILE]
 //                      [--logits-out FILE] [--backend cpu]
+//   ringllama-generate --store DIR --plan-only [--device-memory GB]
 //
+// --plan-only prints the device memory plan (worker/planner.h) and exits 0 if it fits, 1 if not;
+// it reads only the manifest, so a manifest without its weights.bin is enough.
 // stdout: the generated ids on one line. stderr: one timing line. Errors: one line, exit 1.
 #include <fmt/format.h>
 
@@ -22,8 +25,11 @@
 #include "common/store.h"
 #include "worker/backend.h"
 #ifdef RINGLLAMA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
 #include "worker/cuda_backend.h"
 #endif
+#include "worker/planner.h"
 #include "worker/sampler.h"
 
 namespace ringllama {
@@ -38,6 +44,8 @@ struct Options {
   bool ignore_eos = false;
   std::string tokens_out;
   std::string logits_out;
+  bool plan_only = false;
+  double device_memory_gb = 0;  // --plan-only: the card's memory, GiB; 0 = the GPU's own
 };
 
 // "1,2, 3" -> ids; each must be a decimal integer in [0, vocab).
@@ -84,6 +92,35 @@ std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& ws,
   return make_cpu_backend(ws, config);
 }
 
+// --device-memory plans for a card that need not be there and never touches CUDA; without it the
+// GPU's own memory is asked for.
+PlanInputs plan_inputs(const Options& o, const Config& config) {
+  if (o.device_memory_gb > 0) return estimated_inputs(static_cast<uint64_t>(o.device_memory_gb * kGiB));
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (cuda_device_count() > config.gpu) {
+    size_t free_b = 0, total_b = 0;
+    if (cudaSetDevice(static_cast<int>(config.gpu)) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess)
+      fail("--plan-only: cannot read the memory of GPU {}; pass --device-memory GB", config.gpu);
+    PlanInputs in = estimated_inputs(total_b);
+    in.device_free_bytes = free_b + in.context_bytes;  // free was read with this process's context made
+    return in;
+  }
+#endif
+  (void)config;
+  fail("--plan-only: no GPU to plan for; pass --device-memory GB (the card's memory, e.g. 16)");
+}
+
+int plan_only(ConfigLoader& loader, Config& config, const Options& o) {
+  if (o.device_memory_gb < 0 || o.device_memory_gb > 1 << 20)
+    fail("--device-memory must be a size in GiB above 0 (got {})", o.device_memory_gb);
+  const Manifest manifest = Manifest::load(config.store + "/" + kManifestFile);
+  loader.adapt_to_model(config, manifest.model);
+  const MemoryPlan plan = plan_memory(manifest, config, plan_inputs(o, config));
+  std::fputs(plan.table().c_str(), stdout);
+  std::fputs(plan.refusal().c_str(), stdout);
+  return plan.fits ? 0 : 1;
+}
+
 std::string join_ids(const std::vector<int32_t>& ids) { return fmt::format("{}", fmt::join(ids, " ")); }
 
 int run(int argc, char** argv) {
@@ -103,6 +140,8 @@ int run(int argc, char** argv) {
   app.add_option("--tokens-out", o.tokens_out, "write the generated ids to this file (one line)");
   app.add_option("--logits-out", o.logits_out,
                  "write each generated token's logits row (float32, little-endian, vocab_size per token)");
+  app.add_flag("--plan-only", o.plan_only, "print the device memory plan and exit: 0 if it fits, 1 if not");
+  app.add_option("--device-memory", o.device_memory_gb, "with --plan-only: plan for a card of this many GiB");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -122,6 +161,8 @@ int run(int argc, char** argv) {
     }
     fail("no store: pass --store DIR (or set store in the config file or RINGLLAMA_STORE)");
   }
+  if (o.device_memory_gb != 0 && !o.plan_only) fail("--device-memory goes with --plan-only");
+  if (o.plan_only && !loader.print_requested()) return plan_only(loader, config, o);
   const Store store = Store::open(config.store);
   loader.adapt_to_model(config, store.model());
   if (loader.print_requested()) {
