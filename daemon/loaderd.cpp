@@ -233,6 +233,7 @@ void Loaderd::finish_slot(int64_t slot, int64_t layer, const std::string& error)
     const std::string msg = fmt::format("layer {} (offset {}, {} bytes) could not be loaded: {}", layer,
                                         m.layer_offset(layer), m.layer_size(layer), error);
     spdlog::error("slot {}: {}", slot, msg);
+    slot_errors_[layer] = msg;
     publish(SlotErrorNotice{slot, layer, msg});
   }
 }
@@ -497,6 +498,17 @@ void Loaderd::on_progress(Peer& p, const Progress& m) {
     return v.layer == layer && v.fill == SlotFill::Ready;
   });
   ++(hit ? slot_hits_ : slot_misses_);
+  republish_error(layer);
+}
+
+void Loaderd::republish_error(int64_t layer) {
+  auto it = slot_errors_.find(layer);
+  if (it == slot_errors_.end()) return;
+  for (size_t s = 0; s < views_.size(); ++s)
+    if (views_[s].layer == layer && views_[s].fill == SlotFill::Error) {
+      publish(SlotErrorNotice{static_cast<int64_t>(s), layer, it->second});
+      return;
+    }
 }
 
 void Loaderd::detach(WorkerId id, const std::string& reason) {
@@ -530,13 +542,18 @@ void Loaderd::check_peers() {
     }
   }
   for (WorkerId id : dead) detach(id, "its process is gone");
+  // A worker that subscribed after a slot failed missed its notice: say it again to whoever waits
+  // on a layer in error (wake-ups may be lost; the slot table stays the truth).
+  const int64_t n = store_.model().n_layers;
+  for (const auto& [id, p] : peers_)
+    if (p.active && p.copied < n) republish_error((p.pass_start + p.copied) % n);
 }
 
 void Loaderd::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tick) {
   const int io_fd = io_->event_fd();
   auto last_tick = Clock::now();
   auto last_check = Clock::now();
-  const int64_t check_ms = std::max<int64_t>(10, std::min<int64_t>(config_.heartbeat_ms, 1000));
+  const int64_t check_ms = std::max<int64_t>(10, std::min<int64_t>(config_.heartbeat_ms, 200));
   while (true) {
     std::vector<zmq::pollitem_t> items;
     items.push_back({static_cast<void*>(*router_), 0, ZMQ_POLLIN, 0});

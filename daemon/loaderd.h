@@ -119,6 +119,7 @@ class Loaderd {
   void reply(const std::string& routing_id, const ControlReply& r);
   void publish(const Notice& n);
   void check_peers();
+  void republish_error(int64_t layer);
   Peer* peer_by_routing(const std::string& routing_id);
 
   Config config_;
@@ -155,6 +156,7 @@ class Loaderd {
   uint64_t slot_hits_ = 0;
   uint64_t slot_misses_ = 0;
   std::map<int64_t, uint64_t> layer_loads_;   // layer -> times read
+  std::map<int64_t, std::string> slot_errors_;  // layer -> the last load error's text
 };
 
 }  // namespace ringllama

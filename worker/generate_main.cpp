@@ -3,6 +3,7 @@
 //   ringllama-generate --store DIR --prompt-ids 1,2,3 --max-tokens 16 [--temperature T --top-k K
 //                      --top-p P --seed S] [--stop-ids 5,6] [--ignore-eos] [--tokens-out FILE]
 //                      [--logits-out FILE] [--backend cpu]
+//   ringllama-generate --daemon ENDPOINT --prompt-ids ...   weights from a running ringllama-loaderd
 //   ringllama-generate --store DIR --plan-only [--device-memory GB]
 //
 // --plan-only prints the device memory plan (worker/planner.h) and exits 0 if it fits, 1 if not;
@@ -24,6 +25,7 @@
 #include "common/log.h"
 #include "common/store.h"
 #include "worker/backend.h"
+#include "worker/daemon_weights.h"
 #ifdef RINGLLAMA_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
@@ -44,6 +46,7 @@ struct Options {
   bool ignore_eos = false;
   std::string tokens_out;
   std::string logits_out;
+  std::string daemon;  // the loader daemon's control endpoint; "" = read the store directly
   bool plan_only = false;
   double device_memory_gb = 0;  // --plan-only: the card's memory, GiB; 0 = the GPU's own
 };
@@ -140,6 +143,8 @@ int run(int argc, char** argv) {
   app.add_option("--tokens-out", o.tokens_out, "write the generated ids to this file (one line)");
   app.add_option("--logits-out", o.logits_out,
                  "write each generated token's logits row (float32, little-endian, vocab_size per token)");
+  app.add_option("--daemon", o.daemon,
+                 "read the weights from the loader daemon at this control endpoint (the store is the one it serves)");
   app.add_flag("--plan-only", o.plan_only, "print the device memory plan and exit: 0 if it fits, 1 if not");
   app.add_option("--device-memory", o.device_memory_gb, "with --plan-only: plan for a card of this many GiB");
   try {
@@ -154,6 +159,9 @@ int run(int argc, char** argv) {
 
   Config config = loader.load();
   init_logging("ringllama-generate", config.verbose);
+  // With --daemon the store's directory comes from the daemon's welcome.
+  std::unique_ptr<WeightSource> daemon_weights;
+  if (!o.daemon.empty()) daemon_weights = open_daemon_weights(o.daemon, config, &config.store);
   if (config.store.empty()) {
     if (loader.print_requested()) {
       std::fputs(loader.describe(config).c_str(), stdout);
@@ -200,7 +208,8 @@ int run(int argc, char** argv) {
   }
 
   auto tl = std::chrono::steady_clock::now();
-  std::unique_ptr<WeightSource> weights = open_store_weights(config.store);
+  std::unique_ptr<WeightSource> weights =
+      daemon_weights ? std::move(daemon_weights) : open_store_weights(config.store);
   std::unique_ptr<Backend> backend = make_backend(o.backend, *weights, config);
   spdlog::debug("{}: {} bytes read and checked in {:.0f} ms; backend {}, max_context {}", config.store,
                 store.manifest().weights_size,

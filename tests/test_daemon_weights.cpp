@@ -1,0 +1,133 @@
+// Weights from the loader daemon (worker/daemon_weights.h): the same bits as the store read
+// directly, and clear failures when there is no daemon to talk to.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "common/protocol.h"
+#include "tests/test_loaderd_proc.h"
+#include "tests/test_util.h"
+#include "worker/daemon_weights.h"
+
+namespace ringllama {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using test::Proc;
+
+const std::string& data_root() {
+  static const std::string root = [] {
+    std::string d = test::data_dir();
+    unsetenv("RINGLLAMA_TEST_DATA");
+    return d;
+  }();
+  return root;
+}
+
+std::string prompt_of(const fs::path& fixture, int64_t* rows) {
+  const json g = json::parse(test::read_file((fixture / "golden.json").string()));
+  *rows = g.at("rows").get<int64_t>();
+  std::string s;
+  for (int64_t id : g.at("prompt_ids").get<std::vector<int64_t>>()) s += (s.empty() ? "" : ",") + std::to_string(id);
+  return s;
+}
+
+// The welcome's additions (PUB endpoint, worker table entry) survive a round trip, and a welcome
+// without them still parses.
+TEST(DaemonWelcome, RoundTripsPubAndWorkerId) {
+  Welcome w{"/ringllama-a", 1, "a", "/s", 0xabcdef, 3, 2, 1000, "ipc:///run/x-pub", 7};
+  const auto back = std::get<Welcome>(parse_control_reply(encode(ControlReply{w})));
+  EXPECT_EQ(back.pub, "ipc:///run/x-pub");
+  EXPECT_EQ(back.worker_id, 7);
+  const auto old = std::get<Welcome>(parse_control_reply(
+      R"({"type":"welcome","segment":"/x","layout_version":1,"instance_id":"i","store":"/s",)"
+      R"("store_identity":"00000000000000ff","n_layers":3,"n_slots":2,"heartbeat_ms":1000})"));
+  EXPECT_EQ(old.pub, "");
+  EXPECT_EQ(old.worker_id, -1);
+}
+
+// (g) --daemon gives bit-identical logits to --store, through a window smaller than the model
+// (slots reused within each pass) and through a window that holds it all.
+TEST(DaemonWeights, LogitsBitIdenticalToStore) {
+  const fs::path fixture = fs::path(data_root()) / "llama31_gqa_untied";
+  int64_t rows = 0;
+  const std::string prompt = prompt_of(fixture, &rows);
+  test::TempDir tmp;
+  const std::string store = tmp / "store";
+  ASSERT_EQ(test::run_bin("ringllama-pack", {"--hf", (fixture / "hf").string(), "--out", store, "--quiet"}, 60).status, 0);
+  auto ref = test::run_bin("ringllama-generate", {"--store", store, "--prompt-ids", prompt, "--max-tokens",
+                                                  std::to_string(rows), "--ignore-eos", "--logits-out", tmp / "ref"});
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  const std::string want = test::read_file(tmp / "ref");
+  ASSERT_FALSE(want.empty());
+
+  for (int cap : {2, 3}) {
+    SCOPED_TRACE("cpu_cap_layers " + std::to_string(cap));
+    const std::string control = "ipc://" + (tmp / ("run" + std::to_string(cap) + "/ctl.sock"));
+    Proc d("ringllama-loaderd", {"--store", store, "--control", control, "--cpu-cap-layers", std::to_string(cap),
+                                 "--mlock", "warn"},
+           tmp / "daemon.log");
+    ASSERT_TRUE(test::wait_daemon_ready(d, control)) << d.log();
+    const std::string out = tmp / ("daemon" + std::to_string(cap));
+    // No --store: the manifest comes from the store the daemon names.
+    auto r = test::run_bin("ringllama-generate", {"--daemon", control, "--prompt-ids", prompt, "--max-tokens",
+                                                  std::to_string(rows), "--ignore-eos", "--logits-out", out}, 60);
+    ASSERT_EQ(r.status, 0) << r.err << d.log();
+    EXPECT_EQ(r.out, ref.out);
+    const std::string got = test::read_file(out);
+    EXPECT_EQ(got.size(), want.size());
+    EXPECT_TRUE(got == want) << "logits differ from --store";
+
+    // The same store named explicitly is accepted; another store is refused.
+    r = test::run_bin("ringllama-generate", {"--daemon", control, "--store", store, "--prompt-ids", "1,2",
+                                             "--max-tokens", "2"}, 60);
+    EXPECT_EQ(r.status, 0) << r.err;
+    d.signal(SIGTERM);
+    EXPECT_EQ(d.wait(10000), 0) << d.log();
+  }
+}
+
+TEST(DaemonWeights, OtherStoreIsRefused) {
+  test::TempDir tmp;
+  const std::string a = tmp / "a", b = tmp / "b";
+  ASSERT_EQ(test::run_bin("ringllama-pack", {"--random", "tiny", "--out", a, "--quiet"}, 60).status, 0);
+  ASSERT_EQ(test::run_bin("ringllama-pack", {"--random", "tiny", "--seed", "7", "--out", b, "--quiet"}, 60).status, 0);
+  const std::string control = "ipc://" + (tmp / "ctl.sock");
+  Proc d("ringllama-loaderd", {"--store", a, "--control", control, "--mlock", "warn"}, tmp / "daemon.log");
+  ASSERT_TRUE(test::wait_daemon_ready(d, control)) << d.log();
+  auto r = test::run_bin("ringllama-generate", {"--daemon", control, "--store", b, "--prompt-ids", "1,2",
+                                                "--max-tokens", "2"}, 60);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("is not the store the loader daemon"), std::string::npos) << r.err;
+}
+
+// (h) No daemon: a clear error within a few seconds, never a hang; also when a stale socket file
+// is left where the daemon would listen.
+TEST(DaemonWeights, NoDaemonFailsFast) {
+  test::TempDir tmp;
+  const std::string store = tmp / "store";
+  ASSERT_EQ(test::run_bin("ringllama-pack", {"--random", "tiny", "--out", store, "--quiet"}, 60).status, 0);
+
+  auto t0 = std::chrono::steady_clock::now();
+  auto r = test::run_bin("ringllama-generate", {"--daemon", "ipc://" + (tmp / "none.sock"), "--prompt-ids", "1,2",
+                                                "--max-tokens", "2"}, 30);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("is ringllama-loaderd running?"), std::string::npos) << r.err;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3));
+
+  test::write_file(tmp / "stale.sock", "");
+  t0 = std::chrono::steady_clock::now();
+  r = test::run_bin("ringllama-generate", {"--daemon", "ipc://" + (tmp / "stale.sock"), "--prompt-ids", "1,2",
+                                           "--max-tokens", "2"}, 30);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("is ringllama-loaderd running?"), std::string::npos) << r.err;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(8));
+}
+
+}  // namespace
+}  // namespace ringllama
