@@ -2,9 +2,13 @@
 // written here, for the eos rule): output files, determinism, stopping, and bad input.
 #include <gtest/gtest.h>
 
+#include <iostream>
+
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <regex>
 #include <sstream>
 
 #include "common/store.h"
@@ -190,6 +194,20 @@ TEST_F(GenerateCli, ContextExactlyAtMaxContextIsAllowed) {
   EXPECT_EQ(g.ids.size(), 5u);
 }
 
+// Without a GPU (or without CUDA in the build) --backend cuda is one clear error line; with one
+// it runs.
+TEST_F(GenerateCli, CudaBackendRunsOrSaysWhyNot) {
+  auto r = run_bin("ringllama-generate", {"--store", store(), "--prompt-ids", "1", "--max-tokens", "4", "--backend", "cuda"});
+  if (r.status == 0) {
+    EXPECT_FALSE(r.out.empty());
+    return;
+  }
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.err.rfind("ringllama-generate: error: --backend cuda", 0), 0u) << r.err;
+  std::cout << "[ info ] --backend cuda here: " << r.err;
+}
+
 TEST_F(GenerateCli, BadInputIsOneErrorLine) {
   const std::string s = store();
   const std::string missing = path("no-such-store");
@@ -204,7 +222,6 @@ TEST_F(GenerateCli, BadInputIsOneErrorLine) {
        "is 9 tokens, over max_context (8)"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "0"}, "--max-tokens must be >= 1"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--backend", "tpu"}, "--backend 'tpu' is unknown"},
-      {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--backend", "cuda"}, "--backend cuda is not available"},
       {{"--store", missing, "--prompt-ids", "1", "--max-tokens", "4"}, "cannot open store"},
       {{"--prompt-ids", "1", "--max-tokens", "4"}, "no store"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--temperature", "-1"}, "temperature must be >= 0"},
@@ -224,6 +241,47 @@ TEST_F(GenerateCli, BadInputIsOneErrorLine) {
     EXPECT_EQ(r.err.rfind("ringllama-generate: error: ", 0), 0u) << what << "\n" << r.err;
     EXPECT_NE(r.err.find(want), std::string::npos) << what << "\nwanted: " << want << "\ngot: " << r.err;
   }
+}
+
+// --batch-prompts: every line runs together (two at a time here, so the third waits for a place)
+// and gets the same tokens and logits bytes as when it runs alone.
+TEST_F(GenerateCli, BatchPromptsGiveEachLineWhatItGetsAlone) {
+  const std::vector<std::string> lines = {"1,17,300,42", "5 6 7", "9, 10 ,11,12,13,14,15,16,17,18,19,20,21,22"};
+  {
+    std::ofstream f(path("prompts.txt"));
+    for (const auto& l : lines) f << l << "\n";
+  }
+  const std::string bt = path("bt.txt"), bl = path("bl.bin");
+  auto r = run_bin("ringllama-generate", {"--store", store(), "--batch-prompts", path("prompts.txt"), "--max-tokens",
+                                          "7", "--ignore-eos", "--batch-size", "2", "--prefill-chunk-tokens", "8",
+                                          "--kv-block-tokens", "4", "--tokens-out", bt, "--logits-out", bl});
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::istringstream out(r.out);
+  std::string line;
+  std::vector<std::string> out_lines;
+  while (std::getline(out, line)) out_lines.push_back(line);
+  ASSERT_EQ(out_lines.size(), lines.size()) << r.out;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    std::string joined;  // the same ids as one --prompt-ids
+    for (int32_t id : ids_of(std::regex_replace(lines[i], std::regex(","), " "))) joined += std::to_string(id) + ",";
+    joined.pop_back();
+    const std::string dir = path("alone" + std::to_string(i));
+    fs::create_directories(dir);
+    Gen alone = generate(store(), dir, {"--prompt-ids", joined, "--max-tokens", "7", "--ignore-eos"});
+    ASSERT_EQ(alone.r.status, 0) << alone.r.err;
+    EXPECT_EQ(ids_of(out_lines[i]), alone.ids) << "line " << i;
+    EXPECT_EQ(test::read_file(bt + "." + std::to_string(i)), alone.tokens_file) << "line " << i;
+    EXPECT_EQ(test::read_file(bl + "." + std::to_string(i)), alone.logits) << "line " << i;
+    EXPECT_EQ(alone.logits.size(), 7u * kVocab * 4);
+  }
+  // A bad line is named.
+  {
+    std::ofstream f(path("bad.txt"));
+    f << "1,2\n3,x\n";
+  }
+  auto bad = run_bin("ringllama-generate", {"--store", store(), "--batch-prompts", path("bad.txt")});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("line 2: 'x' is not a token id"), std::string::npos) << bad.err;
 }
 
 TEST_F(GenerateCli, HelpExitsZero) {
