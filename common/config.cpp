@@ -60,7 +60,7 @@ constexpr int64_t kBig = int64_t(1) << 40;
 const std::vector<KeyDef>& keys() {
   static const std::vector<KeyDef> defs = {
       STR_KEY(store, Kind::Path, kLoaderd | kGenerate, "path of the packed store"),
-      STR_KEY(control, Kind::Endpoint, kAllReaders, "ZeroMQ endpoint of the loader daemon"),
+      STR_KEY(control, Kind::Endpoint, kLoaderd | kWorker | kGenerate, "ZeroMQ endpoint of the loader daemon"),
       INT_KEY(cpu_cap_layers, kLoaderd, 1, 1 << 20, "layer slots in the shared-memory window"),
       INT_KEY(back_margin, kLoaderd, 0, 1 << 20, "layers kept behind the window's start"),
       INT_KEY(io_queue_depth, kLoaderd | kGenerate, 1, 4096, "io_uring requests in flight"),

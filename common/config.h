@@ -23,7 +23,8 @@ enum Reader : unsigned {
   kLoaderd = 1u << 0,
   kWorker = 1u << 1,
   kGenerate = 1u << 2,
-  kAllReaders = kLoaderd | kWorker | kGenerate,
+  kPack = 1u << 3,
+  kAllReaders = kLoaderd | kWorker | kGenerate | kPack,
 };
 
 inline constexpr int64_t kAuto = -1;  // value of an `auto` key

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "common/config.h"
 #include "common/errors.h"
 #include "common/log.h"
 #include "daemon/pack.h"
@@ -34,7 +35,8 @@ int run(int argc, char** argv) {
   uint64_t seed = 0;
   int64_t layers = 0;
   int threads = 0;
-  bool force = false, verbose = false, quiet = false;
+  bool force = false, quiet = false;
+  ringllama::ConfigLoader config_loader(ringllama::kPack);
 
   auto* o_hf = app.add_option("--hf", hf, "Hugging Face Llama folder (config.json, *.safetensors)");
   auto* o_random = app.add_option("--random", shape, fmt::format("built-in shape with random weights: {}",
@@ -48,7 +50,7 @@ int run(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_flag("--force", force, "replace an existing STORE");
   app.add_flag("--quiet", quiet, "no progress on stderr");
-  app.add_flag("-v,--verbose", verbose, "debug logs");
+  config_loader.add_flags(app);  // --config, --print-config, --verbose
   o_hf->excludes(o_random)->excludes(o_verify);
   o_random->excludes(o_verify);
   o_verify->excludes(o_out);
@@ -63,7 +65,12 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "ringllama-pack: error: %s\n", e.what());
     return 1;
   }
-  ringllama::init_logging("ringllama-pack", verbose);
+  const ringllama::Config config = config_loader.load();
+  if (config_loader.print_requested()) {
+    std::cout << config_loader.describe(config);
+    return 0;
+  }
+  ringllama::init_logging("ringllama-pack", config.verbose);
 
   if (!verify.empty()) {
     size_t bad = ringllama::verify_store(verify, std::cout, std::cerr);
