@@ -24,8 +24,9 @@ class Gemm {
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
 
+  // ldx: x's row stride (0 = in), e.g. the gate half of a fused gate|up output.
   void matmul(const __nv_bfloat16* x, int64_t n, int64_t in, const __nv_bfloat16* w, int64_t out, void* y,
-              ElemType y_type, int64_t ldy, cudaStream_t stream, float beta = 0.0f);
+              ElemType y_type, int64_t ldy, cudaStream_t stream, float beta = 0.0f, int64_t ldx = 0);
 
  private:
   cublasHandle_t handle_ = nullptr;

@@ -14,4 +14,8 @@ namespace ringllama {
 // vectorised path).
 void launch_silu_mul(__nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, cudaStream_t stream);
 
+// The same over the output of one fused gate|up GEMM: gu is [n_rows, 2 * ffn], each row the gate
+// (ffn values) then the up projection; the product goes over the gate half of each row.
+void launch_silu_mul_rows(__nv_bfloat16* gu, int64_t n_rows, int64_t ffn, cudaStream_t stream);
+
 }  // namespace ringllama

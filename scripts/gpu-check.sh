@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Runs the GPU checks from an existing build, on a machine with a CUDA GPU: every GPU test suite
 # (build/bin/gpu_test_*), then compute-sanitizer (memcheck, racecheck) over the CUDA backend on a
-# golden fixture. Builds and installs nothing: what it needs must already be in the build folder
-# (binaries, lib/, devlibs/ from collect-libs.sh).
+# golden fixture, then ringllama-bench on a random llama-3.1-8b store (packed once with
+# ringllama-pack, 16 GB). Builds and installs nothing: what it needs must already be in the build
+# folder (binaries, lib/, devlibs/ from collect-libs.sh).
 #
 # Usage: scripts/gpu-check.sh OUTDIR
 #   BUILD_DIR   the build folder (default: <repo>/build); its bin/, lib/ and devlibs/ are used
 #   SANITIZER   compute-sanitizer to use (default: the one beside nvcc, else on PATH)
+#   SANITIZE    0: skip the compute-sanitizer steps
+#   BENCH       0: skip the benchmark
+#   BENCH_STORE the llama-3.1-8b store to benchmark on (default /tmp/ringllama-bench-8b; packed if absent)
+#   BENCH_ARGS  extra ringllama-bench arguments (e.g. "--decode-steps 32")
 # Writes one log per step and the GoogleTest XML reports to OUTDIR, prints a summary table, and
 # exits non-zero if any step failed.
 set -uo pipefail
@@ -65,9 +70,27 @@ for t in "${suites[@]}"; do
   step "$n" 1200 "$t" --gtest_output="xml:$out/$n.xml" --gtest_color=no
 done
 
-# 2. compute-sanitizer over the CUDA backend on a fixture: ringllama-generate --backend cuda where
+# 2. The benchmark: decode at batch 1, 8 and 64 and prefill of 512-token prompts against the
+#    bandwidth and GEMM rate measured in the same run.
+if [[ ${BENCH:-1} == 0 ]]; then
+  skipped "bench" "BENCH=0"
+elif [[ ! -x $bin/ringllama-bench || ! -x $bin/ringllama-pack ]]; then
+  skipped "bench" "no ringllama-bench or ringllama-pack in $bin"
+else
+  bench_store=${BENCH_STORE:-/tmp/ringllama-bench-8b}
+  if [[ ! -f $bench_store/manifest.yaml ]]; then
+    step pack-8b 900 "${plain[@]}" "$bin/ringllama-pack" --random llama-3.1-8b --out "$bench_store" --quiet
+  fi
+  # shellcheck disable=SC2086
+  step bench 900 "${plain[@]}" "$bin/ringllama-bench" --store "$bench_store" ${BENCH_ARGS:-}
+  sed -n '/^figure/,$p' "$out/bench.log"
+fi
+
+# 3. compute-sanitizer over the CUDA backend on a fixture: ringllama-generate --backend cuda where
 #    this build has it, else the backend suite's comparison of a chunked prefill and 8 decode steps.
-if [[ -z $sanitizer ]]; then
+if [[ ${SANITIZE:-1} == 0 ]]; then
+  skipped "sanitizer" "SANITIZE=0"
+elif [[ -z $sanitizer ]]; then
   skipped "memcheck" "no compute-sanitizer"
 else
   fixture=""

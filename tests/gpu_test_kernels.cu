@@ -26,7 +26,10 @@
 #include "kernels/add_rms_norm.cuh"
 #include "kernels/argmax.cuh"
 #include "kernels/attention_decode.cuh"
+#include "kernels/attention_paged.cuh"
 #include "kernels/attention_prefill.cuh"
+#include "kernels/gather_rows.cuh"
+#include "kernels/kv_store.cuh"
 #include "kernels/check.h"
 #include "kernels/copy_logits.cuh"
 #include "kernels/device_info.h"
@@ -409,6 +412,133 @@ TEST_F(Kernels, AttentionDecode) {
                      attention_ref(s, q.val, k.val, v.val, kv_stride, 1, n_keys - 1), kTolBf16, rng.seed);
       }
     }
+  }
+}
+
+// One step of several sequences over a paged cache whose blocks are shuffled: a prefill chunk
+// after a cached prefix, a first chunk, decode tokens (one at position 0), GQA, head_dim up to 256,
+// block sizes 4 and 16 (the longest sequence spans 30 and 8 blocks). Pool rows no sequence owns,
+// and rows past each sequence's end, are NaN.
+TEST_F(Kernels, AttentionPaged) {
+  struct Item {
+    int64_t start, n;
+  };
+  const std::vector<Item> items = {{45, 37}, {70, 1}, {0, 7}, {0, 1}, {17, 1}, {0, 50}};
+  for (const AttnShape& s : kAttnShapes) {
+    for (int64_t B : {4, 16}) {
+      Rng rng(fresh_seed());
+      const int64_t hd = s.head_dim, q_dim = s.n_heads * hd, kv_dim = s.n_kv_heads * hd;
+      const int64_t q_stride = q_dim + 2 * kv_dim, kv_stride = kv_dim + 2;
+      int64_t rows = 0, blocks = 0, max_blocks = 0;
+      for (const Item& it : items) {
+        rows += it.n;
+        const int64_t nb = (it.start + it.n + B - 1) / B;
+        blocks += nb;
+        max_blocks = std::max(max_blocks, nb);
+      }
+      const int64_t n_blocks = blocks + 5;
+      std::vector<int32_t> perm(n_blocks);
+      for (int64_t i = 0; i < n_blocks; ++i) perm[i] = static_cast<int32_t>(i);
+      std::shuffle(perm.begin(), perm.end(), rng.gen);
+      std::vector<uint16_t> kp(n_blocks * B * kv_stride, 0xFFFF), vp(kp.size(), 0xFFFF);
+      Bf16Data q = random_bf16(rng, rows * q_stride, 1.5f);
+      std::vector<int32_t> row0, count, start, tables(items.size() * max_blocks, -1);
+      std::vector<double> ref;
+      int64_t used = 0, r0 = 0;
+      for (size_t i = 0; i < items.size(); ++i) {
+        const Item& it = items[i];
+        const int64_t len = it.start + it.n, nb = (len + B - 1) / B;
+        for (int64_t b = 0; b < nb; ++b) tables[i * max_blocks + b] = perm[used++];
+        Bf16Data k = random_bf16(rng, len * kv_dim), v = random_bf16(rng, len * kv_dim);
+        for (int64_t p = 0; p < len; ++p) {
+          const int64_t pr = tables[i * max_blocks + p / B] * B + p % B;
+          for (int64_t d = 0; d < kv_dim; ++d) {
+            kp[pr * kv_stride + d] = k.bits[p * kv_dim + d];
+            vp[pr * kv_stride + d] = v.bits[p * kv_dim + d];
+          }
+        }
+        std::vector<double> qi(it.n * q_dim);
+        for (int64_t t = 0; t < it.n; ++t)
+          for (int64_t d = 0; d < q_dim; ++d) qi[t * q_dim + d] = q.val[(r0 + t) * q_stride + d];
+        const std::vector<double> o = attention_ref(s, qi, k.val, v.val, kv_dim, it.n, it.start);
+        ref.insert(ref.end(), o.begin(), o.end());
+        row0.push_back(static_cast<int32_t>(r0));
+        count.push_back(static_cast<int32_t>(it.n));
+        start.push_back(static_cast<int32_t>(it.start));
+        r0 += it.n;
+      }
+      std::vector<int32_t> tile_item, tile_row0;
+      std::vector<int64_t> counts(count.begin(), count.end());
+      attention_paged_tiles(counts, s.n_heads / s.n_kv_heads, &tile_item, &tile_row0);
+      auto d_q = to_device<bf16>(q.bits);
+      auto d_k = to_device<bf16>(kp);
+      auto d_v = to_device<bf16>(vp);
+      auto d_row0 = to_device<int32_t>(row0), d_count = to_device<int32_t>(count), d_start = to_device<int32_t>(start);
+      auto d_tables = to_device<int32_t>(tables);
+      auto d_ti = to_device<int32_t>(tile_item), d_tr = to_device<int32_t>(tile_row0);
+      PagedAttentionBatch b;
+      b.item_row0 = d_row0.get();
+      b.item_count = d_count.get();
+      b.item_start = d_start.get();
+      b.block_tables = d_tables.get();
+      b.table_stride = max_blocks;
+      b.tile_item = d_ti.get();
+      b.tile_row0 = d_tr.get();
+      b.n_tiles = static_cast<int64_t>(tile_item.size());
+      auto out = poisoned<bf16>(rows * q_dim);
+      launch_attention_paged(d_q.get(), q_stride, d_k.get(), d_v.get(), kv_stride, B, out.get(), q_dim, b, s.n_heads,
+                             s.n_kv_heads, hd, 1.0f / std::sqrt(static_cast<float>(hd)), nullptr);
+      const std::string what = "heads " + std::to_string(s.n_heads) + "/" + std::to_string(s.n_kv_heads) + " hd " +
+                               std::to_string(hd) + " block " + std::to_string(B) + " items 6";
+      expect_close("attention_paged", what, download_bf16(out, rows * q_dim), ref, kTolBf16, rng.seed);
+    }
+  }
+}
+
+TEST_F(Kernels, KvStoreAndGatherRows) {
+  Rng rng(fresh_seed());
+  const int64_t n = 13, kv_dim = 24, src_stride = 3 * kv_dim, pool_rows = 40, pool_stride = kv_dim + 2;
+  Bf16Data src = random_bf16(rng, n * src_stride);
+  std::vector<int32_t> slots(n);
+  std::vector<int32_t> all(pool_rows);
+  for (int i = 0; i < pool_rows; ++i) all[i] = i;
+  std::shuffle(all.begin(), all.end(), rng.gen);
+  std::copy_n(all.begin(), n, slots.begin());
+  auto d_src = to_device<bf16>(src.bits);
+  auto d_slots = to_device<int32_t>(slots);
+  auto kp = poisoned<bf16>(pool_rows * pool_stride), vp = poisoned<bf16>(pool_rows * pool_stride);
+  launch_kv_store(d_src.get(), d_src.get() + kv_dim, src_stride, n, kv_dim, d_slots.get(), kp.get(), vp.get(),
+                  pool_stride, nullptr);
+  const std::vector<double> k = download_bf16(kp, pool_rows * pool_stride), v = download_bf16(vp, pool_rows * pool_stride);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < kv_dim; ++d) {
+      ASSERT_EQ(k[slots[t] * pool_stride + d], src.val[t * src_stride + d]) << t << " " << d;
+      ASSERT_EQ(v[slots[t] * pool_stride + d], src.val[t * src_stride + kv_dim + d]) << t << " " << d;
+    }
+  std::vector<int32_t> pick = {5, 0, 12, 5};
+  auto d_pick = to_device<int32_t>(pick);
+  auto g = poisoned<bf16>(pick.size() * kv_dim);
+  launch_gather_rows(d_src.get(), src_stride, d_pick.get(), static_cast<int64_t>(pick.size()), kv_dim, g.get(), nullptr);
+  const std::vector<double> got = download_bf16(g, pick.size() * kv_dim);
+  for (size_t r = 0; r < pick.size(); ++r)
+    for (int64_t d = 0; d < kv_dim; ++d) ASSERT_EQ(got[r * kv_dim + d], src.val[pick[r] * src_stride + d]);
+}
+
+TEST_F(Kernels, SiluMulRows) {
+  for (int64_t ffn : {int64_t{8}, int64_t{200}, int64_t{37}}) {
+    Rng rng(fresh_seed());
+    const int64_t rows = 9;
+    Bf16Data gu = random_bf16(rng, rows * 2 * ffn, 2.0f);
+    auto d = to_device<bf16>(gu.bits);
+    launch_silu_mul_rows(d.get(), rows, ffn, nullptr);
+    const std::vector<double> got = download_bf16(d, rows * 2 * ffn);
+    std::vector<double> want(gu.val);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < ffn; ++c) {
+        const double g = gu.val[r * 2 * ffn + c], u = gu.val[r * 2 * ffn + ffn + c];
+        want[r * 2 * ffn + c] = g / (1 + std::exp(-g)) * u;
+      }
+    expect_close("silu_mul_rows", "ffn " + std::to_string(ffn), got, want, kTolBf16, rng.seed);
   }
 }
 

@@ -1,4 +1,11 @@
-// A compute backend: runs the model's forward over the weights a WeightSource provides.
+// A compute backend: runs the model's forward over the weights a WeightSource provides, for many
+// sequences at once.
+//
+// The unit of work is a step (DESIGN.md "A step"): one pass over the layers for a list of
+// (sequence, new tokens) items. Prefill chunks and single decode tokens of different sequences
+// share the pass, so the weights are read once for all of them. Keys and values live in a paged
+// cache (worker/kv_blocks.h): blocks of kv_block_tokens positions, taken from one pool as a
+// sequence grows and given back when it is freed.
 #pragma once
 
 #include <cstdint>
@@ -6,6 +13,8 @@
 #include <vector>
 
 #include "common/config.h"
+#include "common/model_config.h"
+#include "worker/kv_blocks.h"
 #include "worker/weights.h"
 
 namespace ringllama {
@@ -13,13 +22,51 @@ namespace ringllama {
 class Backend {
  public:
   virtual ~Backend() = default;
-  // Runs `tokens` at positions [start_pos, start_pos + tokens.size()) of the one sequence,
-  // appending their keys and values to its cache; returns the logits (vocab_size floats) of the
-  // last position. start_pos must equal the number of positions already cached.
-  virtual std::vector<float> forward(const std::vector<int32_t>& tokens, int64_t start_pos) = 0;
-  // Forgets the sequence (empties the cache).
-  virtual void reset() = 0;
+  Backend(const Backend&) = delete;
+  Backend& operator=(const Backend&) = delete;
+
+  // A sequence is an id with its cached positions; a new one has none. Throws Error if the id is
+  // taken (add) or unknown (free). Freeing gives the sequence's KV blocks back to the pool.
+  void add_sequence(int64_t id) { kv_.add_sequence(id); }
+  void free_sequence(int64_t id) { kv_.free_sequence(id); }
+  bool has_sequence(int64_t id) const { return kv_.has(id); }
+  int64_t cached_tokens(int64_t id) const { return kv_.length(id); }
+
+  // One pass for `items` (at most limits().max_items, each sequence once, each item at most
+  // limits().max_item_tokens tokens): every item's tokens go in at the positions after its
+  // sequence's cached ones. Returns one row per item: the logits (vocab_size floats) of the item's
+  // last token, or an empty row where want_logits is false. Nothing changes when it throws before
+  // the pass (bad ids, context or pool exhausted); a failed pass leaves the caches unchanged.
+  std::vector<std::vector<float>> step(const std::vector<StepItem>& items);
+  // The same pass, but only the greedy pick of each item that wants logits comes back (-1 for the
+  // others); the CUDA backend picks on the device and copies one id per item.
+  std::vector<int32_t> step_greedy(const std::vector<StepItem>& items);
+
+  // One sequence (id 0) as a list of one: runs `tokens` at positions [start_pos, start_pos + n),
+  // in steps of at most max_item_tokens, and returns the last position's logits. start_pos must
+  // equal the cached positions. reset() forgets the sequence.
+  std::vector<float> forward(const std::vector<int32_t>& tokens, int64_t start_pos);
+  void reset();
+
+  const StepLimits& limits() const { return limits_; }
+  const KvBlockPool& kv() const { return kv_; }
+  const ModelConfig& model() const { return model_; }
   virtual const char* name() const = 0;
+
+ protected:
+  // Sizes the block pool for batch_size x max_context (config) and the step limits.
+  Backend(const ModelConfig& m, const Config& config);
+
+  enum class Output { kLogits, kGreedy };
+  // Runs the layout's rows through every layer; the block tables already cover the new positions.
+  // kLogits: logits gets layout.logit_rows.size() * vocab floats. kGreedy: ids gets one id per
+  // logits row.
+  virtual void run_step(const StepLayout& layout, Output out, std::vector<float>* logits,
+                        std::vector<int32_t>* ids) = 0;
+
+  const ModelConfig model_;
+  const StepLimits limits_;
+  KvBlockPool kv_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(WeightSource& weights, const Config& config);

@@ -9,6 +9,7 @@
 
 #include "common/errors.h"
 #include "worker/backend.h"
+#include "worker/sampler.h"
 
 // The matmul and dot kernels are built twice on x86-64, for AVX2+FMA and for the baseline, and the
 // loader picks one at startup: the binaries travel between machines, so no -march=native.
@@ -231,8 +232,8 @@ void silu_mul(float* gate, const float* up, int64_t n) {
   }
 }
 
-void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache,
-               int64_t n_tokens, int64_t start, float* out) {
+void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const KvPages& kv, int64_t n_tokens,
+               int64_t start, float* out) {
   const int64_t hd = m.head_dim, q_dim = m.q_dim(), kv_dim = m.kv_dim();
   const int64_t group = m.n_heads / m.n_kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
@@ -240,6 +241,9 @@ void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const flo
   // One row of probabilities per thread.
   std::vector<std::vector<float>> scratch(pool ? pool->threads() : 1,
                                           std::vector<float>(static_cast<size_t>(start + n_tokens)));
+  // The pool row of every position, looked up once.
+  std::vector<int64_t> rows(static_cast<size_t>(start + n_tokens));
+  for (int64_t j = 0; j < start + n_tokens; ++j) rows[j] = kv.row(j) * kv_dim;
   maybe_parallel(pool, items, items * (start + n_tokens) * hd, [&](int64_t item, int thread) {
     float* p = scratch[thread].data();
     const int64_t h = item % m.n_heads, t = item / m.n_heads;
@@ -248,7 +252,7 @@ void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const flo
     const float* qh = q + t * q_dim + h * hd;
     float mx = -INFINITY;
     for (int64_t j = 0; j <= pos; ++j) {
-      p[j] = dot(qh, k_cache + j * kv_dim + kvo, hd) * scale;
+      p[j] = dot(qh, kv.k + rows[j] + kvo, hd) * scale;
       mx = std::max(mx, p[j]);
     }
     float sum = 0;
@@ -260,7 +264,7 @@ void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const flo
     std::fill(o, o + hd, 0.0f);
     for (int64_t j = 0; j <= pos; ++j) {
       const float pj = p[j] / sum;
-      const float* vj = v_cache + j * kv_dim + kvo;
+      const float* vj = kv.v + rows[j] + kvo;
       for (int64_t i = 0; i < hd; ++i) o[i] += pj * vj[i];
     }
   });
@@ -273,60 +277,50 @@ namespace {
 class CpuBackend : public Backend {
  public:
   CpuBackend(WeightSource& ws, const Config& config)
-      : ws_(ws), m_(ws.manifest().model), max_ctx_(config.max_context), inv_freq_(cpu::rope_inv_freq_f32(m_)) {
-    if (max_ctx_ <= 0) fail("max_context must be > 0 (got {})", max_ctx_);
-    // Allocated, not touched: pages appear as positions are written.
-    const size_t cache = static_cast<size_t>(m_.n_layers) * static_cast<size_t>(max_ctx_) * m_.kv_dim();
+      : Backend(ws.manifest().model, config), ws_(ws), m_(ws.manifest().model), inv_freq_(cpu::rope_inv_freq_f32(m_)) {
+    // One allocation for the whole pool, made once; pages appear as blocks are first written.
+    const size_t cache = static_cast<size_t>(m_.n_layers) * static_cast<size_t>(kv_.n_blocks()) *
+                         static_cast<size_t>(kv_.block_tokens()) * m_.kv_dim();
     try {
       k_cache_.reset(new float[cache]);
       v_cache_.reset(new float[cache]);
     } catch (const std::bad_alloc&) {
-      fail("cannot allocate the KV cache: {} bytes for max_context {} (lower max_context)", 2 * cache * sizeof(float),
-           max_ctx_);
+      fail("cannot allocate the KV cache: {} bytes for {} blocks of {} tokens (batch_size x max_context {}; lower "
+           "either)",
+           2 * cache * sizeof(float), kv_.n_blocks(), kv_.block_tokens(), limits_.max_context);
     }
   }
 
   const char* name() const override { return "cpu"; }
-  void reset() override { n_cached_ = 0; }
 
-  std::vector<float> forward(const std::vector<int32_t>& tokens, int64_t start_pos) override {
-    const int64_t T = static_cast<int64_t>(tokens.size());
-    RL_REQUIRE(T > 0, "forward needs at least one token");
-    RL_REQUIRE(start_pos == n_cached_, "forward at position {}, but the sequence has {} cached positions",
-               start_pos, n_cached_);
-    RL_REQUIRE(start_pos + T <= max_ctx_, "a context of {} tokens exceeds max_context ({})", start_pos + T,
-               max_ctx_);
-    for (int64_t t = 0; t < T; ++t)
-      RL_REQUIRE(tokens[t] >= 0 && tokens[t] < m_.vocab_size, "token {} at position {} is outside the vocabulary [0, {})",
-                 tokens[t], start_pos + t, m_.vocab_size);
-
+ protected:
+  void run_step(const StepLayout& L, Output out, std::vector<float>* logits, std::vector<int32_t>* ids) override {
     ws_.begin_pass();
-    std::vector<float> logits;
     try {
-      logits = run(tokens, start_pos);
+      run(L, out, logits, ids);
     } catch (...) {
       ws_.end_pass();
       throw;
     }
     ws_.end_pass();
-    n_cached_ = start_pos + T;
-    return logits;
   }
 
  private:
-  std::vector<float> run(const std::vector<int32_t>& tokens, int64_t start) {
-    const int64_t T = static_cast<int64_t>(tokens.size());
+  size_t layer_rows() const { return static_cast<size_t>(kv_.n_blocks()) * static_cast<size_t>(kv_.block_tokens()); }
+
+  void run(const StepLayout& L, Output out, std::vector<float>* logits, std::vector<int32_t>* ids) {
+    const int64_t T = L.rows();
     const int64_t dim = m_.dim;
     const GlobalWeights g = ws_.globals();
     x_.resize(T * dim);
     xn_.resize(T * dim);
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t i = 0; i < dim; ++i) x_[t * dim + i] = bf16_to_f32(g.tok_embeddings[tokens[t] * dim + i]);
+      for (int64_t i = 0; i < dim; ++i) x_[t * dim + i] = bf16_to_f32(g.tok_embeddings[L.ids[t] * dim + i]);
 
     for (int64_t l = 0; l < m_.n_layers; ++l) {
       const LayerWeights w = ws_.acquire_layer(l);
       try {
-        layer(l, w, T, start);
+        layer(l, w, L);
       } catch (...) {
         ws_.release_layer(l);
         throw;
@@ -334,34 +328,54 @@ class CpuBackend : public Backend {
       ws_.release_layer(l);
     }
 
-    // Only the last position's logits are asked for: norm and lm_head on one row.
-    const float* last = x_.data() + (T - 1) * dim;
-    cpu::rms_norm(last, g.norm, 1, dim, static_cast<float>(m_.norm_eps), xn_.data());
-    std::vector<float> logits(m_.vocab_size);
-    cpu::matmul_bf16(&pool_, xn_.data(), 1, dim, g.output, m_.vocab_size, logits.data());
-    return logits;
+    // Only the rows whose logits are wanted go through the final norm and lm_head. Rows do not
+    // depend on how many share a matmul, so a batch gives each sequence the bits it gets alone.
+    const int64_t R = static_cast<int64_t>(L.logit_rows.size());
+    std::vector<float> out_rows(static_cast<size_t>(R * m_.vocab_size));
+    if (R > 0) {
+      std::vector<float> last(static_cast<size_t>(R * dim));
+      for (int64_t r = 0; r < R; ++r)
+        cpu::rms_norm(x_.data() + L.logit_rows[r] * dim, g.norm, 1, dim, static_cast<float>(m_.norm_eps),
+                      last.data() + r * dim);
+      cpu::matmul_bf16(&pool_, last.data(), R, dim, g.output, m_.vocab_size, out_rows.data());
+    }
+    if (out == Output::kGreedy) {
+      ids->resize(static_cast<size_t>(R));
+      for (int64_t r = 0; r < R; ++r) (*ids)[r] = argmax(out_rows.data() + r * m_.vocab_size, m_.vocab_size);
+    } else {
+      *logits = std::move(out_rows);
+    }
   }
 
-  void layer(int64_t l, const LayerWeights& w, int64_t T, int64_t start) {
+  void layer(int64_t l, const LayerWeights& w, const StepLayout& L) {
+    const int64_t T = L.rows();
     const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), ffn = m_.ffn_dim;
     const float eps = static_cast<float>(m_.norm_eps);
     q_.resize(T * q_dim);
+    k_.resize(T * kv_dim);
+    v_.resize(T * kv_dim);
     att_.resize(T * q_dim);
     gate_.resize(T * ffn);
     up_.resize(T * ffn);
-    float* kc = k_cache_.get() + static_cast<size_t>(l) * max_ctx_ * kv_dim;
-    float* vc = v_cache_.get() + static_cast<size_t>(l) * max_ctx_ * kv_dim;
+    float* kc = k_cache_.get() + static_cast<size_t>(l) * layer_rows() * kv_dim;
+    float* vc = v_cache_.get() + static_cast<size_t>(l) * layer_rows() * kv_dim;
 
-    // Attention block. Keys and values go straight into the cache rows of their positions.
+    // Attention block. New keys and values go to their sequences' cache rows, keys rotated.
     cpu::rms_norm(x_.data(), w.attn_norm, T, dim, eps, xn_.data());
     cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wq, q_dim, q_.data());
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wk, kv_dim, kc + start * kv_dim);
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wv, kv_dim, vc + start * kv_dim);
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wk, kv_dim, k_.data());
+    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wv, kv_dim, v_.data());
     for (int64_t t = 0; t < T; ++t) {
-      cpu::rope(q_.data() + t * q_dim, m_.n_heads, m_.head_dim, start + t, inv_freq_);
-      cpu::rope(kc + (start + t) * kv_dim, m_.n_kv_heads, m_.head_dim, start + t, inv_freq_);
+      cpu::rope(q_.data() + t * q_dim, m_.n_heads, m_.head_dim, L.pos[t], inv_freq_);
+      cpu::rope(k_.data() + t * kv_dim, m_.n_kv_heads, m_.head_dim, L.pos[t], inv_freq_);
+      std::copy_n(k_.data() + t * kv_dim, kv_dim, kc + static_cast<size_t>(L.slot[t]) * kv_dim);
+      std::copy_n(v_.data() + t * kv_dim, kv_dim, vc + static_cast<size_t>(L.slot[t]) * kv_dim);
     }
-    cpu::attention(&pool_, m_, q_.data(), kc, vc, T, start, att_.data());
+    for (int64_t i = 0; i < L.items(); ++i) {
+      const cpu::KvPages pages{kc, vc, kv_.table(L.seq[i]).data(), kv_.block_tokens()};
+      cpu::attention(&pool_, m_, q_.data() + L.row0[i] * q_dim, pages, L.count[i], L.start[i],
+                     att_.data() + L.row0[i] * q_dim);
+    }
     cpu::matmul_bf16(&pool_, att_.data(), T, q_dim, w.wo, dim, xn_.data());
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
 
@@ -376,13 +390,12 @@ class CpuBackend : public Backend {
 
   WeightSource& ws_;
   const ModelConfig m_;
-  const int64_t max_ctx_;
   const std::vector<float> inv_freq_;
   ThreadPool pool_;
-  std::unique_ptr<float[]> k_cache_, v_cache_;  // [layer][pos][kv_dim], rope already applied to keys
-  int64_t n_cached_ = 0;
-  // Activations of the current forward, [tokens][width].
-  std::vector<float> x_, xn_, q_, att_, gate_, up_;
+  // [layer][pool row][kv_dim] for n_blocks * block_tokens pool rows; rope already applied to keys.
+  std::unique_ptr<float[]> k_cache_, v_cache_;
+  // Activations of the current step, [rows][width].
+  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_;
 };
 
 }  // namespace

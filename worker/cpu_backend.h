@@ -30,10 +30,20 @@ void rope(float* x, int64_t n_heads, int64_t head_dim, int64_t pos, const std::v
 // gate[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
 void silu_mul(float* gate, const float* up, int64_t n);
 
+// One layer's paged keys and values (worker/kv_blocks.h): position p of the sequence is pool row
+// table[p / block_tokens] * block_tokens + p % block_tokens, a row being kv_dim floats of k or v.
+struct KvPages {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  const int32_t* table = nullptr;
+  int64_t block_tokens = 0;
+  int64_t row(int64_t p) const { return table[p / block_tokens] * block_tokens + p % block_tokens; }
+};
+
 // Causal GQA attention of n_tokens queries ([n_tokens, q_dim], rotated) at positions
-// [start, start + n_tokens) over one layer's cached keys and values ([pos][kv_dim], keys rotated):
+// [start, start + n_tokens) of one sequence over its cached keys and values (keys rotated):
 // scores q.k * (1/sqrt(head_dim)) in float32, softmax in float32, out [n_tokens, q_dim].
-void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const float* k_cache, const float* v_cache,
-               int64_t n_tokens, int64_t start, float* out);
+void attention(ThreadPool* pool, const ModelConfig& m, const float* q, const KvPages& kv, int64_t n_tokens,
+               int64_t start, float* out);
 
 }  // namespace ringllama::cpu

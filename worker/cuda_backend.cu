@@ -7,16 +7,19 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "common/errors.h"
 #include "kernels/add_rms_norm.cuh"
-#include "kernels/attention_decode.cuh"
-#include "kernels/attention_prefill.cuh"
+#include "kernels/argmax.cuh"
+#include "kernels/attention_paged.cuh"
 #include "kernels/check.h"
 #include "kernels/embedding.cuh"
+#include "kernels/gather_rows.cuh"
 #include "kernels/gemm.h"
+#include "kernels/kv_store.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/silu_mul.cuh"
 
@@ -26,7 +29,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int64_t kDecodeMaxSplits = 64;  // spans of a long context in decode attention
 constexpr int64_t kWeightAlign = 128;     // elements (256 bytes): every tensor starts 16-byte aligned
 
 // Page-locked host memory, so that the small per-step copies are true async DMA.
@@ -72,30 +74,56 @@ int select_device(int64_t gpu) {
   return static_cast<int>(gpu);
 }
 
-// One layer's weights on the device: views into the one weight allocation.
+// One layer's weights on the device: views into the one weight allocation. wq|wk|wv and w1|w3
+// are placed back to back, so that each pair or triple is one GEMM (one pass over x, one launch).
 struct DeviceLayer {
   const bf16* attn_norm = nullptr;  // [dim]
-  const bf16* wq = nullptr;         // [q_dim, dim]
-  const bf16* wk = nullptr;         // [kv_dim, dim]
-  const bf16* wv = nullptr;         // [kv_dim, dim]
+  const bf16* wqkv = nullptr;       // [q_dim + 2 kv_dim, dim]: wq, then wk, then wv
   const bf16* wo = nullptr;         // [dim, q_dim]
   const bf16* ffn_norm = nullptr;   // [dim]
-  const bf16* w1 = nullptr;         // gate [ffn, dim]
-  const bf16* w3 = nullptr;         // up [ffn, dim]
+  const bf16* w13 = nullptr;        // [2 ffn, dim]: gate (w1), then up (w3)
   const bf16* w2 = nullptr;         // down [dim, ffn]
+};
+
+// Where each array of a step's metadata sits in the one int32 buffer copied to the device per
+// step. The offsets depend only on (rows, items, tiles, logit rows), so every decode step of one
+// batch size has the same layout, and a graph captured for it stays valid.
+struct MetaLayout {
+  int64_t rows = 0, items = 0, tiles = 0, logit_rows = 0, table_stride = 0;
+  int64_t ids = 0, pos = 0, slot = 0, row0 = 0, count = 0, start = 0, tile_item = 0, tile_row0 = 0, logit = 0,
+          tables = 0, total = 0;
+  MetaLayout(int64_t R, int64_t I, int64_t T, int64_t L, int64_t stride)
+      : rows(R), items(I), tiles(T), logit_rows(L), table_stride(stride) {
+    int64_t at = 0;
+    auto take = [&](int64_t n) {
+      const int64_t here = at;
+      at += n;
+      return here;
+    };
+    ids = take(R), pos = take(R), slot = take(R);
+    row0 = take(I), count = take(I), start = take(I);
+    tile_item = take(T), tile_row0 = take(T), logit = take(L);
+    tables = take(I * stride);
+    total = at;
+  }
 };
 
 class CudaBackend : public Backend {
  public:
-  CudaBackend(WeightSource& ws, const Config& config)
-      : m_(ws.manifest().model),
+  CudaBackend(WeightSource& ws, const Config& config, const CudaBackendOptions& options)
+      : Backend(ws.manifest().model, config),
+        m_(ws.manifest().model),
         device_(select_device(config.gpu)),
-        max_ctx_(config.max_context),
-        chunk_(std::max<int64_t>(1, std::min(config.prefill_chunk_tokens, config.max_context))),
-        host_ids_(static_cast<size_t>(chunk_)),
-        host_pos_(static_cast<size_t>(chunk_)),
-        host_logits_(static_cast<size_t>(m_.vocab_size)) {
-    RL_REQUIRE(max_ctx_ > 0, "max_context must be > 0 (got {})", max_ctx_);
+        options_(options),
+        max_rows_(limits_.max_items * limits_.max_item_tokens),
+        group_(m_.n_kv_heads > 0 ? m_.n_heads / m_.n_kv_heads : 1),
+        max_tiles_(max_rows_ * group_ / kAttentionPagedRows + limits_.max_items),
+        max_meta_(MetaLayout(max_rows_, limits_.max_items, max_tiles_, limits_.max_items,
+                             kv_.max_blocks_per_sequence())
+                      .total),
+        host_meta_(static_cast<size_t>(max_meta_)),
+        host_logits_(static_cast<size_t>(limits_.max_items * m_.vocab_size)),
+        host_picked_(static_cast<size_t>(limits_.max_items)) {
     RL_REQUIRE(m_.head_dim % 2 == 0 && m_.head_dim <= 256, "the CUDA backend supports even head_dim up to 256, not {}",
                m_.head_dim);
     upload_weights(ws);
@@ -105,28 +133,63 @@ class CudaBackend : public Backend {
   ~CudaBackend() override {
     // Buffers are freed next; let queued work finish first (errors here cannot be acted on).
     if (stream_.get()) cudaStreamSynchronize(stream_.get());
+    for (auto& [n, exec] : graphs_) cudaGraphExecDestroy(exec);
   }
 
   const char* name() const override { return "cuda"; }
-  void reset() override { n_cached_ = 0; }
 
-  std::vector<float> forward(const std::vector<int32_t>& tokens, int64_t start_pos) override {
-    const int64_t T = static_cast<int64_t>(tokens.size());
-    RL_REQUIRE(T > 0, "forward needs at least one token");
-    RL_REQUIRE(start_pos == n_cached_, "forward at position {}, but the sequence has {} cached positions", start_pos,
-               n_cached_);
-    RL_REQUIRE(start_pos + T <= max_ctx_, "a context of {} tokens exceeds max_context ({})", start_pos + T, max_ctx_);
-    // The embedding kernel trusts its ids: this is where they are checked.
-    for (int64_t t = 0; t < T; ++t)
-      RL_REQUIRE(tokens[t] >= 0 && tokens[t] < m_.vocab_size,
-                 "token {} at position {} is outside the vocabulary [0, {})", tokens[t], start_pos + t, m_.vocab_size);
+ protected:
+  void run_step(const StepLayout& L, Output out, std::vector<float>* logits, std::vector<int32_t>* ids) override {
     CUDA_CHECK(cudaSetDevice(device_));
-    for (int64_t c0 = 0; c0 < T; c0 += chunk_) {
-      const int64_t n = std::min(chunk_, T - c0);
-      run_chunk(tokens.data() + c0, n, start_pos + c0, c0 + n == T);
+    cudaStream_t s = stream_.get();
+    const int64_t R = L.rows(), I = L.items(), NL = static_cast<int64_t>(L.logit_rows.size());
+    std::vector<int32_t> tile_item, tile_row0;
+    attention_paged_tiles(L.count, group_, &tile_item, &tile_row0);
+    const MetaLayout ml(R, I, static_cast<int64_t>(tile_item.size()), NL, kv_.max_blocks_per_sequence());
+    RL_REQUIRE(R <= max_rows_ && ml.total <= max_meta_, "a step of {} tokens exceeds the {} the backend sized for", R,
+               max_rows_);
+
+    // The host staging buffer is reused: the previous step's copy out of it must be done (each
+    // step ends with a synchronize, so it is).
+    int32_t* h = host_meta_.get();
+    std::copy(L.ids.begin(), L.ids.end(), h + ml.ids);
+    std::copy(L.pos.begin(), L.pos.end(), h + ml.pos);
+    std::copy(L.slot.begin(), L.slot.end(), h + ml.slot);
+    for (int64_t i = 0; i < I; ++i) {
+      h[ml.row0 + i] = static_cast<int32_t>(L.row0[i]);
+      h[ml.count + i] = static_cast<int32_t>(L.count[i]);
+      h[ml.start + i] = static_cast<int32_t>(L.start[i]);
+      const std::vector<int32_t>& table = kv_.table(L.seq[i]);
+      std::copy(table.begin(), table.end(), h + ml.tables + i * ml.table_stride);
     }
-    n_cached_ = start_pos + T;
-    return std::vector<float>(host_logits_.get(), host_logits_.get() + m_.vocab_size);
+    std::copy(tile_item.begin(), tile_item.end(), h + ml.tile_item);
+    std::copy(tile_row0.begin(), tile_row0.end(), h + ml.tile_row0);
+    for (int64_t r = 0; r < NL; ++r) h[ml.logit + r] = static_cast<int32_t>(L.logit_rows[r]);
+    CUDA_CHECK(cudaMemcpyAsync(meta_.get(), h, static_cast<size_t>(ml.total) * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, s));
+
+    // A decode step: one token per sequence, every one wanting logits. Its shape is the batch size.
+    const bool decode = R == I && NL == I;
+    if (decode && options_.graphs) {
+      auto it = graphs_.find(I);
+      if (it == graphs_.end()) it = graphs_.emplace(I, capture(ml)).first;
+      CUDA_CHECK(cudaGraphLaunch(it->second, s));
+    } else {
+      forward_pass(ml);
+    }
+
+    if (NL > 0) {
+      if (out == Output::kGreedy) {
+        launch_argmax(logits_.get(), ElemType::F32, NL, m_.vocab_size, m_.vocab_size, picked_.get(), s);
+        CUDA_CHECK(cudaMemcpyAsync(host_picked_.get(), picked_.get(), NL * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+      } else {
+        CUDA_CHECK(cudaMemcpyAsync(host_logits_.get(), logits_.get(), NL * m_.vocab_size * sizeof(float),
+                                   cudaMemcpyDeviceToHost, s));
+      }
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    if (out == Output::kGreedy) ids->assign(host_picked_.get(), host_picked_.get() + NL);
+    else logits->assign(host_logits_.get(), host_logits_.get() + NL * m_.vocab_size);
   }
 
  private:
@@ -147,12 +210,13 @@ class CudaBackend : public Backend {
       return at;
     };
     const int64_t emb_at = place(vocab * dim), norm_at = place(dim), out_at = tied ? emb_at : place(vocab * dim);
-    const int64_t layer_sizes[9] = {dim, q_dim * dim, kv_dim * dim, kv_dim * dim, dim * q_dim,
-                                    dim, ffn * dim,   ffn * dim,    dim * ffn};
-    std::vector<std::array<int64_t, 9>> layer_at(m_.n_layers);
+    // attn_norm, wq|wk|wv, wo, ffn_norm, w1|w3, w2.
+    const int64_t layer_sizes[6] = {dim, (q_dim + 2 * kv_dim) * dim, dim * q_dim, dim, 2 * ffn * dim, dim * ffn};
+    std::vector<std::array<int64_t, 6>> layer_at(m_.n_layers);
     for (auto& at : layer_at)
-      for (int i = 0; i < 9; ++i) at[i] = place(layer_sizes[i]);
+      for (int i = 0; i < 6; ++i) at[i] = place(layer_sizes[i]);
     weights_ = DeviceBuffer<bf16>(static_cast<size_t>(total), "the model's weights");
+    weight_bytes_ = static_cast<size_t>(total) * sizeof(bf16);
 
     bf16* base = weights_.get();
     auto copy = [&](int64_t at, const bf16_t* src, int64_t count) {
@@ -168,42 +232,45 @@ class CudaBackend : public Backend {
     layers_.resize(m_.n_layers);
     for (int64_t l = 0; l < m_.n_layers; ++l) {
       const LayerWeights w = ws.acquire_layer(l);
+      const auto& at = layer_at[l];
       try {
         const bf16_t* src[9] = {w.attn_norm, w.wq, w.wk, w.wv, w.wo, w.ffn_norm, w.w1, w.w3, w.w2};
-        for (int i = 0; i < 9; ++i) {
-          RL_REQUIRE(src[i], "layer {}: the weight source lacks tensor {}", l, i);
-          copy(layer_at[l][i], src[i], layer_sizes[i]);
-        }
+        for (int i = 0; i < 9; ++i) RL_REQUIRE(src[i], "layer {}: the weight source lacks tensor {}", l, i);
+        copy(at[0], w.attn_norm, dim);
+        copy(at[1], w.wq, q_dim * dim);
+        copy(at[1] + q_dim * dim, w.wk, kv_dim * dim);
+        copy(at[1] + (q_dim + kv_dim) * dim, w.wv, kv_dim * dim);
+        copy(at[2], w.wo, dim * q_dim);
+        copy(at[3], w.ffn_norm, dim);
+        copy(at[4], w.w1, ffn * dim);
+        copy(at[4] + ffn * dim, w.w3, ffn * dim);
+        copy(at[5], w.w2, dim * ffn);
       } catch (...) {
         ws.release_layer(l);
         throw;
       }
       ws.release_layer(l);
-      const auto& at = layer_at[l];
-      layers_[l] = DeviceLayer{base + at[0], base + at[1], base + at[2], base + at[3], base + at[4],
-                               base + at[5], base + at[6], base + at[7], base + at[8]};
+      layers_[l] = DeviceLayer{base + at[0], base + at[1], base + at[2], base + at[3], base + at[4], base + at[5]};
     }
   }
 
   void allocate_state() {
-    const size_t C = static_cast<size_t>(chunk_);
+    const size_t R = static_cast<size_t>(max_rows_), I = static_cast<size_t>(limits_.max_items);
     const size_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), ffn = m_.ffn_dim;
-    const size_t cache = static_cast<size_t>(m_.n_layers) * static_cast<size_t>(max_ctx_) * kv_dim;
-    k_cache_ = DeviceBuffer<bf16>(cache, "the key cache (n_layers x max_context x kv_dim)");
-    v_cache_ = DeviceBuffer<bf16>(cache, "the value cache (n_layers x max_context x kv_dim)");
-    x_ = DeviceBuffer<float>(C * dim, "the residual stream");
-    xn_ = DeviceBuffer<bf16>(C * dim, "normed activations");
-    q_ = DeviceBuffer<bf16>(C * q_dim, "queries");
-    att_ = DeviceBuffer<bf16>(C * q_dim, "attention output");
-    proj_ = DeviceBuffer<float>(C * dim, "projection output");
-    gate_ = DeviceBuffer<bf16>(C * ffn, "FFN gate");
-    up_ = DeviceBuffer<bf16>(C * ffn, "FFN up");
-    logits_ = DeviceBuffer<float>(static_cast<size_t>(m_.vocab_size), "logits");
-    ids_ = DeviceBuffer<int32_t>(C, "token ids");
-    pos_ = DeviceBuffer<int32_t>(C, "positions");
-    attn_ws_floats_ = attention_decode_workspace_floats(m_.n_heads, m_.head_dim, kDecodeMaxSplits);
-    attn_ws_ = DeviceBuffer<float>(attn_ws_floats_, "decode attention workspace");
-    target_blocks_ = 2 * cuda_sm_count(device_);
+    pool_rows_ = static_cast<size_t>(kv_.n_blocks()) * static_cast<size_t>(kv_.block_tokens());
+    const size_t cache = static_cast<size_t>(m_.n_layers) * pool_rows_ * kv_dim;
+    k_cache_ = DeviceBuffer<bf16>(cache, "the key cache (n_layers x kv blocks x kv_block_tokens x kv_dim)");
+    v_cache_ = DeviceBuffer<bf16>(cache, "the value cache (n_layers x kv blocks x kv_block_tokens x kv_dim)");
+    x_ = DeviceBuffer<float>(R * dim, "the residual stream");
+    xn_ = DeviceBuffer<bf16>(R * dim, "normed activations");
+    qkv_ = DeviceBuffer<bf16>(R * (q_dim + 2 * kv_dim), "queries, keys and values");
+    att_ = DeviceBuffer<bf16>(R * q_dim, "attention output");
+    proj_ = DeviceBuffer<float>(R * dim, "projection output");
+    gu_ = DeviceBuffer<bf16>(R * 2 * ffn, "FFN gate and up");
+    xg_ = DeviceBuffer<bf16>(I * dim, "normed rows for lm_head");
+    logits_ = DeviceBuffer<float>(I * static_cast<size_t>(m_.vocab_size), "logits");
+    picked_ = DeviceBuffer<int32_t>(I, "greedy ids");
+    meta_ = DeviceBuffer<int32_t>(static_cast<size_t>(max_meta_), "step metadata");
 
     const std::vector<double> inv = rope_inv_freq(m_);
     const std::vector<float> inv_f(inv.begin(), inv.end());  // rounded to float once, as transformers keeps it
@@ -211,121 +278,142 @@ class CudaBackend : public Backend {
     CUDA_CHECK(cudaMemcpy(inv_freq_.get(), inv_f.data(), inv_f.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
 
-  // ------------------------------------------------------------------------------------------
-  // The forward, top to bottom
-
-  // Tokens [start, start + n) through every layer; with want_logits, the last one's logits to host.
-  void run_chunk(const int32_t* tokens, int64_t n, int64_t start, bool want_logits) {
+  cudaGraphExec_t capture(const MetaLayout& ml) {
     cudaStream_t s = stream_.get();
-    const int64_t dim = m_.dim;
-    const float eps = static_cast<float>(m_.norm_eps);
-    // The host staging buffers are reused: the previous chunk's copies out of them must be done.
-    CUDA_CHECK(cudaStreamSynchronize(s));
-    for (int64_t t = 0; t < n; ++t) {
-      host_ids_.get()[t] = tokens[t];
-      host_pos_.get()[t] = static_cast<int32_t>(start + t);
+    cudaGraph_t graph = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    try {
+      forward_pass(ml);
+    } catch (...) {
+      cudaStreamEndCapture(s, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
     }
-    CUDA_CHECK(cudaMemcpyAsync(ids_.get(), host_ids_.get(), n * sizeof(int32_t), cudaMemcpyHostToDevice, s));
-    CUDA_CHECK(cudaMemcpyAsync(pos_.get(), host_pos_.get(), n * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+    CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    CUDA_CHECK(err);
+    return exec;
+  }
 
-    launch_embedding(ids_.get(), n, tok_embeddings_, m_.vocab_size, dim, x_.get(), ElemType::F32, s);
+  // ------------------------------------------------------------------------------------------
+  // The forward, top to bottom: every kernel of one step, reading its metadata from meta_.
+
+  void forward_pass(const MetaLayout& ml) {
+    cudaStream_t s = stream_.get();
+    const int64_t dim = m_.dim, n = ml.rows;
+    const float eps = static_cast<float>(m_.norm_eps);
+    const int32_t* meta = meta_.get();
+    PagedAttentionBatch batch;
+    batch.item_row0 = meta + ml.row0;
+    batch.item_count = meta + ml.count;
+    batch.item_start = meta + ml.start;
+    batch.block_tables = meta + ml.tables;
+    batch.table_stride = ml.table_stride;
+    batch.tile_item = meta + ml.tile_item;
+    batch.tile_row0 = meta + ml.tile_row0;
+    batch.n_tiles = ml.tiles;
+
+    launch_embedding(meta + ml.ids, n, tok_embeddings_, m_.vocab_size, dim, x_.get(), ElemType::F32, s);
     for (int64_t l = 0; l < m_.n_layers; ++l) {
       const DeviceLayer& w = layers_[l];
       // x += the previous layer's FFN output (layer 0 starts from the embeddings); xn = norm(x).
       launch_add_rms_norm(x_.get(), l == 0 ? nullptr : proj_.get(), ElemType::F32, w.attn_norm, eps, xn_.get(), n,
                           dim, s);
-      attention_block(l, w, n, start);
+      attention_block(l, w, ml, batch);
       // x += attention output; xn = norm(x).
       launch_add_rms_norm(x_.get(), proj_.get(), ElemType::F32, w.ffn_norm, eps, xn_.get(), n, dim, s);
       ffn_block(w, n);
     }
-    if (!want_logits) return;  // an earlier chunk of a long prompt: only its cache rows matter
+    if (ml.logit_rows == 0) return;  // early prompt chunks only: their cache rows are what counts
 
-    // Final norm and lm_head on the last position only.
-    const int64_t last = (n - 1) * dim;
-    launch_add_rms_norm(x_.get() + last, proj_.get() + last, ElemType::F32, norm_, eps, xn_.get() + last, 1, dim, s);
-    gemm_.matmul(xn_.get() + last, 1, dim, output_, m_.vocab_size, logits_.get(), ElemType::F32, m_.vocab_size, s);
-    CUDA_CHECK(cudaMemcpyAsync(host_logits_.get(), logits_.get(), m_.vocab_size * sizeof(float),
-                               cudaMemcpyDeviceToHost, s));
-    CUDA_CHECK(cudaStreamSynchronize(s));
+    // Final norm over the step's rows (cheap), then lm_head on the rows that want logits only.
+    launch_add_rms_norm(x_.get(), proj_.get(), ElemType::F32, norm_, eps, xn_.get(), n, dim, s);
+    const bf16* rows = xn_.get();
+    if (ml.logit_rows != n) {  // a decode step wants every row, in order; otherwise gather them
+      launch_gather_rows(xn_.get(), dim, meta + ml.logit, ml.logit_rows, dim, xg_.get(), s);
+      rows = xg_.get();
+    }
+    gemm_.matmul(rows, ml.logit_rows, dim, output_, m_.vocab_size, logits_.get(), ElemType::F32, m_.vocab_size, s);
   }
 
-  // xn → q, k, v (keys and values written straight into the cache rows of their positions) →
-  // RoPE → attention over the cache → O projection into proj_ (fp32).
-  void attention_block(int64_t l, const DeviceLayer& w, int64_t n, int64_t start) {
+  // xn → q|k|v (one GEMM) → RoPE on q and k → k, v into their cache rows → attention over the
+  // paged cache → O projection into proj_ (fp32).
+  void attention_block(int64_t l, const DeviceLayer& w, const MetaLayout& ml, const PagedAttentionBatch& batch) {
     cudaStream_t s = stream_.get();
-    const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim();
-    bf16* kc = k_cache_.get() + static_cast<size_t>(l) * static_cast<size_t>(max_ctx_) * kv_dim;
-    bf16* vc = v_cache_.get() + static_cast<size_t>(l) * static_cast<size_t>(max_ctx_) * kv_dim;
-    bf16* k_new = kc + start * kv_dim;
-    bf16* v_new = vc + start * kv_dim;
-    gemm_.matmul(xn_.get(), n, dim, w.wq, q_dim, q_.get(), ElemType::BF16, q_dim, s);
-    gemm_.matmul(xn_.get(), n, dim, w.wk, kv_dim, k_new, ElemType::BF16, kv_dim, s);
-    gemm_.matmul(xn_.get(), n, dim, w.wv, kv_dim, v_new, ElemType::BF16, kv_dim, s);
-    launch_rope(q_.get(), q_dim, m_.n_heads, k_new, kv_dim, m_.n_kv_heads, m_.head_dim, pos_.get(), inv_freq_.get(), n,
-                s);
+    const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), qkv_dim = q_dim + 2 * kv_dim, n = ml.rows;
+    bf16* kc = k_cache_.get() + static_cast<size_t>(l) * pool_rows_ * kv_dim;
+    bf16* vc = v_cache_.get() + static_cast<size_t>(l) * pool_rows_ * kv_dim;
+    bf16* q = qkv_.get();
+    bf16* k = q + q_dim;
+    bf16* v = k + kv_dim;
+    gemm_.matmul(xn_.get(), n, dim, w.wqkv, qkv_dim, q, ElemType::BF16, qkv_dim, s);
+    launch_rope(q, qkv_dim, m_.n_heads, k, qkv_dim, m_.n_kv_heads, m_.head_dim, meta_.get() + ml.pos, inv_freq_.get(),
+                n, s);
+    launch_kv_store(k, v, qkv_dim, n, kv_dim, meta_.get() + ml.slot, kc, vc, kv_dim, s);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m_.head_dim)));
-    if (n > 1) {
-      launch_attention_prefill(q_.get(), kc, vc, kv_dim, att_.get(), n, start, m_.n_heads, m_.n_kv_heads, m_.head_dim,
-                               scale, s);
-    } else {
-      launch_attention_decode(q_.get(), kc, vc, kv_dim, att_.get(), start + 1, m_.n_heads, m_.n_kv_heads, m_.head_dim,
-                              scale, attn_ws_.get(), attn_ws_floats_, target_blocks_, s);
-    }
+    launch_attention_paged(q, qkv_dim, kc, vc, kv_dim, kv_.block_tokens(), att_.get(), q_dim, batch, m_.n_heads,
+                           m_.n_kv_heads, m_.head_dim, scale, s);
     gemm_.matmul(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
   }
 
-  // xn → gate, up → SiLU(gate)·up in place → down projection into proj_ (fp32).
+  // xn → gate|up (one GEMM) → SiLU(gate)·up over the gate half → down projection into proj_.
   void ffn_block(const DeviceLayer& w, int64_t n) {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, ffn = m_.ffn_dim;
-    gemm_.matmul(xn_.get(), n, dim, w.w1, ffn, gate_.get(), ElemType::BF16, ffn, s);
-    gemm_.matmul(xn_.get(), n, dim, w.w3, ffn, up_.get(), ElemType::BF16, ffn, s);
-    launch_silu_mul(gate_.get(), up_.get(), n * ffn, s);
-    gemm_.matmul(gate_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s);
+    gemm_.matmul(xn_.get(), n, dim, w.w13, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+    launch_silu_mul_rows(gu_.get(), n, ffn, s);
+    gemm_.matmul(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 0.0f, 2 * ffn);
   }
 
   // ------------------------------------------------------------------------------------------
 
   const ModelConfig m_;
-  const int device_;       // set current before any member below is built
-  const int64_t max_ctx_;  // positions of the KV cache
-  const int64_t chunk_;    // tokens per pass through the layers (activations are sized for it)
+  const int device_;  // set current before any member below is built
+  const CudaBackendOptions options_;
+  const int64_t max_rows_;   // tokens of one step (activations are sized for it)
+  const int64_t group_;      // query heads per kv head
+  const int64_t max_tiles_;  // attention work tiles of one step, at most
+  const int64_t max_meta_;   // int32s of one step's metadata, at most
   Stream stream_;
   Gemm gemm_;
 
   DeviceBuffer<bf16> weights_;  // every tensor, 256-byte aligned
+  size_t weight_bytes_ = 0;
   const bf16* tok_embeddings_ = nullptr;
   const bf16* norm_ = nullptr;
   const bf16* output_ = nullptr;  // == tok_embeddings_ when tied
   std::vector<DeviceLayer> layers_;
 
-  DeviceBuffer<bf16> k_cache_, v_cache_;  // [layer][pos][kv_dim], keys rotated
-  int64_t n_cached_ = 0;
+  // The paged cache: [layer][pool row][kv_dim], pool row = block * kv_block_tokens + offset; keys rotated.
+  DeviceBuffer<bf16> k_cache_, v_cache_;
+  size_t pool_rows_ = 0;
 
-  // Activations of one chunk, [tokens][width].
+  // Activations of one step, [tokens][width].
   DeviceBuffer<float> x_;     // residual stream (fp32: see add_rms_norm.cuh)
   DeviceBuffer<bf16> xn_;     // normed x, the GEMMs' input
-  DeviceBuffer<bf16> q_;      // queries
+  DeviceBuffer<bf16> qkv_;    // [tokens][q_dim + 2 kv_dim]
   DeviceBuffer<bf16> att_;    // attention output
   DeviceBuffer<float> proj_;  // O or down projection, added into x by the next norm
-  DeviceBuffer<bf16> gate_;   // gate, then SiLU(gate)·up
-  DeviceBuffer<bf16> up_;
-  DeviceBuffer<float> logits_;  // [vocab]
-  DeviceBuffer<int32_t> ids_, pos_;
+  DeviceBuffer<bf16> gu_;     // [tokens][2 ffn]: gate (then SiLU(gate)·up) | up
+  DeviceBuffer<bf16> xg_;     // [items][dim] the normed rows that want logits, when gathered
+  DeviceBuffer<float> logits_;  // [items][vocab]
+  DeviceBuffer<int32_t> picked_;
+  DeviceBuffer<int32_t> meta_;  // MetaLayout
   DeviceBuffer<float> inv_freq_;  // [head_dim / 2]
-  DeviceBuffer<float> attn_ws_;
-  size_t attn_ws_floats_ = 0;
-  int target_blocks_ = 0;
+  std::map<int64_t, cudaGraphExec_t> graphs_;  // decode step graphs by batch size
 
-  PinnedBuffer<int32_t> host_ids_, host_pos_;
+  PinnedBuffer<int32_t> host_meta_;
   PinnedBuffer<float> host_logits_;
+  PinnedBuffer<int32_t> host_picked_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& config) {
-  return std::make_unique<CudaBackend>(weights, config);
+std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& config,
+                                           const CudaBackendOptions& options) {
+  return std::make_unique<CudaBackend>(weights, config, options);
 }
 
 }  // namespace ringllama

@@ -3,12 +3,17 @@
 //   ringllama-generate --store DIR --prompt-ids 1,2,3 --max-tokens 16 [--temperature T --top-k K
 //                      --top-p P --seed S] [--stop-ids 5,6] [--ignore-eos] [--tokens-out FILE]
 //                      [--logits-out FILE] [--backend cpu]
+//   ringllama-generate --store DIR --batch-prompts FILE ...   one prompt per line, run together
 //   ringllama-generate --daemon ENDPOINT --prompt-ids ...   weights from a running ringllama-loaderd
 //   ringllama-generate --store DIR --plan-only [--device-memory GB]
 //
 // --plan-only prints the device memory plan (worker/planner.h) and exits 0 if it fits, 1 if not;
 // it reads only the manifest, so a manifest without its weights.bin is enough.
-// stdout: the generated ids on one line. stderr: one timing line. Errors: one line, exit 1.
+// --batch-prompts runs every line's prompt (ids separated by commas or blanks) on one backend, up to
+// batch_size sequences per step; later lines join as earlier ones finish. Line N (0-based) writes
+// --tokens-out FILE.N and --logits-out FILE.N.
+// stdout: the generated ids, one line per sequence (in prompt order). stderr: one timing line.
+// Errors: one line, exit 1.
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
@@ -26,6 +31,7 @@
 #include "common/store.h"
 #include "worker/backend.h"
 #include "worker/daemon_weights.h"
+#include "worker/generation.h"
 #ifdef RINGLLAMA_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
@@ -46,6 +52,7 @@ struct Options {
   bool ignore_eos = false;
   std::string tokens_out;
   std::string logits_out;
+  std::string batch_prompts;  // a file of prompts, one per line; "" = the one --prompt-ids
   std::string daemon;  // the loader daemon's control endpoint; "" = read the store directly
   bool plan_only = false;
   double device_memory_gb = 0;  // --plan-only: the card's memory, GiB; 0 = the GPU's own
@@ -143,6 +150,9 @@ int run(int argc, char** argv) {
   app.add_option("--tokens-out", o.tokens_out, "write the generated ids to this file (one line)");
   app.add_option("--logits-out", o.logits_out,
                  "write each generated token's logits row (float32, little-endian, vocab_size per token)");
+  app.add_option("--batch-prompts", o.batch_prompts,
+                 "a file with one prompt per line (ids separated by commas or blanks), run together; "
+                 "--tokens-out/--logits-out get a .N suffix per line");
   app.add_option("--daemon", o.daemon,
                  "read the weights from the loader daemon at this control endpoint (the store is the one it serves)");
   app.add_flag("--plan-only", o.plan_only, "print the device memory plan and exit: 0 if it fits, 1 if not");
@@ -179,32 +189,53 @@ int run(int argc, char** argv) {
   }
 
   const ModelConfig& m = store.model();
-  if (app.count("--prompt-ids") == 0) fail("--prompt-ids is required (comma separated token ids)");
-  if (o.prompt_ids.find_first_not_of(" \t") == std::string::npos) fail("--prompt-ids is empty: give at least one token id");
-  const std::vector<int32_t> prompt = parse_ids(o.prompt_ids, "--prompt-ids", m.vocab_size);
+  // The prompts: --prompt-ids is a list of one.
+  std::vector<std::vector<int32_t>> prompts;
+  if (!o.batch_prompts.empty()) {
+    if (app.count("--prompt-ids")) fail("--prompt-ids and --batch-prompts exclude each other");
+    std::ifstream in(o.batch_prompts);
+    if (!in) fail("--batch-prompts {}: cannot open: {}", o.batch_prompts, errno_text(errno));
+    std::string text;
+    for (int64_t n = 0; std::getline(in, text); ++n)
+      prompts.push_back(parse_id_line(text, fmt::format("--batch-prompts {} line {}", o.batch_prompts, n + 1),
+                                      m.vocab_size));
+    if (prompts.empty()) fail("--batch-prompts {}: no prompts", o.batch_prompts);
+  } else {
+    if (app.count("--prompt-ids") == 0) fail("--prompt-ids is required (comma separated token ids)");
+    if (o.prompt_ids.find_first_not_of(" \t") == std::string::npos)
+      fail("--prompt-ids is empty: give at least one token id");
+    prompts.push_back(parse_ids(o.prompt_ids, "--prompt-ids", m.vocab_size));
+  }
+  const bool batch = !o.batch_prompts.empty();
   std::set<int32_t> stop;
   if (!o.stop_ids.empty())
     for (int32_t id : parse_ids(o.stop_ids, "--stop-ids", m.vocab_size)) stop.insert(id);
   if (!o.ignore_eos)
     for (int64_t id : m.eos_ids) stop.insert(static_cast<int32_t>(id));
   if (o.max_tokens < 1) fail("--max-tokens must be >= 1 (got {})", o.max_tokens);
-  const int64_t need = static_cast<int64_t>(prompt.size()) + o.max_tokens;
-  if (need > config.max_context)
-    fail("the prompt ({} tokens) plus --max-tokens ({}) is {} tokens, over max_context ({})", prompt.size(),
-         o.max_tokens, need, config.max_context);
-  Sampler sampler(o.sampling);
+  std::vector<GenRequest> requests;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const int64_t need = static_cast<int64_t>(prompts[i].size()) + o.max_tokens;
+    if (need > config.max_context)
+      fail("{}the prompt ({} tokens) plus --max-tokens ({}) is {} tokens, over max_context ({})",
+           batch ? fmt::format("line {}: ", i + 1) : "", prompts[i].size(), o.max_tokens, need, config.max_context);
+    requests.push_back(GenRequest{prompts[i], o.max_tokens, o.sampling, stop});
+  }
+  o.sampling.validate();
   require_backend(o.backend);
 
   // Open the outputs before the long part, so that a bad path fails at once.
-  std::ofstream logits_file;
-  if (!o.logits_out.empty()) {
-    logits_file.open(o.logits_out, std::ios::binary | std::ios::trunc);
-    if (!logits_file) fail("--logits-out {}: cannot open: {}", o.logits_out, errno_text(errno));
-  }
-  std::ofstream tokens_file;
-  if (!o.tokens_out.empty()) {
-    tokens_file.open(o.tokens_out, std::ios::trunc);
-    if (!tokens_file) fail("--tokens-out {}: cannot open: {}", o.tokens_out, errno_text(errno));
+  auto out_name = [&](const std::string& base, size_t i) { return batch ? fmt::format("{}.{}", base, i) : base; };
+  std::vector<std::ofstream> logits_files(prompts.size()), tokens_files(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (!o.logits_out.empty()) {
+      logits_files[i].open(out_name(o.logits_out, i), std::ios::binary | std::ios::trunc);
+      if (!logits_files[i]) fail("--logits-out {}: cannot open: {}", out_name(o.logits_out, i), errno_text(errno));
+    }
+    if (!o.tokens_out.empty()) {
+      tokens_files[i].open(out_name(o.tokens_out, i), std::ios::trunc);
+      if (!tokens_files[i]) fail("--tokens-out {}: cannot open: {}", out_name(o.tokens_out, i), errno_text(errno));
+    }
   }
 
   auto tl = std::chrono::steady_clock::now();
@@ -216,52 +247,34 @@ int run(int argc, char** argv) {
                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tl).count(),
                 backend->name(), config.max_context);
 
-  using clock = std::chrono::steady_clock;
-  std::vector<int32_t> generated;
-  const char* reason = "length";
-  auto t0 = clock::now();
-  // The prompt goes in prefill_chunk_tokens at a time (one forward for most prompts): the chunk
-  // bounds the activations, which grow with the tokens of one forward.
-  std::vector<float> logits;
-  int64_t pos = 0;
-  while (pos < static_cast<int64_t>(prompt.size())) {
-    const int64_t n = std::min<int64_t>(config.prefill_chunk_tokens, static_cast<int64_t>(prompt.size()) - pos);
-    logits = backend->forward(std::vector<int32_t>(prompt.begin() + pos, prompt.begin() + pos + n), pos);
-    pos += n;
-  }
-  auto t1 = clock::now();
-  for (;;) {
-    const int32_t tok = sampler.sample(logits);
-    generated.push_back(tok);
-    if (logits_file) {
-      static_assert(sizeof(float) == 4, "float32 rows");
-      // The host is little-endian (x86-64, aarch64), so the floats are written as they are.
-      logits_file.write(reinterpret_cast<const char*>(logits.data()),
-                        static_cast<std::streamsize>(logits.size() * sizeof(float)));
-    }
-    if (stop.count(tok)) {
-      reason = "stop";
-      break;
-    }
-    if (static_cast<int64_t>(generated.size()) >= o.max_tokens) break;
-    logits = backend->forward({tok}, pos++);
-  }
-  auto t2 = clock::now();
-  spdlog::debug("prompt {} tokens, generated {} ({})", prompt.size(), generated.size(), reason);
+  // Rows are written as they come; the host is little-endian (x86-64, aarch64), so the floats go
+  // out as they are.
+  static_assert(sizeof(float) == 4, "float32 rows");
+  auto sink = [&](size_t i, int32_t, const std::vector<float>& row) {
+    if (logits_files[i])
+      logits_files[i].write(reinterpret_cast<const char*>(row.data()),
+                            static_cast<std::streamsize>(row.size() * sizeof(float)));
+  };
+  GenStats st;
+  const std::vector<GenResult> results = generate_all(*backend, requests, !o.logits_out.empty(), sink, &st);
 
-  const std::string line = join_ids(generated);
-  std::printf("%s\n", line.c_str());
+  for (size_t i = 0; i < results.size(); ++i) {
+    const std::string line = join_ids(results[i].tokens);
+    std::printf("%s\n", line.c_str());
+    spdlog::debug("sequence {}: prompt {} tokens, generated {} ({})", i, prompts[i].size(), results[i].tokens.size(),
+                  results[i].reason);
+    if (tokens_files[i]) tokens_files[i] << line << "\n";
+    if (logits_files[i] && !logits_files[i].flush()) fail("--logits-out {}: write failed", out_name(o.logits_out, i));
+    if (tokens_files[i] && !tokens_files[i].flush()) fail("--tokens-out {}: write failed", out_name(o.tokens_out, i));
+  }
   std::fflush(stdout);
-  if (tokens_file) tokens_file << line << "\n";
-  if (logits_file && !logits_file.flush()) fail("--logits-out {}: write failed", o.logits_out);
-  if (tokens_file && !tokens_file.flush()) fail("--tokens-out {}: write failed", o.tokens_out);
 
-  const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
-  const double decode_s = std::chrono::duration<double>(t2 - t1).count();
-  const int64_t decoded = static_cast<int64_t>(generated.size()) - 1;  // the first token came from prefill
-  fmt::print(stderr, "{}: prefill {} tokens in {:.1f} ms ({:.1f} tokens/s); decode {} tokens in {:.1f} ms ({:.1f} tokens/s); stop: {}\n",
-             backend->name(), prompt.size(), prefill_s * 1e3, prompt.size() / std::max(prefill_s, 1e-9), decoded,
-             decode_s * 1e3, decoded > 0 ? decoded / std::max(decode_s, 1e-9) : 0.0, reason);
+  const std::string stop_text = batch ? fmt::format("{} sequences in {} steps", results.size(), st.steps)
+                                      : fmt::format("stop: {}", results[0].reason);
+  fmt::print(stderr, "{}: prefill {} tokens in {:.1f} ms ({:.1f} tokens/s); decode {} tokens in {:.1f} ms ({:.1f} tokens/s); {}\n",
+             backend->name(), st.prefill_tokens, st.prefill_s * 1e3, st.prefill_tokens / std::max(st.prefill_s, 1e-9),
+             st.decode_tokens, st.decode_s * 1e3, st.decode_tokens > 0 ? st.decode_tokens / std::max(st.decode_s, 1e-9) : 0.0,
+             stop_text);
   return 0;
 }
 

@@ -1,0 +1,218 @@
+#include "kernels/attention_paged.cuh"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "kernels/attention_common.cuh"
+#include "kernels/device_math.cuh"
+
+namespace ringllama {
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = 4;
+constexpr int kRows = kWarps * kRowsPerWarp;  // query rows (token, head of the group) per block
+constexpr int kTile = 32;                     // keys per tile: one per lane for the scores
+static_assert(kRows == kAttentionPagedRows, "the header's tile height");
+
+// Block (tile, kv head g): 16 query rows of one item that share kv head g (rows ordered
+// token-major, head-minor, so the rows of one token's GQA group share every K/V tile). Each warp
+// keeps 4 rows. Scores: lane l scores key l of the tile against the warp's 4 rows (K row from
+// shared memory, q broadcast). Output: lane l accumulates dimensions l + 32j of the 4 rows; p of
+// key t comes from lane t by shuffle. Exponentials are base 2 with log2(e) folded into the scale.
+//
+// Shared memory (bf16): K tile [32][ks2 pairs], V tile [32][head_dim], Q [16][head_dim], and the
+// tile's 32 pool rows. ks2 (the K row length in 4-byte words) is odd, so the 32 lanes reading word
+// p of 32 rows hit 32 different banks.
+template <int MAXJ>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_paged_kernel(const __nv_bfloat16* __restrict__ q, int64_t q_stride, const __nv_bfloat16* __restrict__ k,
+                           const __nv_bfloat16* __restrict__ v, int64_t kv_stride, int block_tokens,
+                           __nv_bfloat16* __restrict__ out, int64_t out_stride, PagedAttentionBatch b, int group,
+                           int head_dim, int ks2, float scale_log2) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int hd2 = head_dim / 2;
+  __nv_bfloat162* ks = reinterpret_cast<__nv_bfloat162*>(smem_raw);  // [kTile][ks2]
+  __nv_bfloat162* vs = ks + kTile * ks2;                               // [kTile][hd2]
+  __nv_bfloat162* qs = vs + kTile * hd2;                               // [kRows][hd2]
+  int64_t* key_row = reinterpret_cast<int64_t*>(qs + kRows * hd2);     // [kTile] pool row offsets (elements)
+  const __nv_bfloat16* vs_h = reinterpret_cast<const __nv_bfloat16*>(vs);
+
+  const int item = b.tile_item[blockIdx.x];
+  const int row0 = b.tile_row0[blockIdx.x];
+  const int g = blockIdx.y;
+  const int64_t tok0 = b.item_row0[item];
+  const int n_rows = b.item_count[item] * group;
+  const int64_t start_pos = b.item_start[item];
+  const int32_t* table = b.block_tables + static_cast<int64_t>(item) * b.table_stride;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const __nv_bfloat162 zero2 = __floats2bfloat162_rn(0.0f, 0.0f);
+
+  for (int idx = threadIdx.x; idx < kRows * hd2; idx += blockDim.x) {
+    const int r = idx / hd2, p = idx % hd2, row = row0 + r;
+    __nv_bfloat162 val = zero2;
+    if (row < n_rows) {
+      const int t = row / group, h = g * group + row % group;
+      val = reinterpret_cast<const __nv_bfloat162*>(q + (tok0 + t) * q_stride + static_cast<int64_t>(h) * head_dim)[p];
+    }
+    qs[idx] = val;
+  }
+
+  // Each row's last visible key (its own position); -1 for rows past the end.
+  int64_t pos[kRowsPerWarp];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int row = row0 + warp * kRowsPerWarp + rr;
+    pos[rr] = row < n_rows ? start_pos + row / group : -1;
+  }
+  int64_t warp_last = -1;  // the warp's last visible key over its rows
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) warp_last = pos[rr] > warp_last ? pos[rr] : warp_last;
+  const int last_row = min(row0 + kRows, n_rows) - 1;
+  const int64_t key_end = start_pos + last_row / group + 1;
+
+  float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][MAXJ];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    m[rr] = -INFINITY;
+    l[rr] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MAXJ; ++j) o[rr][j] = 0.0f;
+  }
+
+  const int64_t head_off = static_cast<int64_t>(g) * head_dim;
+  for (int64_t kt0 = 0; kt0 < key_end; kt0 += kTile) {
+    __syncthreads();  // the previous tile is consumed (and, the first time, Q is written)
+    if (threadIdx.x < kTile) {
+      const int64_t key = kt0 + threadIdx.x;
+      key_row[threadIdx.x] =
+          key < key_end ? (static_cast<int64_t>(table[key / block_tokens]) * block_tokens + key % block_tokens) * kv_stride
+                        : -1;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kTile * hd2; idx += blockDim.x) {
+      const int t = idx / hd2, p = idx % hd2;
+      const int64_t at = key_row[t];
+      __nv_bfloat162 kv = zero2, vv = zero2;  // zeros past the end: 0 * garbage could be NaN
+      if (at >= 0) {
+        const int64_t off = (at + head_off) / 2 + p;
+        kv = reinterpret_cast<const __nv_bfloat162*>(k)[off];
+        vv = reinterpret_cast<const __nv_bfloat162*>(v)[off];
+      }
+      ks[t * ks2 + p] = kv;
+      vs[idx] = vv;
+    }
+    __syncthreads();
+    if (kt0 > warp_last) continue;  // every row of this warp is causally before this tile
+
+    float s[kRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) s[rr] = 0.0f;
+    const __nv_bfloat162* krow = ks + lane * ks2;
+    const __nv_bfloat162* qw = qs + warp * kRowsPerWarp * hd2;
+    for (int p = 0; p < hd2; ++p) {
+      const float2 kf = __bfloat1622float2(krow[p]);
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        const float2 qf = __bfloat1622float2(qw[rr * hd2 + p]);
+        s[rr] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, s[rr]));
+      }
+    }
+
+    float pr[kRowsPerWarp];
+    const int64_t key = kt0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      pr[rr] = 0.0f;
+      if (kt0 > pos[rr]) continue;  // uniform over the warp; key kt0 is visible otherwise, so m stays finite
+      const float sv = key <= pos[rr] ? s[rr] * scale_log2 : -INFINITY;
+      const float m_new = fmaxf(m[rr], warp_max(sv));
+      const float corr = exp2f(m[rr] - m_new);
+      pr[rr] = exp2f(sv - m_new);
+      l[rr] = l[rr] * corr + warp_sum(pr[rr]);
+      m[rr] = m_new;
+#pragma unroll
+      for (int j = 0; j < MAXJ; ++j) o[rr][j] *= corr;
+    }
+
+    const int n_keys = static_cast<int>(min(static_cast<int64_t>(kTile), warp_last + 1 - kt0));
+    for (int t = 0; t < n_keys; ++t) {
+      float pt[kRowsPerWarp];
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) pt[rr] = __shfl_sync(0xffffffffu, pr[rr], t);
+#pragma unroll
+      for (int j = 0; j < MAXJ; ++j) {
+        const int d = lane + 32 * j;
+        const float vv = d < head_dim ? __bfloat162float(vs_h[t * head_dim + d]) : 0.0f;
+#pragma unroll
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) o[rr][j] = fmaf(pt[rr], vv, o[rr][j]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int row = row0 + warp * kRowsPerWarp + rr;
+    if (row >= n_rows) continue;
+    const int t = row / group, h = g * group + row % group;
+    __nv_bfloat16* dst = out + (tok0 + t) * out_stride + static_cast<int64_t>(h) * head_dim;
+    const float inv = 1.0f / l[rr];
+#pragma unroll
+    for (int j = 0; j < MAXJ; ++j) {
+      const int d = lane + 32 * j;
+      if (d < head_dim) dst[d] = __float2bfloat16_rn(o[rr][j] * inv);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_paged_tiles(const std::vector<int64_t>& count, int64_t group, std::vector<int32_t>* tile_item,
+                           std::vector<int32_t>* tile_row0) {
+  for (size_t i = 0; i < count.size(); ++i)
+    for (int64_t r = 0; r < count[i] * group; r += kRows) {
+      tile_item->push_back(static_cast<int32_t>(i));
+      tile_row0->push_back(static_cast<int32_t>(r));
+    }
+}
+
+void launch_attention_paged(const __nv_bfloat16* q, int64_t q_row_stride, const __nv_bfloat16* k_pool,
+                            const __nv_bfloat16* v_pool, int64_t kv_row_stride, int64_t block_tokens,
+                            __nv_bfloat16* out, int64_t out_row_stride, const PagedAttentionBatch& batch,
+                            int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float scale, cudaStream_t stream) {
+  const char* op = "launch_attention_paged";
+  KERNEL_REQUIRE(q && k_pool && v_pool && out, op, "null pointer");
+  KERNEL_REQUIRE(batch.item_row0 && batch.item_count && batch.item_start && batch.block_tables && batch.tile_item &&
+                     batch.tile_row0,
+                 op, "null batch array");
+  // bf16 pairs are read with 4-byte loads.
+  KERNEL_REQUIRE(reinterpret_cast<uintptr_t>(q) % 4 == 0 && reinterpret_cast<uintptr_t>(k_pool) % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(v_pool) % 4 == 0 && q_row_stride % 2 == 0,
+                 op, "q, k_pool and v_pool must be 4-byte aligned and q_row_stride even");
+  check_attention_shape(op, n_heads, n_kv_heads, head_dim, kv_row_stride);
+  KERNEL_REQUIRE(q_row_stride >= n_heads * head_dim && out_row_stride >= n_heads * head_dim, op,
+                 "q and out rows must hold n_heads * head_dim values");
+  KERNEL_REQUIRE(block_tokens > 0 && block_tokens <= 0x7fffffff, op, "block_tokens must be in [1, 2^31)");
+  KERNEL_REQUIRE(batch.table_stride > 0, op, "table_stride must be > 0");
+  KERNEL_REQUIRE(scale > 0.0f && std::isfinite(scale), op, "scale must be finite and > 0");
+  KERNEL_REQUIRE(batch.n_tiles > 0 && batch.n_tiles <= 0x7fffffff && n_kv_heads <= 65535, op,
+                 "need 1 <= n_tiles < 2^31 and n_kv_heads <= 65535");
+  const int64_t group = n_heads / n_kv_heads;
+  const int hd2 = static_cast<int>(head_dim / 2);
+  const int ks2 = hd2 % 2 == 1 ? hd2 : hd2 + 1;
+  const size_t smem = sizeof(__nv_bfloat162) * (static_cast<size_t>(kTile) * ks2 + static_cast<size_t>(kTile) * hd2 +
+                                                static_cast<size_t>(kRows) * hd2) +
+                      sizeof(int64_t) * kTile + 8;  // + 8: the int64 table starts 8-byte aligned
+  const dim3 grid(static_cast<unsigned>(batch.n_tiles), static_cast<unsigned>(n_kv_heads));
+  dispatch_head_dim(head_dim, op, [&](auto maxj) {
+    attention_paged_kernel<decltype(maxj)::value><<<grid, kWarps * 32, smem, stream>>>(
+        q, q_row_stride, k_pool, v_pool, kv_row_stride, static_cast<int>(block_tokens), out, out_row_stride, batch,
+        static_cast<int>(group), static_cast<int>(head_dim), ks2, scale * kLog2e);
+  });
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace ringllama

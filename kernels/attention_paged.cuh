@@ -1,0 +1,47 @@
+// Causal attention for one step of many sequences over the paged KV cache (worker/kv_blocks.h),
+// with grouped-query heads. One launch serves the whole step: prefill chunks (their queries see the
+// sequence's cached prefix plus the chunk up to themselves) and single decode tokens side by side.
+// Keys and values stream through shared memory in tiles of 32 with an online softmax (flash
+// attention style); each key row is found through the sequence's block table.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace ringllama {
+
+// Query rows (token, head of one kv group) per block: the unit of work of the launch.
+inline constexpr int kAttentionPagedRows = 16;
+
+// Device-side description of a step, all int32 arrays on the device.
+struct PagedAttentionBatch {
+  const int32_t* item_row0 = nullptr;     // [items] first token (row of q and out) of the item
+  const int32_t* item_count = nullptr;    // [items] new tokens of the item
+  const int32_t* item_start = nullptr;    // [items] cached positions before them
+  const int32_t* block_tables = nullptr;  // [items, table_stride] physical blocks of each item's sequence
+  int64_t table_stride = 0;
+  const int32_t* tile_item = nullptr;     // [n_tiles] item of each block of work
+  const int32_t* tile_row0 = nullptr;     // [n_tiles] its first row within the item (rows: token-major)
+  int64_t n_tiles = 0;
+};
+
+// The work tiles of a step, for PagedAttentionBatch::tile_item/tile_row0: item i with count[i]
+// tokens gives ceil(count[i] * group / kAttentionPagedRows) tiles. Appends to the two vectors.
+void attention_paged_tiles(const std::vector<int64_t>& count, int64_t group, std::vector<int32_t>* tile_item,
+                           std::vector<int32_t>* tile_row0);
+
+// q:   [tokens, q_row_stride] bf16, n_heads heads of head_dim at the start of each row, RoPE applied;
+//      token t of item i sits at position item_start[i] + t - item_row0[i].
+// k_pool, v_pool: one layer's pool rows, row r = physical row block * block_tokens + offset, row
+//      stride kv_row_stride; every position up to each token's own must be written (the step's
+//      new rows included).
+// out: [tokens, out_row_stride] bf16. scale: 1/sqrt(head_dim) for Llama. head_dim: even, <= 256.
+void launch_attention_paged(const __nv_bfloat16* q, int64_t q_row_stride, const __nv_bfloat16* k_pool,
+                            const __nv_bfloat16* v_pool, int64_t kv_row_stride, int64_t block_tokens,
+                            __nv_bfloat16* out, int64_t out_row_stride, const PagedAttentionBatch& batch,
+                            int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float scale, cudaStream_t stream);
+
+}  // namespace ringllama

@@ -1,0 +1,81 @@
+#include "worker/backend.h"
+
+#include <algorithm>
+
+#include "common/errors.h"
+#include "worker/sampler.h"
+
+namespace ringllama {
+
+namespace {
+
+StepLimits make_limits(const ModelConfig& m, const Config& c) {
+  RL_REQUIRE(c.max_context > 0, "max_context must be > 0 (got {})", c.max_context);
+  RL_REQUIRE(c.batch_size > 0, "batch_size must be > 0 (got {})", c.batch_size);
+  StepLimits l;
+  l.max_items = c.batch_size;
+  l.max_item_tokens = std::max<int64_t>(1, std::min(c.prefill_chunk_tokens, c.max_context));
+  l.max_context = c.max_context;
+  l.vocab_size = m.vocab_size;
+  return l;
+}
+
+}  // namespace
+
+Backend::Backend(const ModelConfig& m, const Config& config)
+    : model_(m),
+      limits_(make_limits(m, config)),
+      kv_(config.kv_block_tokens,
+          config.batch_size * ((config.max_context + config.kv_block_tokens - 1) / std::max<int64_t>(1, config.kv_block_tokens)),
+          config.max_context) {}
+
+std::vector<std::vector<float>> Backend::step(const std::vector<StepItem>& items) {
+  const StepLayout layout = kv_.prepare(items, limits_);
+  std::vector<float> logits;
+  run_step(layout, Output::kLogits, &logits, nullptr);
+  kv_.commit(layout);
+  const size_t vocab = static_cast<size_t>(model_.vocab_size);
+  std::vector<std::vector<float>> rows(items.size());
+  for (size_t r = 0; r < layout.logit_item.size(); ++r)
+    rows[layout.logit_item[r]].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+  return rows;
+}
+
+std::vector<int32_t> Backend::step_greedy(const std::vector<StepItem>& items) {
+  const StepLayout layout = kv_.prepare(items, limits_);
+  std::vector<int32_t> picked;
+  run_step(layout, Output::kGreedy, nullptr, &picked);
+  kv_.commit(layout);
+  std::vector<int32_t> ids(items.size(), -1);
+  for (size_t r = 0; r < layout.logit_item.size(); ++r) ids[layout.logit_item[r]] = picked[r];
+  return ids;
+}
+
+std::vector<float> Backend::forward(const std::vector<int32_t>& tokens, int64_t start_pos) {
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  if (!has_sequence(0)) add_sequence(0);
+  RL_REQUIRE(T > 0, "forward needs at least one token");
+  RL_REQUIRE(start_pos == cached_tokens(0), "forward at position {}, but the sequence has {} cached positions",
+             start_pos, cached_tokens(0));
+  RL_REQUIRE(start_pos + T <= limits_.max_context, "a context of {} tokens exceeds max_context ({})", start_pos + T,
+             limits_.max_context);
+  // All checked before the first chunk, so that a bad id late in a long prompt caches nothing.
+  for (int64_t t = 0; t < T; ++t)
+    RL_REQUIRE(tokens[t] >= 0 && tokens[t] < model_.vocab_size,
+               "token {} at position {} is outside the vocabulary [0, {})", tokens[t], start_pos + t,
+               model_.vocab_size);
+  std::vector<float> last;
+  for (int64_t c0 = 0; c0 < T; c0 += limits_.max_item_tokens) {
+    const int64_t n = std::min(limits_.max_item_tokens, T - c0);
+    StepItem it{0, std::vector<int32_t>(tokens.begin() + c0, tokens.begin() + c0 + n), c0 + n == T};
+    auto rows = step({it});
+    if (c0 + n == T) last = std::move(rows[0]);
+  }
+  return last;
+}
+
+void Backend::reset() {
+  if (has_sequence(0)) free_sequence(0);
+}
+
+}  // namespace ringllama

@@ -1,0 +1,235 @@
+// ringllama-bench: the CUDA backend fully resident on one GPU, against the limits measured in the
+// same run (DESIGN.md "Testing": benchmarks print ratios against the physical limit).
+//
+//   ringllama-bench --store DIR [--decode-steps 64] [--batches 1,8,64] [--prompt-tokens 512]
+//
+// Measures: device memory bandwidth (a large device-to-device copy moves 2 bytes per byte copied);
+// bf16 GEMM throughput (8192^3 through the engine's GEMM wrapper); decode tokens/s at each batch
+// size (short prompts, then N greedy decode steps, ids only back to the host), with and without
+// decode-step graphs; prefill tokens/s for prompts of --prompt-tokens tokens at batch 1 and 8.
+// Floors: a step reads every weight once (layers, final norm, lm_head), so decode at batch b is at
+// best b tokens per (weight bytes / bandwidth); prefill is at best the larger of that and its
+// FLOPs over the measured GEMM rate. Prints one table, figure / floor / ratio.
+#include <cuda_runtime_api.h>
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "common/errors.h"
+#include "common/bf16.h"
+#include "common/store.h"
+#include "kernels/check.h"
+#include "kernels/device_info.h"
+#include "kernels/gemm.h"
+#include "worker/backend.h"
+#include "worker/cuda_backend.h"
+
+namespace ringllama {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Median of `reps` timings (ms) of fn on stream s, timed with events.
+template <typename F>
+double time_ms(int reps, cudaStream_t s, F&& fn) {
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    CUDA_CHECK(cudaEventRecord(a, s));
+    fn();
+    CUDA_CHECK(cudaEventRecord(b, s));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Device-to-device copy of 2 GiB, bytes read + written per second.
+double measure_bandwidth() {
+  const size_t bytes = size_t{2} << 30;
+  DeviceBuffer<char> a(bytes, "bandwidth source"), b(bytes, "bandwidth destination");
+  CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
+  const double ms = time_ms(11, nullptr, [&] { CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, nullptr)); });
+  return 2.0 * bytes / (ms * 1e-3);
+}
+
+// bf16 GEMM 8192^3 with random inputs (not zeros: they run faster than real data), FLOP/s.
+double measure_gemm() {
+  const int64_t n = 8192;
+  std::vector<uint16_t> h(static_cast<size_t>(n * n));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (auto& x : h) x = f32_to_bf16(d(rng));
+  DeviceBuffer<__nv_bfloat16> x(h.size(), "gemm x"), w(h.size(), "gemm w"), y(h.size(), "gemm y");
+  CUDA_CHECK(cudaMemcpy(x.get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+  std::shuffle(h.begin(), h.end(), rng);
+  CUDA_CHECK(cudaMemcpy(w.get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+  Gemm gemm;
+  auto run = [&] { gemm.matmul(x.get(), n, n, w.get(), n, y.get(), ElemType::BF16, n, nullptr); };
+  run();
+  const double ms = time_ms(9, nullptr, run);
+  return 2.0 * n * n * n / (ms * 1e-3);
+}
+
+struct Row {
+  std::string figure, unit;
+  double value = 0, floor = 0;
+};
+
+std::vector<int32_t> prompt(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
+  return v;
+}
+
+// b sequences with short prompts, then `steps` greedy decode steps: tokens/s of the decode steps.
+double decode_rate(Backend& be, int64_t b, int64_t prompt_len, int64_t steps) {
+  const int64_t vocab = be.model().vocab_size;
+  std::vector<StepItem> items;
+  for (int64_t s = 0; s < b; ++s) {
+    be.add_sequence(s);
+    items.push_back({s, prompt(prompt_len, vocab, 100 + s), true});
+  }
+  std::vector<int32_t> ids = be.step_greedy(items);
+  auto next = [&] {
+    for (int64_t s = 0; s < b; ++s) items[s].tokens = {ids[s]};
+    ids = be.step_greedy(items);
+  };
+  for (int i = 0; i < 3; ++i) next();  // warm-up: graph capture, cuBLAS heuristics
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < steps; ++i) next();
+  const double dt = seconds_since(t0);
+  for (int64_t s = 0; s < b; ++s) be.free_sequence(s);
+  return static_cast<double>(b * steps) / dt;
+}
+
+// b prompts of n tokens (one chunk each) in one step: prompt tokens/s, median of 5.
+double prefill_rate(Backend& be, int64_t b, int64_t n) {
+  const int64_t vocab = be.model().vocab_size;
+  std::vector<double> t;
+  for (int rep = 0; rep < 6; ++rep) {
+    std::vector<StepItem> items;
+    for (int64_t s = 0; s < b; ++s) {
+      be.add_sequence(s);
+      items.push_back({s, prompt(n, vocab, 200 + s), true});
+    }
+    const auto t0 = Clock::now();
+    be.step_greedy(items);
+    if (rep > 0) t.push_back(seconds_since(t0));  // the first run warms up
+    for (int64_t s = 0; s < b; ++s) be.free_sequence(s);
+  }
+  std::sort(t.begin(), t.end());
+  return static_cast<double>(b * n) / t[t.size() / 2];
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"Benchmark the resident CUDA backend against measured limits", "ringllama-bench"};
+  std::string store_dir, batches_text = "1,8,64";
+  int64_t steps = 64, prompt_tokens = 512, decode_prompt = 16;
+  app.add_option("--store", store_dir, "packed store")->required();
+  app.add_option("--decode-steps", steps, "timed decode steps per batch size")->capture_default_str();
+  app.add_option("--batches", batches_text, "decode batch sizes, comma separated")->capture_default_str();
+  app.add_option("--prompt-tokens", prompt_tokens, "prefill prompt length")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  std::vector<int64_t> batches;
+  for (size_t at = 0; at < batches_text.size();) {
+    size_t c = batches_text.find(',', at);
+    if (c == std::string::npos) c = batches_text.size();
+    batches.push_back(std::stoll(batches_text.substr(at, c - at)));
+    at = c + 1;
+  }
+  RL_REQUIRE(cuda_device_count() > 0, "ringllama-bench needs a CUDA GPU");
+  const int64_t max_batch = std::max<int64_t>(8, *std::max_element(batches.begin(), batches.end()));
+
+  const Store store = Store::open(store_dir);
+  const ModelConfig& m = store.model();
+  // What one step reads: every layer, the final norm and lm_head (the embedding rows are few).
+  const double layer_bytes = 2.0 * m.n_layers *
+                             (2.0 * m.dim + (m.q_dim() + 2.0 * m.kv_dim()) * m.dim + m.dim * m.q_dim() +
+                              3.0 * m.ffn_dim * m.dim);
+  const double step_bytes = layer_bytes + 2.0 * m.dim + 2.0 * m.vocab_size * m.dim;
+  const double flops_per_token = layer_bytes;  // 2 FLOPs per weight, 2 bytes per weight
+
+  CUDA_CHECK(cudaSetDevice(0));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double bw = measure_bandwidth();
+  const double gemm_flops = measure_gemm();
+  std::fprintf(stderr, "%s: D2D %.0f GB/s, bf16 GEMM %.0f TFLOP/s; a step reads %.2f GB of weights\n", prop.name,
+               bw / 1e9, gemm_flops / 1e12, step_bytes / 1e9);
+
+  Config c;
+  c.batch_size = max_batch;
+  c.max_context = std::max<int64_t>(prompt_tokens, decode_prompt + steps + 8) + 16;
+  c.prefill_chunk_tokens = prompt_tokens;
+  c.kv_block_tokens = 16;
+  auto t0 = Clock::now();
+  std::unique_ptr<WeightSource> ws = open_store_weights(store_dir);
+  std::fprintf(stderr, "store read and checked in %.1f s\n", seconds_since(t0));
+
+  std::vector<Row> rows;
+  rows.push_back({"D2D bandwidth", "GB/s", bw / 1e9, 0});
+  rows.push_back({"bf16 GEMM 8192^3", "TFLOP/s", gemm_flops / 1e12, 0});
+  for (bool graphs : {true, false}) {
+    t0 = Clock::now();
+    auto be = make_cuda_backend(*ws, c, CudaBackendOptions{graphs});
+    std::fprintf(stderr, "backend (graphs %s) up in %.1f s\n", graphs ? "on" : "off", seconds_since(t0));
+    for (int64_t b : batches) {
+      if (!graphs && b > 8) continue;
+      const double r = decode_rate(*be, b, decode_prompt, steps);
+      rows.push_back({fmt::format("decode b{}{}", b, graphs ? "" : " no graphs"), "tok/s", r, b * bw / step_bytes});
+      std::fprintf(stderr, "%s: %.1f tok/s\n", rows.back().figure.c_str(), r);
+    }
+    if (!graphs) break;
+    for (int64_t b : {int64_t{1}, int64_t{8}}) {
+      const double r = prefill_rate(*be, b, prompt_tokens);
+      const double tokens = static_cast<double>(b * prompt_tokens);
+      const double attn_flops = 2.0 * 2.0 * m.n_layers * m.q_dim() * prompt_tokens * prompt_tokens / 2.0 * b;
+      const double t_mem = step_bytes / bw, t_flop = (tokens * flops_per_token + attn_flops) / gemm_flops;
+      rows.push_back({fmt::format("prefill {}x{}", b, prompt_tokens), "tok/s", r, tokens / std::max(t_mem, t_flop)});
+      std::fprintf(stderr, "%s: %.1f tok/s\n", rows.back().figure.c_str(), r);
+    }
+  }
+
+  std::printf("\n%-24s %12s %12s %7s  %s\n", "figure", "measured", "floor", "ratio", "unit");
+  for (const Row& r : rows) {
+    if (r.floor > 0)
+      std::printf("%-24s %12.1f %12.1f %7.3f  %s\n", r.figure.c_str(), r.value, r.floor, r.value / r.floor, r.unit.c_str());
+    else
+      std::printf("%-24s %12.1f %12s %7s  %s\n", r.figure.c_str(), r.value, "-", "-", r.unit.c_str());
+  }
+  std::printf("floors: decode = b x bandwidth / %.2f GB per step; prefill = tokens / max(weights / bandwidth, FLOPs / GEMM rate)\n",
+              step_bytes / 1e9);
+  return 0;
+}
+
+}  // namespace
+}  // namespace ringllama
+
+int main(int argc, char** argv) {
+  try {
+    return ringllama::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ringllama-bench: error: %s\n", e.what());
+    return 1;
+  }
+}
