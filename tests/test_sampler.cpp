@@ -1,11 +1,14 @@
-// The sampler: greedy, temperature, top-k, top-p, seeds and parameter checks.
+// The sampler: greedy, temperature, top-k, top-p, seeds and parameter checks; the random numbers
+// and the selection rule it shares with the GPU sampler (kernels/sample_common.h).
 #include "worker/sampler.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
+#include <numeric>
 #include <random>
 #include <set>
 
@@ -198,6 +201,198 @@ TEST(Sampler, RejectsBadParameters) {
   EXPECT_THROW(s.sample(std::vector<float>{}), Error);
   Sampler g(SamplingParams{});
   EXPECT_THROW(g.sample(std::vector<float>{}), Error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared generator and rule.
+
+TEST(SampleRng, PhiloxKnownAnswers) {
+  // Random123's kat_vectors for philox4x32 10: counter, key, output.
+  struct Kat {
+    uint32_t ctr[4], key[2], out[4];
+  };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
+       {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Kat& k : kats) {
+    const Philox4x32 got = philox4x32_10(Philox4x32{{k.ctr[0], k.ctr[1], k.ctr[2], k.ctr[3]}}, k.key[0], k.key[1]);
+    for (int j = 0; j < 4; ++j) EXPECT_EQ(got.v[j], k.out[j]) << "word " << j;
+  }
+}
+
+TEST(SampleRng, DeterministicAndInRange) {
+  for (uint64_t seed : {uint64_t{0}, uint64_t{1}, uint64_t{42}, ~uint64_t{0}}) {
+    std::set<double> seen;
+    for (uint64_t step = 0; step < 1000; ++step) {
+      const double u = uniform01(seed, step);
+      ASSERT_EQ(u, uniform01(seed, step));
+      ASSERT_GE(u, 0.0);
+      ASSERT_LT(u, 1.0);
+      ASSERT_EQ(u, static_cast<double>(random_bits53(seed, step)) * 0x1.0p-53);
+      seen.insert(u);
+    }
+    EXPECT_EQ(seen.size(), 1000u) << "seed " << seed;
+  }
+  // The high halves of seed and step matter too.
+  EXPECT_NE(uniform01(1, 5), uniform01(1 + (uint64_t{1} << 32), 5));
+  EXPECT_NE(uniform01(1, 5), uniform01(1, 5 + (uint64_t{1} << 32)));
+  EXPECT_NE(uniform01(7, 0), uniform01(8, 0));
+}
+
+TEST(SampleRng, RoughlyUniform) {
+  // Along a sequence's steps, and across seeds at one step.
+  for (bool across_seeds : {false, true}) {
+    const int draws = 200000, bins = 50;
+    std::vector<int> h(bins);
+    double sum = 0;
+    for (int i = 0; i < draws; ++i) {
+      const double u = across_seeds ? uniform01(static_cast<uint64_t>(i), 3) : uniform01(12345, static_cast<uint64_t>(i));
+      sum += u;
+      ++h[static_cast<int>(u * bins)];
+    }
+    double chi2 = 0;
+    const double expect = static_cast<double>(draws) / bins;
+    for (int c : h) chi2 += (c - expect) * (c - expect) / expect;
+    EXPECT_LT(chi2, 100.0) << "49 degrees of freedom";  // p < 1e-4 for a fair generator
+    EXPECT_NEAR(sum / draws, 0.5, 0.005);
+  }
+}
+
+TEST(SampleRng, DrawPointIsFloorOfProduct) {
+  EXPECT_EQ(sample_draw_point(0, 12345), 0u);
+  EXPECT_EQ(sample_draw_point((uint64_t{1} << 53) - 1, 1000), 999u);
+  EXPECT_EQ(sample_draw_point(uint64_t{1} << 52, 1001), 500u);  // u = 1/2
+  const uint64_t big = (uint64_t{1} << 63) - 1;
+  EXPECT_LT(sample_draw_point((uint64_t{1} << 53) - 1, big), big);
+  for (uint64_t step = 0; step < 1000; ++step) {
+    const uint64_t x = random_bits53(9, step), total = 1 + (random_bits53(10, step) >> 10);  // < 2^43
+    // u * total in long double is exact here: 53 + 43 bits is more than 64, so compare bounds.
+    const uint64_t r = sample_draw_point(x, total);
+    ASSERT_LT(r, total);
+    const unsigned __int128 prod = static_cast<unsigned __int128>(x) * total;
+    ASSERT_LE(static_cast<unsigned __int128>(r) << 53, prod);
+    ASSERT_GT((static_cast<unsigned __int128>(r) + 1) << 53, prod);
+  }
+}
+
+TEST(SampleRule, KeyOrdersLikeTheLogits) {
+  const std::vector<float> v = {-INFINITY, -1e30f, -2.5f, -1e-40f, 0.0f, 1e-40f, 1.0f, 3.5f, 1e30f, INFINITY};
+  for (size_t a = 0; a < v.size(); ++a)
+    for (size_t b = 0; b < v.size(); ++b) EXPECT_EQ(sample_key(v[a]) < sample_key(v[b]), v[a] < v[b]) << a << " " << b;
+  EXPECT_EQ(sample_key(-0.0f), sample_key(0.0f));
+  EXPECT_EQ(sample_key(NAN), sample_key(-INFINITY));
+  EXPECT_EQ(sample_key(-NAN), sample_key(-INFINITY));
+  EXPECT_GT(sample_key(-INFINITY), 0u);  // key 0 is below every token: SampleCut{0, n - 1} keeps all
+}
+
+TEST(SampleRule, WeightsAreFixedPoint) {
+  EXPECT_EQ(sample_weight(3.0f, 3.0, 0.7), uint64_t{1} << 40);
+  EXPECT_EQ(sample_weight(2.0f, 3.0, 1.0), static_cast<uint64_t>(std::exp(-1.0) * 0x1.0p40 + 0.5));
+  EXPECT_EQ(sample_weight(-30.0f, 0.0, 1.0), 0u);
+  EXPECT_EQ(sample_weight(NAN, 0.0, 1.0), 0u);
+  EXPECT_EQ(sample_weight(-INFINITY, 0.0, 1.0), 0u);
+  EXPECT_EQ(sample_top_p_target(0.5, 10), 5u);
+  EXPECT_EQ(sample_top_p_target(0.51, 10), 6u);
+  EXPECT_EQ(sample_top_p_target(1e-300, 10), 1u);
+  EXPECT_EQ(sample_top_p_target(1.0, 10), 10u);
+}
+
+// The rule written the plain way: a full sort by rank, the cuts, the kept tokens in index order.
+int32_t reference_pick(const std::vector<float>& l, const SampleParams& p) {
+  const int n = static_cast<int>(l.size());
+  const int32_t best = argmax(l.data(), n);
+  if (!(p.temperature > 0) || !std::isfinite(l[best])) return best;
+  std::vector<int32_t> rank(n);
+  std::iota(rank.begin(), rank.end(), 0);
+  std::sort(rank.begin(), rank.end(), [&](int a, int b) {
+    return sample_key(l[a]) > sample_key(l[b]) || (sample_key(l[a]) == sample_key(l[b]) && a < b);
+  });
+  auto w = [&](int i) { return sample_weight(l[i], l[best], p.temperature); };
+  int keep = p.top_k > 0 && p.top_k < n ? p.top_k : n;
+  if (p.top_p < 1) {
+    uint64_t total = 0;
+    for (int j = 0; j < keep; ++j) total += w(rank[j]);
+    const uint64_t target = sample_top_p_target(p.top_p, total);
+    uint64_t mass = 0;
+    int j = 0;
+    while (mass < target) mass += w(rank[j++]);
+    keep = j;
+  }
+  std::vector<int32_t> kept(rank.begin(), rank.begin() + keep);
+  std::sort(kept.begin(), kept.end());
+  uint64_t total = 0;
+  for (int32_t i : kept) total += w(i);
+  const uint64_t r = sample_draw_point(random_bits53(p.seed, p.step), total);
+  uint64_t acc = 0;
+  for (int32_t i : kept)
+    if ((acc += w(i)) > r) return i;
+  return -1;
+}
+
+SampleParams row(double t, int32_t k, double p, uint64_t seed, uint64_t step) {
+  SampleParams r{};
+  r.temperature = t;
+  r.top_k = k;
+  r.top_p = p;
+  r.seed = seed;
+  r.step = step;
+  return r;
+}
+
+TEST(SampleRule, SampleRowFollowsThePlainRule) {
+  SampleScratch scratch;
+  std::mt19937_64 rng(5);
+  for (int c = 0; c < 400; ++c) {
+    const int n = 1 + static_cast<int>(rng() % 3000);
+    auto l = random_logits(n, 1000 + c);
+    // Ties and odd values: quantised logits, a NaN, a -inf.
+    if (c % 3 == 0)
+      for (auto& x : l) x = std::round(x * 2) / 2;
+    if (c % 5 == 0) l[rng() % n] = NAN;
+    if (c % 7 == 0) l[rng() % n] = -INFINITY;
+    const double temps[] = {0.0, 0.3, 1.0, 2.5};
+    const int32_t ks[] = {0, 1, 2, 40, 700};
+    const double ps[] = {1.0, 0.95, 0.5, 0.05};
+    const SampleParams p = row(temps[rng() % 4], ks[rng() % 5], ps[rng() % 4], rng(), rng() % 1000);
+    ASSERT_EQ(sample_row(l.data(), n, p, scratch), reference_pick(l, p))
+        << "case " << c << " n " << n << " T " << p.temperature << " k " << p.top_k << " p " << p.top_p;
+  }
+}
+
+TEST(SampleRule, SamplerStateIsSeedAndStep) {
+  const SamplingParams sp = params(0.8, 20, 0.9, 31);
+  Sampler a(sp);
+  auto l = random_logits(1000, 3);
+  std::vector<int32_t> picks;
+  for (int i = 0; i < 50; ++i) picks.push_back(a.sample(l));
+  EXPECT_EQ(a.step(), 50u);
+  // A sampler that starts at step 20 continues the sequence; the rows for the GPU carry the steps.
+  Sampler b(sp, 20);
+  SampleScratch scratch;
+  for (int i = 20; i < 50; ++i) {
+    const SampleParams p = b.next_row_params();
+    EXPECT_EQ(p.step, static_cast<uint64_t>(i));
+    EXPECT_EQ(p.seed, 31u);
+    EXPECT_EQ(p.top_k, 20);
+    EXPECT_EQ(sample_row(l.data(), 1000, p, scratch), picks[i]) << "step " << i;
+  }
+  EXPECT_EQ(b.step(), 50u);
+}
+
+TEST(SampleRule, ArgmaxTreatsNanAsMinusInfinity) {
+  EXPECT_EQ(argmax(std::vector<float>{NAN, -INFINITY}.data(), 2), 0);
+  EXPECT_EQ(argmax(std::vector<float>{NAN, -1.0f, NAN}.data(), 3), 1);
+  EXPECT_EQ(argmax(std::vector<float>{-0.0f, 0.0f}.data(), 2), 0);
+  // A row without a finite maximum falls back to the argmax when sampling too.
+  SampleScratch scratch;
+  const std::vector<float> l = {1.0f, INFINITY, 2.0f, INFINITY};
+  EXPECT_EQ(sample_row(l.data(), 4, row(1.0, 0, 1.0, 1, 1), scratch), 1);
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
 // Choosing the next token from a row of logits (DESIGN.md "Forward": greedy, temperature, top-k,
-// top-p, seed).
+// top-p, seed). The rule is shared with the GPU sampler (kernels/sample_common.h): for the same
+// logits, seed and step both pick the same token.
 #pragma once
 
 #include <cstdint>
-#include <random>
 #include <vector>
+
+#include "kernels/sample_common.h"
 
 namespace ringllama {
 
@@ -18,33 +20,49 @@ struct SamplingParams {
   void validate() const;
 };
 
-// One per sequence: the draws depend only on the seed and the logits seen so far.
+// Buffers sample_row reuses from call to call.
+struct SampleScratch {
+  std::vector<int32_t> order;     // candidate indices
+  std::vector<uint32_t> keys;     // order key per token (sample_key)
+  std::vector<uint64_t> weights;  // fixed-point weight per token (sample_weight)
+};
+
+// The selection rule of kernels/sample_common.h for one row of n logits, stateless: the draw
+// depends only on the logits, p and (p.seed, p.step). Greedy: the highest logit, the lowest index on
+// ties. Otherwise softmax(logits / T), the top_k most likely kept, then the smallest prefix (in
+// order of probability, ties by index) whose mass reaches top_p of what top_k kept (at least one
+// token), and one draw from what is left.
+int32_t sample_row(const float* logits, int64_t n, const SampleParams& p, SampleScratch& scratch);
+
+// One per sequence: its state is the seed and a step counter, so that draw s of a sequence is the
+// same wherever it is made (sample() here, or launch_sample on the GPU with next_row_params()).
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& p);
+  // first_step: the number of tokens the sequence has already sampled (0 for a new one).
+  explicit Sampler(const SamplingParams& p, uint64_t first_step = 0);
 
-  // Greedy: the highest logit, the lowest index on ties. Otherwise softmax(logits / T), the top_k
-  // most likely kept, then the smallest prefix (in order of probability, ties by index) whose
-  // renormalised mass reaches top_p (at least one token), renormalised, and one draw.
+  // Draws with the current step, then moves to the next.
   int32_t sample(const float* logits, int64_t n);
   int32_t sample(const std::vector<float>& logits) {
     return sample(logits.data(), static_cast<int64_t>(logits.size()));
   }
 
+  // The current step's row for launch_sample (kernels/sample.cuh); the step moves on, as if
+  // sample() had drawn.
+  SampleParams next_row_params();
+
   const SamplingParams& params() const { return p_; }
+  uint64_t step() const { return step_; }
 
  private:
-  // Uniform in [0, 1) from the top 53 bits of one mt19937_64 output: the same on every platform
-  // (std::uniform_real_distribution is not specified bit for bit).
-  double uniform();
+  SampleParams row_params() const;
 
   SamplingParams p_;
-  std::mt19937_64 rng_;
-  std::vector<int32_t> order_;    // scratch: candidate indices
-  std::vector<double> weights_;   // scratch: exp((logit - max) / T) per token
+  uint64_t step_;
+  SampleScratch scratch_;
 };
 
-// Index of the largest value, the lowest index on ties (NaN never wins).
+// Index of the largest value, the lowest index on ties; NaN counts as -inf (as launch_argmax).
 int32_t argmax(const float* v, int64_t n);
 
 }  // namespace ringllama
