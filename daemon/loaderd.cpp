@@ -576,8 +576,9 @@ void Loaderd::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tic
       return;
     }
     pump_io(false);
-    if (items[0].revents & ZMQ_POLLIN) on_control();
-    else on_control();  // zmq's readiness is edge-like: read until empty every round
+    // Read the control socket until empty every round, whatever revents says: a zmq socket's
+    // readiness is edge-like, and a message that arrived during the last round is not signalled again.
+    on_control();
     for (size_t i = 0; i < watched.size(); ++i)
       if (items[4 + i].revents & ZMQ_POLLIN) detach(watched[i], "its process exited");
     replan();

@@ -259,7 +259,7 @@ TEST(Protocol, FuzzedFramesNeverCrash) {
       encode(ControlRequest{Hello{1234, "gpu0"}}),
       encode(ControlRequest{Progress{5, 40}}),
       encode(ControlRequest{Bye{}}),
-      encode(ControlReply{Welcome{"/ringllama-a", 1, "a", "/s", 0xabcdef, 80, 12, 1000}}),
+      encode(ControlReply{Welcome{"/ringllama-a", 1, "a", "/s", 0xabcdef, 80, 12, 1000, "ipc:///run/a-pub", 3}}),
       encode(ControlReply{ControlError{"no"}}),
       encode(Notice{SlotReady{1, 2, 3}}),
       encode(Notice{SlotErrorNotice{1, 2, "bad"}}),
