@@ -12,7 +12,9 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include <zmq.hpp>
 
+#include "common/protocol.h"
 #include "common/store.h"
 #include "daemon/loaderd.h"
 #include "tests/test_loaderd_proc.h"
@@ -308,6 +310,57 @@ TEST_F(Loaderd, PrintConfigAndClearStartErrors) {
   r = test::run_bin("ringllama-loaderd", {"--store", store_, "--control", control_, "--mlock", "warn"}, 30);
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("another loaderd"), std::string::npos) << r.err;
+  EXPECT_TRUE(d->running());
+}
+
+// Bad frames, requests before hello and a dead pid never take the daemon down; a silent worker is
+// only logged (it may still be reading a slot), and bye detaches it.
+TEST_F(Loaderd, BadPeersAndSilentWorkers) {
+  auto d = start_daemon(store_, 2);
+  zmq::context_t ctx(1);
+  auto ask = [&](zmq::socket_t& s, const std::string& frame) -> std::string {
+    s.send(zmq::buffer(frame), zmq::send_flags::none);
+    zmq::pollitem_t item{static_cast<void*>(s), 0, ZMQ_POLLIN, 0};
+    if (zmq::poll(&item, 1, std::chrono::milliseconds(3000)) == 0) return "(no reply)";
+    zmq::message_t m;
+    (void)s.recv(m, zmq::recv_flags::none);
+    return m.to_string();
+  };
+  zmq::socket_t bad(ctx, zmq::socket_type::dealer);
+  bad.set(zmq::sockopt::linger, 0);
+  bad.connect(control_);
+  EXPECT_NE(ask(bad, "not json").find("\"type\":\"error\""), std::string::npos);
+  EXPECT_NE(ask(bad, R"({"op":"progress","pass":0,"copied":1})").find("send hello first"), std::string::npos);
+  EXPECT_NE(ask(bad, R"({"op":"hello","pid":2147483000})").find("not running"), std::string::npos);
+
+  // This process says hello and then nothing for a while.
+  zmq::socket_t quiet(ctx, zmq::socket_type::dealer);
+  quiet.set(zmq::sockopt::linger, 0);
+  quiet.connect(control_);
+  const std::string hello = encode(ControlRequest{Hello{static_cast<int64_t>(::getpid()), "quiet"}});
+  const ControlReply w = parse_control_reply(ask(quiet, hello));
+  ASSERT_TRUE(std::holds_alternative<Welcome>(w));
+  EXPECT_EQ(std::get<Welcome>(w).pub, control_ + "-pub");
+  // A progress that goes backwards is refused (logged), the pass goes on.
+  quiet.send(zmq::buffer(encode(ControlRequest{Progress{0, 0}})), zmq::send_flags::none);
+  quiet.send(zmq::buffer(encode(ControlRequest{Progress{0, 2}})), zmq::send_flags::none);
+  quiet.send(zmq::buffer(encode(ControlRequest{Progress{0, 1}})), zmq::send_flags::none);
+  ASSERT_TRUE(test::eventually([&] { return d->log().find("missed its heartbeat") != std::string::npos; }, 5000))
+      << d->log();
+  json s = test::daemon_stats(control_);
+  ASSERT_TRUE(s.is_object());
+  ASSERT_EQ(s["workers"].size(), 1u) << s.dump(2);
+  EXPECT_EQ(s["workers"][0]["pid"].get<int64_t>(), ::getpid());
+  EXPECT_EQ(s["workers"][0]["layer"].get<int64_t>(), 2);
+  EXPECT_NE(d->log().find("goes back"), std::string::npos) << d->log();
+  quiet.send(zmq::buffer(encode(ControlRequest{Bye{}})), zmq::send_flags::none);
+  ASSERT_TRUE(test::eventually(
+      [&] {
+        const json t = test::daemon_stats(control_);
+        return t.is_object() && t["workers"].empty();
+      },
+      5000));
+  EXPECT_NE(d->log().find("detached: said bye"), std::string::npos);
   EXPECT_TRUE(d->running());
 }
 
