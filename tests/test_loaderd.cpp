@@ -69,6 +69,13 @@ class Loaderd : public ::testing::Test {
     control_ = "ipc://" + (tmp_ / "run/loaderd.sock");
   }
 
+  // A daemon killed with SIGKILL leaves its segment and lock file: the test removes them.
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove(shm_file(control_), ec);
+    fs::remove(shm_file(control_) + ".lock", ec);
+  }
+
   std::unique_ptr<Proc> start_daemon(const std::string& store, int cap, const std::string& log = "daemon.log",
                                      const std::vector<std::string>& env = {}) {
     auto d = std::make_unique<Proc>("ringllama-loaderd",

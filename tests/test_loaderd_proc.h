@@ -1,6 +1,6 @@
 // Background processes for the loader daemon's end-to-end suites: a daemon and its clients run at
 // the same time, are signalled and killed, and leave nothing behind (a Proc still running when it
-// goes out of scope is killed with SIGKILL).
+// goes out of scope gets SIGTERM, so that a daemon removes its segment, then SIGKILL).
 #pragma once
 
 #include <fcntl.h>
@@ -59,7 +59,9 @@ class Proc {
     ::close(fd);
   }
   ~Proc() {
-    if (running()) {
+    if (!running()) return;
+    ::kill(pid_, SIGTERM);
+    if (wait(5000) < 0) {
       ::kill(pid_, SIGKILL);
       ::waitpid(pid_, nullptr, 0);
     }
