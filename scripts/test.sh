@@ -7,4 +7,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/install-deps.sh
 bash scripts/build.sh
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "test.sh: no CUDA GPU visible: the GPU suites (ctest label gpu) will report Skipped;"
+  echo "test.sh: run scripts/gpu-check.sh OUTDIR on a GPU machine for them."
+fi
 ctest --test-dir build --output-on-failure -j "$(nproc)" "$@"
