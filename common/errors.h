@@ -42,3 +42,11 @@ std::string errno_text(int err);
   do {                                              \
     if (!(cond)) ::ringllama::fail(__VA_ARGS__);    \
   } while (0)
+
+namespace ringllama {
+
+// Runs a binary's body and turns any escaping exception into the one-line error every binary
+// prints: "<program>: error: <message>" on stderr (newlines folded), exit status 1.
+int run_main(const char* program, int (*body)(int, char**), int argc, char** argv);
+
+}  // namespace ringllama

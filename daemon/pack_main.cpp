@@ -95,11 +95,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringllama-pack: error: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return ringllama::run_main("ringllama-pack", run, argc, argv); }

@@ -225,11 +225,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace ringllama
 
-int main(int argc, char** argv) {
-  try {
-    return ringllama::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringllama-bench: error: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return ringllama::run_main("ringllama-bench", ringllama::run, argc, argv); }
