@@ -11,6 +11,7 @@
 #include "worker/backend.h"
 #include "worker/generation.h"
 #include "worker/kv_blocks.h"
+#include "worker/sampler.h"
 
 namespace ringllama {
 namespace {
@@ -283,6 +284,82 @@ TEST(IdLines, CommasAndBlanks) {
   EXPECT_NE(error_of([] { parse_id_line("1,,2", "x", 10); }).find("empty id"), std::string::npos);
   EXPECT_NE(error_of([] { parse_id_line("1,a", "x", 10); }).find("'a' is not a token id"), std::string::npos);
   EXPECT_NE(error_of([] { parse_id_line("10", "x", 10); }).find("outside the vocabulary"), std::string::npos);
+}
+
+
+// ---- Sampling in the step ----
+
+// step_sample draws each item's token with its own row: exactly sample_row on the logits rows that
+// step() gives for the same pass (greedy, temperature, top-k, top-p side by side), -1 for an item
+// that wants no logits, and the rows it hands back are those rows.
+TEST(CpuSteps, StepSampleIsSampleRowOnTheSameLogits) {
+  const ModelConfig m = long_model();
+  TinyModel tm(m, 17);
+  MemoryWeights ws(tm);
+  const Config c = config_for(4, 16, 4);
+  auto a = make_cpu_backend(ws, c);
+  auto b = make_cpu_backend(ws, c);
+  std::vector<SampleParams> params(4);
+  params[0] = SampleParams{0.0, 1.0, 0, 0, 0, 0};      // greedy
+  params[1] = SampleParams{0.8, 1.0, 7, 0, 40, 0};     // temperature, top-k
+  params[2] = SampleParams{1.3, 0.9, 11, 5, 0, 0};     // temperature, top-p
+  params[3] = SampleParams{0.7, 0.95, 3, 2, 10, 0};    // no logits wanted: not read
+  for (int64_t s = 0; s < 4; ++s) {
+    a->add_sequence(s);
+    b->add_sequence(s);
+  }
+  SampleScratch scratch;
+  for (int round = 0; round < 6; ++round) {
+    std::vector<StepItem> items;
+    for (int64_t s = 0; s < 4; ++s)
+      items.push_back({s, random_tokens(round == 0 ? 5 + s : 1, m.vocab_size, 100 * round + s), s != 3});
+    const auto rows = a->step(items);
+    std::vector<std::vector<float>> got_rows;
+    const std::vector<int32_t> ids = b->step_sample(items, params, &got_rows);
+    ASSERT_EQ(ids.size(), items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (!items[i].want_logits) {
+        EXPECT_EQ(ids[i], -1);
+        EXPECT_TRUE(got_rows[i].empty());
+        continue;
+      }
+      EXPECT_EQ(got_rows[i], rows[i]) << "round " << round << " item " << i;
+      EXPECT_EQ(ids[i], sample_row(rows[i].data(), m.vocab_size, params[i], scratch)) << "round " << round
+                                                                                      << " item " << i;
+    }
+    for (auto& p : params) ++p.step;
+  }
+  EXPECT_THROW(b->step_sample({{0, {1}, true}}, {}), Error);  // one row per item
+}
+
+// generate_all draws through step_sample: the tokens of sampled requests are what a Sampler draws
+// from the rows, and the same whether the rows come back or not.
+TEST(CpuSteps, GenerateSamplesTheSameWithAndWithoutLogits) {
+  const ModelConfig m = long_model();
+  TinyModel tm(m, 19);
+  MemoryWeights ws(tm);
+  const Config c = config_for(3, 8, 4);
+  std::vector<GenRequest> reqs(3);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].prompt = random_tokens(3 + 7 * i, m.vocab_size, 50 + i);
+    reqs[i].max_tokens = 12;
+    reqs[i].sampling.temperature = i == 0 ? 0.0 : 0.9;
+    reqs[i].sampling.top_k = i == 1 ? 20 : 0;
+    reqs[i].sampling.top_p = i == 2 ? 0.8 : 1.0;
+    reqs[i].sampling.seed = 7 + i;
+  }
+  auto b1 = make_cpu_backend(ws, c);
+  const Outcome with = run_all(*b1, reqs, true);
+  auto b2 = make_cpu_backend(ws, c);
+  const Outcome without = run_all(*b2, reqs, false);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(with.results[i].tokens, without.results[i].tokens) << i;
+    Sampler sampler(reqs[i].sampling);
+    ASSERT_EQ(with.rows[i].size(), with.results[i].tokens.size());
+    for (size_t t = 0; t < with.rows[i].size(); ++t)
+      EXPECT_EQ(with.results[i].tokens[t], sampler.sample(with.rows[i][t])) << "request " << i << " token " << t;
+    for (const auto& row : without.rows[i]) EXPECT_TRUE(row.empty());
+  }
 }
 
 }  // namespace

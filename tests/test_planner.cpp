@@ -127,11 +127,17 @@ Expected expect(const Shape& m, const Settings& s, int64_t pin_resident = -1) {
   e.line["FFN gate"] = T * F * 2;
   e.line["FFN up"] = T * F * 2;
   e.line["logits"] = uint64_t(s.batch) * V * 4;
-  e.line["token ids, positions"] = T * 2 * 4;
+  e.line["lm_head rows"] = uint64_t(s.batch) * D * 2;
+  e.line["sampled ids"] = uint64_t(s.batch) * 4;
+  e.line["sampling rows"] = uint64_t(s.batch) * 40;  // SampleParams: 2 doubles, 2 uint64, 2 int32
+  const uint64_t tiles = T * uint64_t(m.heads / m.kv_heads) / 16 + uint64_t(s.batch);
+  e.line["step metadata"] = (3 * T + 4 * uint64_t(s.batch) + 2 * tiles) * 4;
+  e.line["RoPE frequencies"] = uint64_t(m.head_dim / 2) * 4;
   e.line["attention scratch"] = 0;
   uint64_t act = 0;
   for (const char* a : {"residual stream", "normed input", "q", "k", "v", "attention output", "projection output",
-                        "FFN gate", "FFN up", "logits", "token ids, positions", "attention scratch"})
+                        "FFN gate", "FFN up", "logits", "lm_head rows", "sampled ids", "sampling rows",
+                        "step metadata", "RoPE frequencies", "attention scratch"})
     act += e.line[a];
   e.line["activations"] = act;
   e.line["workspace"] = uint64_t(s.batch) * 64 * uint64_t(m.heads) * uint64_t(m.head_dim + 2) * 4;
@@ -384,6 +390,33 @@ TEST(Planner, BudgetFromFreeMemory) {
   in.measured = false;
   p = plan_memory(man, config_of(s), in);
   EXPECT_EQ(p.budget_bytes, 50 * GiB);
+}
+
+// A backend that keeps every layer resident (the CUDA backend before streaming): the plan holds all
+// layers whatever resident_layers says, and a refusal never offers resident_layers as a key.
+TEST(Planner, AllResidentPlansEveryLayerAndNeverSuggestsFewer) {
+  Settings s;
+  s.card_gib = 32;
+  s.resident = 10;
+  const Manifest man = manifest_of(k8B);
+  PlanInputs in = estimated_inputs(32 * GiB);
+  in.all_resident = true;
+  MemoryPlan p = plan_memory(man, config_of(s), in);
+  EXPECT_EQ(p.resident_layers, k8B.layers);
+  EXPECT_EQ(p.pool_bytes, 0u);
+  s.resident = k8B.layers;
+  EXPECT_EQ(p.total_bytes, expect(k8B, s).total);
+  EXPECT_TRUE(p.fits) << p.table();
+
+  in = estimated_inputs(20 * GiB);  // the weights fit, the KV cache of 8 x 4096 tokens does not
+  in.all_resident = true;
+  p = plan_memory(man, config_of(s), in);
+  EXPECT_FALSE(p.fits);
+  EXPECT_EQ(p.resident_layers, k8B.layers);
+  ASSERT_FALSE(p.suggestions.empty()) << p.refusal();
+  for (const Suggestion& sg : p.suggestions)
+    for (const ConfigChange& ch : sg.changes) EXPECT_NE(ch.key, "resident_layers") << sg.text();
+  std::cout << p.refusal();
 }
 
 // The seeds' case: Llama 3.1 70B on a 16 GB card at batch 8, planned at the defaults of the other

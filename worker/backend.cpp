@@ -29,26 +29,62 @@ Backend::Backend(const ModelConfig& m, const Config& config)
           config.batch_size * ((config.max_context + config.kv_block_tokens - 1) / std::max<int64_t>(1, config.kv_block_tokens)),
           config.max_context) {}
 
-std::vector<std::vector<float>> Backend::step(const std::vector<StepItem>& items) {
-  const StepLayout layout = kv_.prepare(items, limits_);
-  std::vector<float> logits;
-  run_step(layout, Output::kLogits, &logits, nullptr);
-  kv_.commit(layout);
-  const size_t vocab = static_cast<size_t>(model_.vocab_size);
-  std::vector<std::vector<float>> rows(items.size());
+namespace {
+
+// The rows of a pass, one per logits row, given back to the items they came from (empty rows for
+// the items that want no logits).
+std::vector<std::vector<float>> rows_by_item(const StepLayout& layout, const std::vector<float>& logits, size_t vocab) {
+  std::vector<std::vector<float>> rows(static_cast<size_t>(layout.items()));
   for (size_t r = 0; r < layout.logit_item.size(); ++r)
     rows[layout.logit_item[r]].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
   return rows;
 }
 
+std::vector<int32_t> ids_by_item(const StepLayout& layout, const std::vector<int32_t>& picked) {
+  std::vector<int32_t> ids(static_cast<size_t>(layout.items()), -1);
+  for (size_t r = 0; r < layout.logit_item.size(); ++r) ids[layout.logit_item[r]] = picked[r];
+  return ids;
+}
+
+}  // namespace
+
+std::vector<std::vector<float>> Backend::step(const std::vector<StepItem>& items) {
+  const StepLayout layout = kv_.prepare(items, limits_);
+  std::vector<float> logits;
+  StepOutput out;
+  out.logits = &logits;
+  run_step(layout, out);
+  kv_.commit(layout);
+  return rows_by_item(layout, logits, static_cast<size_t>(model_.vocab_size));
+}
+
 std::vector<int32_t> Backend::step_greedy(const std::vector<StepItem>& items) {
   const StepLayout layout = kv_.prepare(items, limits_);
   std::vector<int32_t> picked;
-  run_step(layout, Output::kGreedy, nullptr, &picked);
+  StepOutput out;
+  out.ids = &picked;
+  run_step(layout, out);
   kv_.commit(layout);
-  std::vector<int32_t> ids(items.size(), -1);
-  for (size_t r = 0; r < layout.logit_item.size(); ++r) ids[layout.logit_item[r]] = picked[r];
-  return ids;
+  return ids_by_item(layout, picked);
+}
+
+std::vector<int32_t> Backend::step_sample(const std::vector<StepItem>& items, const std::vector<SampleParams>& params,
+                                          std::vector<std::vector<float>>* logits) {
+  RL_REQUIRE(params.size() == items.size(), "step_sample: {} sampling rows for {} items", params.size(),
+             items.size());
+  const StepLayout layout = kv_.prepare(items, limits_);
+  std::vector<SampleParams> rows(layout.logit_item.size());
+  for (size_t r = 0; r < rows.size(); ++r) rows[r] = params[layout.logit_item[r]];
+  std::vector<int32_t> picked;
+  std::vector<float> flat;
+  StepOutput out;
+  out.ids = &picked;
+  out.sample = &rows;
+  if (logits) out.logits = &flat;
+  run_step(layout, out);
+  kv_.commit(layout);
+  if (logits) *logits = rows_by_item(layout, flat, static_cast<size_t>(model_.vocab_size));
+  return ids_by_item(layout, picked);
 }
 
 std::vector<float> Backend::forward(const std::vector<int32_t>& tokens, int64_t start_pos) {

@@ -14,6 +14,7 @@
 
 #include "common/config.h"
 #include "common/model_config.h"
+#include "kernels/sample_common.h"
 #include "worker/kv_blocks.h"
 #include "worker/weights.h"
 
@@ -41,6 +42,14 @@ class Backend {
   // The same pass, but only the greedy pick of each item that wants logits comes back (-1 for the
   // others); the CUDA backend picks on the device and copies one id per item.
   std::vector<int32_t> step_greedy(const std::vector<StepItem>& items);
+  // The same pass, each item that wants logits sampled with its own row of `params` (one per item,
+  // from its sequence's Sampler::next_row_params(); the rows of items that want no logits are not
+  // read): the rule of kernels/sample_common.h, so a temperature-0 row is the greedy pick. Returns
+  // one id per item (-1 where want_logits is false). The CUDA backend samples on the device and
+  // copies one id per item; the CPU backend calls sample_row on its logits rows. `logits`, when
+  // given, also gets each item's row, as step() returns them (the rows the ids were drawn from).
+  std::vector<int32_t> step_sample(const std::vector<StepItem>& items, const std::vector<SampleParams>& params,
+                                   std::vector<std::vector<float>>* logits = nullptr);
 
   // One sequence (id 0) as a list of one: runs `tokens` at positions [start_pos, start_pos + n),
   // in steps of at most max_item_tokens, and returns the last position's logits. start_pos must
@@ -57,12 +66,15 @@ class Backend {
   // Sizes the block pool for batch_size x max_context (config) and the step limits.
   Backend(const ModelConfig& m, const Config& config);
 
-  enum class Output { kLogits, kGreedy };
+  // What a pass hands back for the layout's logits rows (layout.logit_rows, in order).
+  struct StepOutput {
+    std::vector<float>* logits = nullptr;  // non-null: gets logit_rows.size() x vocab floats
+    std::vector<int32_t>* ids = nullptr;   // non-null: gets one id per logits row
+    // With ids: null = the greedy pick (argmax); else one SampleParams per logits row to draw with.
+    const std::vector<SampleParams>* sample = nullptr;
+  };
   // Runs the layout's rows through every layer; the block tables already cover the new positions.
-  // kLogits: logits gets layout.logit_rows.size() * vocab floats. kGreedy: ids gets one id per
-  // logits row.
-  virtual void run_step(const StepLayout& layout, Output out, std::vector<float>* logits,
-                        std::vector<int32_t>* ids) = 0;
+  virtual void run_step(const StepLayout& layout, const StepOutput& out) = 0;
 
   const ModelConfig model_;
   const StepLimits limits_;

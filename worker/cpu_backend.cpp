@@ -294,10 +294,10 @@ class CpuBackend : public Backend {
   const char* name() const override { return "cpu"; }
 
  protected:
-  void run_step(const StepLayout& L, Output out, std::vector<float>* logits, std::vector<int32_t>* ids) override {
+  void run_step(const StepLayout& L, const StepOutput& out) override {
     ws_.begin_pass();
     try {
-      run(L, out, logits, ids);
+      run(L, out);
     } catch (...) {
       ws_.end_pass();
       throw;
@@ -308,7 +308,7 @@ class CpuBackend : public Backend {
  private:
   size_t layer_rows() const { return static_cast<size_t>(kv_.n_blocks()) * static_cast<size_t>(kv_.block_tokens()); }
 
-  void run(const StepLayout& L, Output out, std::vector<float>* logits, std::vector<int32_t>* ids) {
+  void run(const StepLayout& L, const StepOutput& out) {
     const int64_t T = L.rows();
     const int64_t dim = m_.dim;
     const GlobalWeights g = ws_.globals();
@@ -339,12 +339,16 @@ class CpuBackend : public Backend {
                       last.data() + r * dim);
       cpu::matmul_bf16(&pool_, last.data(), R, dim, g.output, m_.vocab_size, out_rows.data());
     }
-    if (out == Output::kGreedy) {
-      ids->resize(static_cast<size_t>(R));
-      for (int64_t r = 0; r < R; ++r) (*ids)[r] = argmax(out_rows.data() + r * m_.vocab_size, m_.vocab_size);
-    } else {
-      *logits = std::move(out_rows);
+    if (out.ids) {
+      // The GPU sampler's rule and generator (kernels/sample_common.h): the same draw per row.
+      out.ids->resize(static_cast<size_t>(R));
+      for (int64_t r = 0; r < R; ++r) {
+        const float* row = out_rows.data() + r * m_.vocab_size;
+        (*out.ids)[r] = out.sample ? sample_row(row, m_.vocab_size, (*out.sample)[r], scratch_)
+                                   : argmax(row, m_.vocab_size);
+      }
     }
+    if (out.logits) *out.logits = std::move(out_rows);
   }
 
   void layer(int64_t l, const LayerWeights& w, const StepLayout& L) {
@@ -392,6 +396,7 @@ class CpuBackend : public Backend {
   const ModelConfig m_;
   const std::vector<float> inv_freq_;
   ThreadPool pool_;
+  SampleScratch scratch_;
   // [layer][pool row][kv_dim] for n_blocks * block_tokens pool rows; rope already applied to keys.
   std::unique_ptr<float[]> k_cache_, v_cache_;
   // Activations of the current step, [rows][width].

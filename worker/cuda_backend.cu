@@ -7,7 +7,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
-#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -21,7 +21,9 @@
 #include "kernels/gemm.h"
 #include "kernels/kv_store.cuh"
 #include "kernels/rope.cuh"
+#include "kernels/sample.cuh"
 #include "kernels/silu_mul.cuh"
+#include "worker/cuda_memory.h"
 
 namespace ringllama {
 
@@ -30,6 +32,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int64_t kWeightAlign = 128;     // elements (256 bytes): every tensor starts 16-byte aligned
+static_assert(kAttentionTileRows == kAttentionPagedRows, "the planner counts attention tiles as the kernel makes them");
 
 // Page-locked host memory, so that the small per-step copies are true async DMA.
 template <typename T>
@@ -110,6 +113,9 @@ struct MetaLayout {
 
 class CudaBackend : public Backend {
  public:
+  // In the order of DESIGN.md "The memory planner": the context and cuBLAS first, measured; then
+  // the plan from those figures (refused when it does not fit); then every allocation the plan
+  // lists, the decode graphs included, so that nothing is allocated on the device after this.
   CudaBackend(WeightSource& ws, const Config& config, const CudaBackendOptions& options)
       : Backend(ws.manifest().model, config),
         m_(ws.manifest().model),
@@ -123,23 +129,54 @@ class CudaBackend : public Backend {
                       .total),
         host_meta_(static_cast<size_t>(max_meta_)),
         host_logits_(static_cast<size_t>(limits_.max_items * m_.vocab_size)),
-        host_picked_(static_cast<size_t>(limits_.max_items)) {
+        host_picked_(static_cast<size_t>(limits_.max_items)),
+        host_params_(static_cast<size_t>(limits_.max_items)) {
     RL_REQUIRE(m_.head_dim % 2 == 0 && m_.head_dim <= 256, "the CUDA backend supports even head_dim up to 256, not {}",
                m_.head_dim);
+    report_.context_bytes = process_context_bytes(device_);
+    const uint64_t used_before = device_memory().used();
+    gemm_ = std::make_unique<Gemm>();
+    const DeviceMemory after_cublas = device_memory();
+    report_.cublas_bytes = after_cublas.used() > used_before ? after_cublas.used() - used_before : 0;
+
+    // Planned for the step the backend runs: a chunk is never longer than max_context.
+    Config planned = config;
+    planned.prefill_chunk_tokens = limits_.max_item_tokens;
+    report_.plan = plan_resident_backend(ws.manifest(), planned, after_cublas, report_.context_bytes,
+                                         report_.cublas_bytes);
+
     upload_weights(ws);
     allocate_state();
+    // One decode step run eagerly first: cuBLAS and the kernels are loaded (their memory counted
+    // below) before any graph is captured, and no capture ever has to load one.
+    warm_up();
+    if (options_.graphs) {
+      for (int64_t n = 1; n <= limits_.max_items; ++n) graphs_.push_back(capture(decode_layout(n)));
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    const MemoryPlan& p = report_.plan;
+    report_.planned_allocations = p.globals_bytes + p.resident_bytes + p.kv_bytes +
+                                  static_cast<uint64_t>(p.kv_blocks) * sizeof(int32_t) + p.activation_bytes +
+                                  p.workspace_bytes;
+    const uint64_t used_after = device_memory().used();
+    report_.measured_bytes = report_.context_bytes + (used_after > used_before ? used_after - used_before : 0);
+    report_.planned_bytes = p.total_bytes - p.guard_bytes;
+    log_memory_report(device_, report_);
   }
 
   ~CudaBackend() override {
     // Buffers are freed next; let queued work finish first (errors here cannot be acted on).
     if (stream_.get()) cudaStreamSynchronize(stream_.get());
-    for (auto& [n, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (cudaGraphExec_t exec : graphs_) cudaGraphExecDestroy(exec);
   }
+
+  const CudaMemoryReport& memory_report() const { return report_; }
 
   const char* name() const override { return "cuda"; }
 
  protected:
-  void run_step(const StepLayout& L, Output out, std::vector<float>* logits, std::vector<int32_t>* ids) override {
+  void run_step(const StepLayout& L, const StepOutput& out) override {
     CUDA_CHECK(cudaSetDevice(device_));
     cudaStream_t s = stream_.get();
     const int64_t R = L.rows(), I = L.items(), NL = static_cast<int64_t>(L.logit_rows.size());
@@ -148,6 +185,8 @@ class CudaBackend : public Backend {
     const MetaLayout ml(R, I, static_cast<int64_t>(tile_item.size()), NL, kv_.max_blocks_per_sequence());
     RL_REQUIRE(R <= max_rows_ && ml.total <= max_meta_, "a step of {} tokens exceeds the {} the backend sized for", R,
                max_rows_);
+    RL_REQUIRE(!out.sample || static_cast<int64_t>(out.sample->size()) == NL, "{} sampling rows for {} logits rows",
+               out.sample ? out.sample->size() : size_t{0}, NL);
 
     // The host staging buffer is reused: the previous step's copy out of it must be done (each
     // step ends with a synchronize, so it is).
@@ -168,28 +207,35 @@ class CudaBackend : public Backend {
     CUDA_CHECK(cudaMemcpyAsync(meta_.get(), h, static_cast<size_t>(ml.total) * sizeof(int32_t),
                                cudaMemcpyHostToDevice, s));
 
-    // A decode step: one token per sequence, every one wanting logits. Its shape is the batch size.
+    // A decode step: one token per sequence, every one wanting logits. Its shape is the batch size,
+    // and its graph was captured at construction.
     const bool decode = R == I && NL == I;
     if (decode && options_.graphs) {
-      auto it = graphs_.find(I);
-      if (it == graphs_.end()) it = graphs_.emplace(I, capture(ml)).first;
-      CUDA_CHECK(cudaGraphLaunch(it->second, s));
+      CUDA_CHECK(cudaGraphLaunch(graphs_.at(static_cast<size_t>(I - 1)), s));
     } else {
       forward_pass(ml);
     }
 
-    if (NL > 0) {
-      if (out == Output::kGreedy) {
-        launch_argmax(logits_.get(), ElemType::F32, NL, m_.vocab_size, m_.vocab_size, picked_.get(), s);
-        CUDA_CHECK(cudaMemcpyAsync(host_picked_.get(), picked_.get(), NL * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    if (NL > 0 && out.ids) {
+      if (out.sample) {
+        // Each row with its sequence's parameters and draw counter: the CPU sampler's rule.
+        std::copy(out.sample->begin(), out.sample->end(), host_params_.get());
+        CUDA_CHECK(cudaMemcpyAsync(params_.get(), host_params_.get(), NL * sizeof(SampleParams),
+                                   cudaMemcpyHostToDevice, s));
+        launch_sample(logits_.get(), static_cast<int>(NL), static_cast<int>(m_.vocab_size), m_.vocab_size,
+                      params_.get(), picked_.get(), workspace_.get(), workspace_.bytes(), s);
       } else {
-        CUDA_CHECK(cudaMemcpyAsync(host_logits_.get(), logits_.get(), NL * m_.vocab_size * sizeof(float),
-                                   cudaMemcpyDeviceToHost, s));
+        launch_argmax(logits_.get(), ElemType::F32, NL, m_.vocab_size, m_.vocab_size, picked_.get(), s);
       }
+      CUDA_CHECK(cudaMemcpyAsync(host_picked_.get(), picked_.get(), NL * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    }
+    if (NL > 0 && out.logits) {
+      CUDA_CHECK(cudaMemcpyAsync(host_logits_.get(), logits_.get(), NL * m_.vocab_size * sizeof(float),
+                                 cudaMemcpyDeviceToHost, s));
     }
     CUDA_CHECK(cudaStreamSynchronize(s));
-    if (out == Output::kGreedy) ids->assign(host_picked_.get(), host_picked_.get() + NL);
-    else logits->assign(host_logits_.get(), host_logits_.get() + NL * m_.vocab_size);
+    if (out.ids) out.ids->assign(host_picked_.get(), host_picked_.get() + NL);
+    if (out.logits) out.logits->assign(host_logits_.get(), host_logits_.get() + NL * m_.vocab_size);
   }
 
  private:
@@ -215,7 +261,7 @@ class CudaBackend : public Backend {
     std::vector<std::array<int64_t, 6>> layer_at(m_.n_layers);
     for (auto& at : layer_at)
       for (int i = 0; i < 6; ++i) at[i] = place(layer_sizes[i]);
-    weights_ = DeviceBuffer<bf16>(static_cast<size_t>(total), "the model's weights");
+    weights_ = alloc<bf16>(static_cast<size_t>(total), "the model's weights");
     weight_bytes_ = static_cast<size_t>(total) * sizeof(bf16);
 
     bf16* base = weights_.get();
@@ -259,23 +305,75 @@ class CudaBackend : public Backend {
     const size_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), ffn = m_.ffn_dim;
     pool_rows_ = static_cast<size_t>(kv_.n_blocks()) * static_cast<size_t>(kv_.block_tokens());
     const size_t cache = static_cast<size_t>(m_.n_layers) * pool_rows_ * kv_dim;
-    k_cache_ = DeviceBuffer<bf16>(cache, "the key cache (n_layers x kv blocks x kv_block_tokens x kv_dim)");
-    v_cache_ = DeviceBuffer<bf16>(cache, "the value cache (n_layers x kv blocks x kv_block_tokens x kv_dim)");
-    x_ = DeviceBuffer<float>(R * dim, "the residual stream");
-    xn_ = DeviceBuffer<bf16>(R * dim, "normed activations");
-    qkv_ = DeviceBuffer<bf16>(R * (q_dim + 2 * kv_dim), "queries, keys and values");
-    att_ = DeviceBuffer<bf16>(R * q_dim, "attention output");
-    proj_ = DeviceBuffer<float>(R * dim, "projection output");
-    gu_ = DeviceBuffer<bf16>(R * 2 * ffn, "FFN gate and up");
-    xg_ = DeviceBuffer<bf16>(I * dim, "normed rows for lm_head");
-    logits_ = DeviceBuffer<float>(I * static_cast<size_t>(m_.vocab_size), "logits");
-    picked_ = DeviceBuffer<int32_t>(I, "greedy ids");
-    meta_ = DeviceBuffer<int32_t>(static_cast<size_t>(max_meta_), "step metadata");
+    k_cache_ = alloc<bf16>(cache, "the key cache (n_layers x kv blocks x kv_block_tokens x kv_dim)");
+    v_cache_ = alloc<bf16>(cache, "the value cache (n_layers x kv blocks x kv_block_tokens x kv_dim)");
+    x_ = alloc<float>(R * dim, "the residual stream");
+    xn_ = alloc<bf16>(R * dim, "normed activations");
+    qkv_ = alloc<bf16>(R * (q_dim + 2 * kv_dim), "queries, keys and values");
+    att_ = alloc<bf16>(R * q_dim, "attention output");
+    proj_ = alloc<float>(R * dim, "projection output");
+    gu_ = alloc<bf16>(R * 2 * ffn, "FFN gate and up");
+    xg_ = alloc<bf16>(I * dim, "normed rows for lm_head");
+    logits_ = alloc<float>(I * static_cast<size_t>(m_.vocab_size), "logits");
+    picked_ = alloc<int32_t>(I, "sampled ids");
+    params_ = alloc<SampleParams>(I, "sampling rows");
+    meta_ = alloc<int32_t>(static_cast<size_t>(max_meta_), "step metadata");
+    // The plan's workspace line; launch_sample's scratch comes out of it.
+    const size_t ws_bytes = std::max<size_t>(report_.plan.workspace_bytes, 1);
+    const size_t sample_ws = sample_workspace_bytes(static_cast<int>(I), static_cast<int>(m_.vocab_size));
+    RL_REQUIRE(sample_ws <= ws_bytes, "the planned workspace of {} bytes is less than launch_sample needs ({} bytes)",
+               ws_bytes, sample_ws);
+    workspace_ = alloc<unsigned char>(ws_bytes, "workspace");
 
     const std::vector<double> inv = rope_inv_freq(m_);
     const std::vector<float> inv_f(inv.begin(), inv.end());  // rounded to float once, as transformers keeps it
-    inv_freq_ = DeviceBuffer<float>(inv_f.size(), "RoPE frequencies");
+    inv_freq_ = alloc<float>(inv_f.size(), "RoPE frequencies");
     CUDA_CHECK(cudaMemcpy(inv_freq_.get(), inv_f.data(), inv_f.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+  // Every device allocation of the backend goes through here, so that the report can hold their sum
+  // against the plan's lines.
+  template <typename T>
+  DeviceBuffer<T> alloc(size_t count, const char* what) {
+    DeviceBuffer<T> b(count, what);
+    report_.allocated_bytes += b.bytes();
+    return b;
+  }
+
+  // A decode step of batch_size sequences, each one token (id 0) at position 0 in block 0, then
+  // both ways of picking a token. It writes cache row 0 of every layer, which holds nothing yet: a
+  // sequence writes each of its rows before any read of it.
+  void warm_up() {
+    cudaStream_t s = stream_.get();
+    const int64_t n = limits_.max_items;
+    std::vector<int32_t> tile_item, tile_row0;
+    attention_paged_tiles(std::vector<int64_t>(static_cast<size_t>(n), 1), group_, &tile_item, &tile_row0);
+    const MetaLayout ml(n, n, static_cast<int64_t>(tile_item.size()), n, kv_.max_blocks_per_sequence());
+    int32_t* h = host_meta_.get();
+    std::fill(h, h + ml.total, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      h[ml.row0 + i] = static_cast<int32_t>(i);
+      h[ml.count + i] = 1;
+      h[ml.logit + i] = static_cast<int32_t>(i);
+    }
+    std::copy(tile_item.begin(), tile_item.end(), h + ml.tile_item);
+    std::copy(tile_row0.begin(), tile_row0.end(), h + ml.tile_row0);
+    CUDA_CHECK(cudaMemcpyAsync(meta_.get(), h, static_cast<size_t>(ml.total) * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, s));
+    forward_pass(ml);
+    std::fill(host_params_.get(), host_params_.get() + n, SampleParams{});  // temperature 0
+    CUDA_CHECK(cudaMemcpyAsync(params_.get(), host_params_.get(), n * sizeof(SampleParams), cudaMemcpyHostToDevice, s));
+    launch_sample(logits_.get(), static_cast<int>(n), static_cast<int>(m_.vocab_size), m_.vocab_size, params_.get(),
+                  picked_.get(), workspace_.get(), workspace_.bytes(), s);
+    launch_argmax(logits_.get(), ElemType::F32, n, m_.vocab_size, m_.vocab_size, picked_.get(), s);
+    CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+
+  // The metadata layout of a decode step of n sequences (one token each, every one wanting logits).
+  MetaLayout decode_layout(int64_t n) const {
+    std::vector<int32_t> tile_item, tile_row0;
+    attention_paged_tiles(std::vector<int64_t>(static_cast<size_t>(n), 1), group_, &tile_item, &tile_row0);
+    return MetaLayout(n, n, static_cast<int64_t>(tile_item.size()), n, kv_.max_blocks_per_sequence());
   }
 
   cudaGraphExec_t capture(const MetaLayout& ml) {
@@ -335,7 +433,7 @@ class CudaBackend : public Backend {
       launch_gather_rows(xn_.get(), dim, meta + ml.logit, ml.logit_rows, dim, xg_.get(), s);
       rows = xg_.get();
     }
-    gemm_.matmul(rows, ml.logit_rows, dim, output_, m_.vocab_size, logits_.get(), ElemType::F32, m_.vocab_size, s);
+    gemm_->matmul(rows, ml.logit_rows, dim, output_, m_.vocab_size, logits_.get(), ElemType::F32, m_.vocab_size, s);
   }
 
   // xn → q|k|v (one GEMM) → RoPE on q and k → k, v into their cache rows → attention over the
@@ -348,23 +446,23 @@ class CudaBackend : public Backend {
     bf16* q = qkv_.get();
     bf16* k = q + q_dim;
     bf16* v = k + kv_dim;
-    gemm_.matmul(xn_.get(), n, dim, w.wqkv, qkv_dim, q, ElemType::BF16, qkv_dim, s);
+    gemm_->matmul(xn_.get(), n, dim, w.wqkv, qkv_dim, q, ElemType::BF16, qkv_dim, s);
     launch_rope(q, qkv_dim, m_.n_heads, k, qkv_dim, m_.n_kv_heads, m_.head_dim, meta_.get() + ml.pos, inv_freq_.get(),
                 n, s);
     launch_kv_store(k, v, qkv_dim, n, kv_dim, meta_.get() + ml.slot, kc, vc, kv_dim, s);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m_.head_dim)));
     launch_attention_paged(q, qkv_dim, kc, vc, kv_dim, kv_.block_tokens(), att_.get(), q_dim, batch, m_.n_heads,
                            m_.n_kv_heads, m_.head_dim, scale, s);
-    gemm_.matmul(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
+    gemm_->matmul(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
   }
 
   // xn → gate|up (one GEMM) → SiLU(gate)·up over the gate half → down projection into proj_.
   void ffn_block(const DeviceLayer& w, int64_t n) {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, ffn = m_.ffn_dim;
-    gemm_.matmul(xn_.get(), n, dim, w.w13, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+    gemm_->matmul(xn_.get(), n, dim, w.w13, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
     launch_silu_mul_rows(gu_.get(), n, ffn, s);
-    gemm_.matmul(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 0.0f, 2 * ffn);
+    gemm_->matmul(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 0.0f, 2 * ffn);
   }
 
   // ------------------------------------------------------------------------------------------
@@ -377,7 +475,8 @@ class CudaBackend : public Backend {
   const int64_t max_tiles_;  // attention work tiles of one step, at most
   const int64_t max_meta_;   // int32s of one step's metadata, at most
   Stream stream_;
-  Gemm gemm_;
+  CudaMemoryReport report_;     // the plan and what was measured
+  std::unique_ptr<Gemm> gemm_;  // made after the context is measured, before the plan
 
   DeviceBuffer<bf16> weights_;  // every tensor, 256-byte aligned
   size_t weight_bytes_ = 0;
@@ -399,14 +498,17 @@ class CudaBackend : public Backend {
   DeviceBuffer<bf16> gu_;     // [tokens][2 ffn]: gate (then SiLU(gate)·up) | up
   DeviceBuffer<bf16> xg_;     // [items][dim] the normed rows that want logits, when gathered
   DeviceBuffer<float> logits_;  // [items][vocab]
-  DeviceBuffer<int32_t> picked_;
+  DeviceBuffer<int32_t> picked_;       // [items] greedy or sampled ids
+  DeviceBuffer<SampleParams> params_;  // [items] sampling rows
   DeviceBuffer<int32_t> meta_;  // MetaLayout
   DeviceBuffer<float> inv_freq_;  // [head_dim / 2]
-  std::map<int64_t, cudaGraphExec_t> graphs_;  // decode step graphs by batch size
+  DeviceBuffer<unsigned char> workspace_;  // the plan's workspace line
+  std::vector<cudaGraphExec_t> graphs_;    // decode step graphs, [batch size - 1]
 
   PinnedBuffer<int32_t> host_meta_;
   PinnedBuffer<float> host_logits_;
   PinnedBuffer<int32_t> host_picked_;
+  PinnedBuffer<SampleParams> host_params_;
 };
 
 }  // namespace
@@ -414,6 +516,11 @@ class CudaBackend : public Backend {
 std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& config,
                                            const CudaBackendOptions& options) {
   return std::make_unique<CudaBackend>(weights, config, options);
+}
+
+const CudaMemoryReport* cuda_memory_report(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  return cuda ? &cuda->memory_report() : nullptr;
 }
 
 }  // namespace ringllama

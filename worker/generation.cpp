@@ -62,10 +62,12 @@ std::vector<GenResult> generate_all(Backend& b, const std::vector<GenRequest>& r
       b.add_sequence(static_cast<int64_t>(r.req));
       running.push_back(std::move(r));
     }
-    // One item per running sequence: its next prompt chunk, or its last token.
+    // One item per running sequence: its next prompt chunk, or its last token; and the sampling
+    // row of each item that will draw a token (the sampler's step moves on as the row is made).
     std::vector<StepItem> items;
-    bool greedy = !with_logits, prefill = false;
-    for (const Running& r : running) {
+    std::vector<SampleParams> params;
+    bool prefill = false;
+    for (Running& r : running) {
       const GenRequest& q = requests[r.req];
       const int64_t P = static_cast<int64_t>(q.prompt.size());
       StepItem it;
@@ -80,14 +82,14 @@ std::vector<GenResult> generate_all(Backend& b, const std::vector<GenRequest>& r
         it.tokens = {results[r.req].tokens.back()};
         st.decode_tokens += 1;
       }
-      if (q.sampling.temperature != 0) greedy = false;
+      params.push_back(it.want_logits ? r.sampler->next_row_params() : SampleParams{});
       items.push_back(std::move(it));
     }
+    // Tokens are drawn where the logits are (on the device for the CUDA backend); the rows come
+    // back only when the sink wants them, and the draws are the same either way.
     const auto ts = Clock::now();
     std::vector<std::vector<float>> rows;
-    std::vector<int32_t> picked;
-    if (greedy) picked = b.step_greedy(items);
-    else rows = b.step(items);
+    const std::vector<int32_t> picked = b.step_sample(items, params, with_logits ? &rows : nullptr);
     const double dt = seconds(ts, Clock::now());
     (prefill ? st.prefill_s : st.decode_s) += dt;
     ++st.steps;
@@ -99,11 +101,11 @@ std::vector<GenResult> generate_all(Backend& b, const std::vector<GenRequest>& r
       const GenRequest& q = requests[r.req];
       if (r.fed < static_cast<int64_t>(q.prompt.size())) r.fed += static_cast<int64_t>(it.tokens.size());
       if (!it.want_logits) continue;
-      const int32_t tok = greedy ? picked[k] : r.sampler->sample(rows[k]);
+      const int32_t tok = picked[k];
       GenResult& res = results[r.req];
       if (res.tokens.empty()) res.first_token_s = seconds(t0, Clock::now());
       res.tokens.push_back(tok);
-      if (sink) sink(r.req, tok, greedy ? kNoRow : rows[k]);
+      if (sink) sink(r.req, tok, with_logits ? rows[k] : kNoRow);
       if (q.stop.count(tok)) finish(k, "stop");
       else if (static_cast<int64_t>(res.tokens.size()) >= q.max_tokens) finish(k, "length");
     }

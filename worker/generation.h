@@ -35,12 +35,13 @@ struct GenStats {
 };
 
 // Called for every generated token, in order per request: (request index, token id, its logits row;
-// empty when the run picks greedily on the device).
+// empty unless the run was asked for logits).
 using TokenSink = std::function<void(size_t, int32_t, const std::vector<float>&)>;
 
 // Runs every request to its end. Sequence ids are the request indices; each is freed when its
-// request ends. with_logits: the sink gets each token's logits (otherwise greedy requests are
-// picked with step_greedy and only ids come back from the device). Throws Error on a request that
+// request ends. Every token is drawn by the backend (Backend::step_sample with each sequence's
+// Sampler::next_row_params()), on the device for the CUDA backend, so only ids come back from it;
+// with_logits: the logits rows come back too and the sink gets them. Throws Error on a request that
 // cannot fit (prompt + max_tokens over max_context) before running anything.
 std::vector<GenResult> generate_all(Backend& b, const std::vector<GenRequest>& requests, bool with_logits,
                                     const TokenSink& sink, GenStats* stats = nullptr);

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "common/errors.h"
+#include "kernels/sample_common.h"
 
 namespace ringllama {
 
@@ -78,7 +79,20 @@ MemoryPlan plan_core(const Manifest& man, const Config& c, const PlanInputs& in,
   buf("FFN gate", T, m.ffn_dim, kBf16, "bf16", "SiLU(gate) x up written in place, no fourth temporary");
   buf("FFN up", T, m.ffn_dim, kBf16, "bf16", "");
   buf("logits", c.batch_size, m.vocab_size, kFp32, "fp32", "one row per sequence");
-  buf("token ids, positions", T, 2, kInt32, "int32", "");
+  buf("lm_head rows", c.batch_size, m.dim, kBf16, "bf16", "the normed rows that want logits, gathered");
+  buf("sampled ids", c.batch_size, 1, kInt32, "int32", "");
+  buf("sampling rows", c.batch_size, static_cast<int64_t>(sizeof(SampleParams)), 1, "bytes",
+      "one SampleParams per sequence");
+  {
+    // Per row: token id, position, cache slot; per sequence: first row, count, start, logits row;
+    // per attention tile: its sequence and first row. The block tables are the KV block table line.
+    const int64_t group = m.n_kv_heads > 0 ? m.n_heads / m.n_kv_heads : 1;
+    const int64_t tiles = T * group / kAttentionTileRows + c.batch_size;
+    p.activations.push_back({"step metadata", u(3 * T + 4 * c.batch_size + 2 * tiles) * kInt32,
+                             fmt::format("{} int32: 3 per token, 4 per sequence, 2 per attention tile ({})",
+                                         3 * T + 4 * c.batch_size + 2 * tiles, tiles)});
+  }
+  buf("RoPE frequencies", 1, m.head_dim / 2, kFp32, "fp32", "");
   p.activations.push_back({"attention scratch", 0, "none: the tiled prefill kernel keeps K/V tiles in shared memory"});
   for (const auto& a : p.activations) p.activation_bytes += a.bytes;
 
@@ -210,7 +224,7 @@ std::vector<Suggestion> suggest(const Manifest& man, const Config& c, const Plan
   };
 
   std::vector<std::string> keys;
-  if (c.resident_layers != kAuto && c.resident_layers > 0) keys.push_back("resident_layers");
+  if (c.resident_layers != kAuto && c.resident_layers > 0 && !in.all_resident) keys.push_back("resident_layers");
   if (p.pool_bytes > 0) keys.push_back(c.gpu_max_groups == kAuto ? "gpu_ahead_layers" : "gpu_max_groups");
   keys.push_back("batch_size");
   keys.push_back("max_context");
@@ -335,8 +349,10 @@ std::string Suggestion::text() const {
 }
 
 MemoryPlan plan_memory(const Manifest& manifest, const Config& config, const PlanInputs& inputs) {
-  MemoryPlan p = plan_core(manifest, config, inputs, kAuto);
-  if (!p.fits) p.suggestions = suggest(manifest, config, inputs, p);
+  Config c = config;
+  if (inputs.all_resident) c.resident_layers = manifest.model.n_layers;
+  MemoryPlan p = plan_core(manifest, c, inputs, kAuto);
+  if (!p.fits) p.suggestions = suggest(manifest, c, inputs, p);
   return p;
 }
 
@@ -374,8 +390,9 @@ std::vector<TableLine> MemoryPlan::lines() const {
                            prefill_chunk_tokens)});
   for (const auto& a : activations) v.push_back({a.name, a.bytes, a.note, true});
   v.push_back({"workspace", workspace_bytes,
-               fmt::format("decode attention: {} seqs x {} splits x (head_dim + 2) fp32 per head", batch_size,
-                           kDecodeAttentionSplits)});
+               fmt::format("decode attention: {} seqs x {} splits x (head_dim + 2) fp32 per head; the sampler's "
+                           "scratch comes out of it",
+                           batch_size, kDecodeAttentionSplits)});
   v.push_back({"free guard", guard_bytes, fmt::format("free_guard_mb {}", guard_bytes / kMiB)});
   return v;
 }

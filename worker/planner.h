@@ -10,7 +10,8 @@
 //   group pool                     attn buffers x attn group + ffn buffers x ffn group
 //   KV cache                       paged: batch x ceil(max_context / kv_block_tokens) blocks
 //   activations                    one layer's buffers at batch x prefill_chunk_tokens tokens
-//   workspace                      decode attention's split partials (cuBLAS's is in its own line)
+//   workspace                      decode attention's split partials, the sampler's scratch (cuBLAS's
+//                                  is in its own line)
 //   free guard                     free_guard_mb
 // against a budget of gpu_memory_limit x device memory (0: what is free).
 #pragma once
@@ -40,12 +41,19 @@ inline constexpr uint64_t kEstimatedCublasBytes = 128 * kMiB;
 // partial output row, a max and a sum in fp32 (kernels/attention_decode.cuh): the workspace line.
 inline constexpr int64_t kDecodeAttentionSplits = 64;
 
+// Query rows of one attention work tile (kernels/attention_paged.cuh kAttentionPagedRows): a step's
+// metadata holds one (item, first row) pair per tile.
+inline constexpr int64_t kAttentionTileRows = 16;
+
 struct PlanInputs {
   uint64_t device_total_bytes = 0;  // the card's memory
   uint64_t device_free_bytes = 0;   // free memory, measured after the context and cuBLAS were made
   uint64_t context_bytes = 0;       // the CUDA context of this process
   uint64_t cublas_bytes = 0;        // cuBLAS handle and workspace
   bool measured = false;            // false: the figures above are estimates (--plan-only)
+  // The backend keeps every layer on the device (the CUDA backend until streaming is wired into
+  // it): resident_layers is planned at the layer count and never suggested as a key to lower.
+  bool all_resident = false;
 };
 
 // Inputs for a card of `device_bytes` that is not measured: every byte free, fixed estimates.
