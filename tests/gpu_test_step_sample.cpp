@@ -111,47 +111,71 @@ std::vector<GenRequest> greedy_requests(int64_t vocab) {
   return reqs;
 }
 
+// Leading rows of each request whose CPU top-2 gap is clear (>= kScreenMargin), summed.
+int64_t clear_prefix_rows(const Outcome& o) {
+  int64_t n = 0;
+  for (const auto& rows : o.rows)
+    for (const auto& row : rows) {
+      if (top2_gap(row) < kScreenMargin) break;
+      ++n;
+    }
+  return n;
+}
+
 // Greedy rows on the device (temperature 0 through launch_sample, ids only) give the CPU backend's
-// tokens on a model whose CPU run keeps a clear top-2 gap at every step (seeds screened as in
-// gpu_test_cuda_backend).
+// tokens: the same token at every step until a step where the CPU row's top-2 gap is within the
+// bf16 noise (a near tie, where either pick is right and the runs may part). The weight seed is the
+// one of 1..40 whose CPU run keeps a clear gap for the most leading steps (as gpu_test_cuda_backend
+// screens its seeds), so that most of the comparison tests the device, not a coin flip.
 TEST(CudaStepSample, GreedyRowsPickTheCpuTokens) {
   SKIP_WITHOUT_GPU();
   const ModelConfig m = model_config();
   const Config c = config_for(3);
   const std::vector<GenRequest> reqs = greedy_requests(m.vocab_size);
   uint64_t seed = 0;
-  double min_gap = 0;
+  int64_t best = -1;
   Outcome ref;
-  for (uint64_t s = 1; s <= 100 && seed == 0; ++s) {
+  for (uint64_t s = 1; s <= 40; ++s) {
     test::TinyModel tm(m, s);
     test::MemoryWeights ws(tm);
     auto cpu = make_cpu_backend(ws, c);
     Outcome o = run_all(*cpu, reqs, true);
-    double g = INFINITY;
-    for (const auto& rows : o.rows)
-      for (const auto& row : rows) g = std::min(g, top2_gap(row));
-    if (g >= kScreenMargin) {
+    const int64_t clear = clear_prefix_rows(o);
+    if (clear > best) {
+      best = clear;
       seed = s;
-      min_gap = g;
       ref = std::move(o);
     }
   }
-  ASSERT_NE(seed, 0u) << "no weight seed in 1..100 keeps a clear top-2 gap on the CPU";
   test::TinyModel tm(m, seed);
   test::MemoryWeights ws(tm);
   auto gpu = make_cuda_backend(ws, c);
   const Outcome got = run_all(*gpu, reqs, false);
+  int64_t agreed = 0, total = 0;
   for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(got.results[i].tokens, ref.results[i].tokens) << "request " << i;
+    const auto& g = got.results[i].tokens;
+    const auto& w = ref.results[i].tokens;
+    total += static_cast<int64_t>(w.size());
     for (const auto& row : got.rows[i]) EXPECT_TRUE(row.empty()) << "no rows were asked for";
+    for (size_t t = 0; t < g.size() && t < w.size(); ++t) {
+      if (g[t] != w[t]) {
+        EXPECT_LT(top2_gap(ref.rows[i][t]), kScreenMargin)
+            << "request " << i << " token " << t << ": the device picks " << g[t] << ", the CPU " << w[t]
+            << " on a clear choice";
+        break;
+      }
+      ++agreed;
+    }
   }
-  // The device's greedy pick through step_greedy (launch_argmax) is the same.
+  EXPECT_GE(agreed, best);
+  // The device's greedy pick through step_greedy (launch_argmax) is the first token as well.
   auto plain = make_cuda_backend(ws, c);
   plain->add_sequence(0);
   const auto ids = plain->step_greedy({{0, reqs[0].prompt, true}});
-  EXPECT_EQ(ids[0], ref.results[0].tokens[0]);
-  std::printf("  weight seed %llu, min top-2 gap %.3f: greedy tokens agree for %zu requests\n",
-              static_cast<unsigned long long>(seed), min_gap, reqs.size());
+  EXPECT_EQ(ids[0], got.results[0].tokens[0]);
+  std::printf("  weight seed %llu: %lld leading CPU rows with a clear top-2 gap; greedy tokens agree for %lld of %lld\n",
+              static_cast<unsigned long long>(seed), static_cast<long long>(best), static_cast<long long>(agreed),
+              static_cast<long long>(total));
 }
 
 // Rank of token `id` in a row ordered by (logit descending, index ascending), NaN as -inf.
