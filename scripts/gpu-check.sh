@@ -12,6 +12,11 @@
 #   BENCH       0: skip the benchmark
 #   BENCH_STORE the llama-3.1-8b store to benchmark on (default /tmp/ringllama-bench-8b; packed if absent)
 #   BENCH_ARGS  extra ringllama-bench arguments (e.g. "--decode-steps 32")
+#   SUITES      0: skip the GPU test suites
+#   STREAM      0: skip the streamed benchmarks: a random Llama-3.1-8B checkpoint made with transformers
+#               (scripts/bench-accelerate.py make, 16 GB, in HF8B, default /tmp/hf8b), packed, run under
+#               a 4 GiB GPU budget; a llama-3.1-70b-shaped random store of 6 layers under 12 GiB; then
+#               accelerate offload timed on the same 8B checkpoint (4 GiB), and the speed-up printed
 # Writes one log per step and the GoogleTest XML reports to OUTDIR, prints a summary table, and
 # exits non-zero if any step failed.
 set -uo pipefail
@@ -61,10 +66,11 @@ echo "gpu-check: build $build, logs in $out"
 # 1. Every GPU suite.
 shopt -s nullglob
 suites=("$bin"/gpu_test_*)
-if [[ ${#suites[@]} -eq 0 ]]; then
+if [[ ${#suites[@]} -eq 0 && ${SUITES:-1} != 0 ]]; then
   echo "no $bin/gpu_test_* (build first)" >&2
   names+=("gpu suites") results+=("FAIL (none built)") times+=(0)
 fi
+[[ ${SUITES:-1} == 0 ]] && suites=()
 for t in "${suites[@]}"; do
   n=$(basename "$t")
   step "$n" 1200 "$t" --gtest_output="xml:$out/$n.xml" --gtest_color=no
@@ -84,6 +90,36 @@ else
   # shellcheck disable=SC2086
   step bench 900 "${plain[@]}" "$bin/ringllama-bench" --store "$bench_store" ${BENCH_ARGS:-}
   sed -n '/^figure/,$p' "$out/bench.log"
+fi
+
+# 2b. Streamed: models larger than the GPU budget, the layers that do not fit copied from pinned
+#     host memory each step; then the accelerate offload baseline on the same 8B weights.
+if [[ ${STREAM:-1} == 0 ]]; then
+  skipped "stream" "STREAM=0"
+elif [[ ! -x $bin/ringllama-bench || ! -x $bin/ringllama-pack ]]; then
+  skipped "stream" "no ringllama-bench or ringllama-pack in $bin"
+else
+  hf8b=${HF8B:-/tmp/hf8b}
+  s8b=${STREAM_STORE_8B:-/tmp/ringllama-hf8b} s70=${STREAM_STORE_70B:-/tmp/ringllama-70b-6}
+  [[ -f $hf8b/config.json ]] || step make-hf8b 900 python3 "$root/scripts/bench-accelerate.py" make "$hf8b"
+  [[ -f $s8b/manifest.yaml ]] || step pack-hf8b 900 "${plain[@]}" "$bin/ringllama-pack" --hf "$hf8b" --out "$s8b" --quiet
+  step stream-8b 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s8b" --gpu-budget-gib 4 \
+    --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
+  sed -n '/^streamed/,$p' "$out/stream-8b.log"
+  [[ -f $s70/manifest.yaml ]] || step pack-70b-6 900 "${plain[@]}" "$bin/ringllama-pack" --random llama-3.1-70b \
+    --layers 6 --out "$s70" --quiet
+  step stream-70b-6 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s70" --gpu-budget-gib 12 \
+    --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
+  sed -n '/^streamed/,$p' "$out/stream-70b-6.log"
+  if [[ ${ACCELERATE:-1} != 0 ]]; then
+    step accelerate-8b 900 "${plain[@]}" python3 "$root/scripts/bench-accelerate.py" time "$hf8b" --gpu-gib 4 --tokens 4
+    ours=$(awk '$1 == "decode" && $2 == "b1" {print $3; exit}' "$out/stream-8b.log")
+    theirs=$(sed -n 's/^accelerate: decode \([0-9.]*\) tokens.*/\1/p' "$out/accelerate-8b.log" | head -1)
+    if [[ -n $ours && -n $theirs ]]; then
+      python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'8B decode b1 under 4 GiB: ringllama {a:.2f} tok/s, accelerate {b:.3f} tok/s: speed-up {a / b:.1f}x')" \
+        "$ours" "$theirs" | tee "$out/speedup.txt"
+    fi
+  fi
 fi
 
 # 3. compute-sanitizer over the CUDA backend on a fixture: ringllama-generate --backend cuda where

@@ -2,8 +2,8 @@
 // llama-3.2-1b store cut to 4 layers, the backend measures its context and cuBLAS, plans with
 // them, allocates what the plan lists, and the device memory it then measures in use is within 3%
 // of the budget of the plan (the free guard aside, which is never allocated); steps allocate
-// nothing more; a budget too small is refused with the planner's suggestions, and a resident layer
-// count below the model's is refused because streaming is not wired into the backend yet.
+// nothing more; a budget too small for the resident layers asked for is refused with the planner's
+// suggestions, and a resident layer count below the model's streams the others through the pool.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -136,8 +136,9 @@ TEST_F(CudaPlan, ABudgetTooSmallIsRefusedWithWhatToLower) {
     std::unique_ptr<Backend> b = make_cuda_backend(*weights_, config());
     fitting = cuda_memory_report(*b)->plan;
   }
-  // Half the KV cache short: lowering batch_size or max_context alone fits.
+  // Every layer kept resident, half the KV cache short: lowering batch_size or max_context alone fits.
   Config c = config();
+  c.resident_layers = fitting.n_layers;
   c.gpu_memory_limit = static_cast<double>(fitting.total_bytes - fitting.kv_bytes / 2) /
                        static_cast<double>(device_memory().total);
   try {
@@ -150,24 +151,29 @@ TEST_F(CudaPlan, ABudgetTooSmallIsRefusedWithWhatToLower) {
     EXPECT_HAS(m, "lower one of these");
     EXPECT_HAS(m, "batch_size 8 -> ");
     EXPECT_HAS(m, "max_context 4096 -> ");
-    EXPECT_HAS(m, "streaming layers through the group pool is not wired");
-    EXPECT_EQ(m.find("resident_layers 4 ->"), std::string::npos) << "resident_layers is not a key to lower here";
+    EXPECT_HAS(m, "resident_layers 4 -> ");
   }
   // What the refusal says fits does fit.
   c.batch_size = 4;
   EXPECT_NO_THROW(make_cuda_backend(*weights_, c));
 }
 
-TEST_F(CudaPlan, FewerResidentLayersThanTheModelIsRefused) {
+TEST_F(CudaPlan, FewerResidentLayersStreamTheOthers) {
   Config c = config();
   c.resident_layers = 2;
-  try {
-    make_cuda_backend(*weights_, c);
-    ADD_FAILURE() << "no refusal";
-  } catch (const Error& e) {
-    EXPECT_HAS(e.what(), "resident_layers is 2");
-    EXPECT_HAS(e.what(), "not wired");
-  }
+  std::unique_ptr<Backend> b = make_cuda_backend(*weights_, c);
+  CudaStreamReport r;
+  ASSERT_TRUE(cuda_stream_report(*b, &r));
+  EXPECT_EQ(r.resident_layers, 2);
+  EXPECT_GT(r.attn_buffers, 0);
+  EXPECT_FALSE(r.graphs);
+  const MemoryPlan& p = cuda_memory_report(*b)->plan;
+  EXPECT_GT(p.pool_bytes, 0u);
+  b->add_sequence(0);
+  EXPECT_EQ(b->step_greedy({{0, {1, 2, 3}, true}}).size(), 1u);
+  EXPECT_EQ(b->step_greedy({{0, {4}, true}}).size(), 1u);
+  ASSERT_TRUE(cuda_stream_report(*b, &r));
+  EXPECT_GT(r.bytes, 0u);
 }
 
 }  // namespace

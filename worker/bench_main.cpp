@@ -1,7 +1,15 @@
-// ringllama-bench: the CUDA backend fully resident on one GPU, against the limits measured in the
-// same run (DESIGN.md "Testing": benchmarks print ratios against the physical limit).
+// ringllama-bench: the CUDA backend on one GPU, against the limits measured in the same run
+// (DESIGN.md "Testing": benchmarks print ratios against the physical limit).
 //
 //   ringllama-bench --store DIR [--decode-steps 64] [--batches 1,8,64] [--prompt-tokens 512]
+//   ringllama-bench --store DIR --gpu-budget-gib 4 [--decode-steps 8] ...
+//
+// With --gpu-budget-gib the planner's budget is that many GiB: the layers that do not fit stream
+// through the group pool from a pinned ring window that holds the whole model (the SSD is read
+// once). Measures pinned H2D (1 GiB cudaMallocHost -> device copies), then decode at each batch
+// size and prefill of --prompt-tokens tokens, each on a backend planned for it: tokens/s, bytes
+// streamed per step, the effective rate (bytes streamed / step time) against pinned H2D, and for
+// the last step of each, the sum over layers of max(copy, compute) next to copy + compute (events).
 //
 // Measures: device memory bandwidth (a large device-to-device copy moves 2 bytes per byte copied);
 // bf16 GEMM throughput (8192^3 through the engine's GEMM wrapper); decode tokens/s at each batch
@@ -17,17 +25,20 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "common/errors.h"
 #include "common/bf16.h"
 #include "common/store.h"
+#include "worker/planner.h"
 #include "kernels/check.h"
 #include "kernels/device_info.h"
 #include "kernels/gemm.h"
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
+#include "worker/window_weights.h"
 
 namespace ringllama {
 namespace {
@@ -137,6 +148,182 @@ double prefill_rate(Backend& be, int64_t b, int64_t n) {
   return static_cast<double>(b * n) / t[t.size() / 2];
 }
 
+// Pinned host -> device: 1 GiB copies from cudaMallocHost memory, bytes per second (median of 7).
+double measure_h2d() {
+  const size_t bytes = size_t{1} << 30;
+  void* host = nullptr;
+  CUDA_CHECK(cudaMallocHost(&host, bytes));
+  std::memset(host, 1, bytes);
+  double rate = 0;
+  {
+    DeviceBuffer<char> d(bytes, "H2D destination");
+    const double ms = time_ms(7, nullptr, [&] { CUDA_CHECK(cudaMemcpyAsync(d.get(), host, bytes, cudaMemcpyHostToDevice, nullptr)); });
+    rate = bytes / (ms * 1e-3);
+  }
+  cudaFreeHost(host);
+  return rate;
+}
+
+struct StreamRow {
+  std::string figure;
+  double tok_s = 0;
+  double bytes_per_step = 0;
+  double step_s = 0;           // wall time of one step
+  double effective = 0;        // bytes streamed per step / step time
+  double copy_rate = 0;        // bytes / copy time on the copy stream
+  double sum_max = 0, sum_add = 0, gpu_step = 0;  // last step: sum max(copy, compute), sum copy + compute, span
+  int64_t resident = 0, ahead = 0, attn = 0, ffn = 0;
+  uint64_t stalls = 0;
+  double stall_s = 0;
+};
+
+// A backend under the budget: the largest gpu_ahead_layers from 4 down that the planner accepts.
+std::unique_ptr<Backend> budget_backend(WeightSource& ws, Config c, int64_t* ahead) {
+  std::string last;
+  for (int64_t a = 4; a >= 1; --a) {
+    c.gpu_ahead_layers = a;
+    try {
+      auto be = make_cuda_backend(ws, c, CudaBackendOptions{true, true});
+      *ahead = a;
+      return be;
+    } catch (const Error& e) {
+      last = e.what();
+    }
+  }
+  fail("the budget does not fit even with gpu_ahead_layers 1: {}", last);
+}
+
+void fill_stream_row(StreamRow* row, const Backend& be, const CudaStreamReport& before, int64_t steps, double seconds,
+                     int64_t tokens) {
+  CudaStreamReport r;
+  cuda_stream_report(be, &r);
+  row->tok_s = tokens / seconds;
+  row->step_s = seconds / steps;
+  row->bytes_per_step = double(r.bytes - before.bytes) / steps;
+  row->effective = row->bytes_per_step / row->step_s;
+  const double copy_s = r.copy_seconds - before.copy_seconds;
+  row->copy_rate = copy_s > 0 ? double(r.bytes - before.bytes) / copy_s : 0;
+  row->sum_max = row->sum_add = 0;
+  for (int64_t l = 0; l < r.n_layers; ++l) {
+    const double cp = r.layer_copy_seconds.empty() ? 0 : r.layer_copy_seconds[static_cast<size_t>(l)];
+    const double cm = r.layer_compute_seconds.empty() ? 0 : r.layer_compute_seconds[static_cast<size_t>(l)];
+    row->sum_max += std::max(cp, cm);
+    row->sum_add += cp + cm;
+  }
+  row->gpu_step = r.step_seconds;
+  row->resident = r.resident_layers;
+  row->attn = r.attn_buffers;
+  row->ffn = r.ffn_buffers;
+  row->stalls = r.source_stalls - before.source_stalls;
+  row->stall_s = r.source_wait_seconds - before.source_wait_seconds;
+}
+
+int run_streamed(const std::string& store_dir, double budget_gib, const std::vector<int64_t>& batches, int64_t steps,
+                 int64_t prompt_tokens, int64_t decode_prompt) {
+  CUDA_CHECK(cudaSetDevice(0));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double h2d = measure_h2d();
+  const Store store = Store::open(store_dir);
+  const ModelConfig& m = store.model();
+  std::fprintf(stderr, "%s: pinned H2D %.1f GB/s (1 GiB copies); budget %.1f GiB; %lld layers, %.2f GB of weights\n",
+               prop.name, h2d / 1e9, budget_gib, static_cast<long long>(m.n_layers),
+               store.manifest().weights_size / 1e9);
+
+  Config c;
+  c.store = store_dir;
+  c.cpu_cap_layers = m.n_layers;  // the whole model in the pinned window: the SSD is read once
+  c.gpu_memory_limit = budget_gib * double(kGiB) / double(prop.totalGlobalMem);
+  c.free_guard_mb = 256;
+  c.kv_block_tokens = 16;
+  auto t0 = Clock::now();
+  std::unique_ptr<WindowWeights> ws = open_window_weights(store_dir, c);
+
+  std::vector<StreamRow> rows;
+  for (int64_t b : batches) {
+    Config d = c;
+    d.batch_size = b;
+    d.prefill_chunk_tokens = decode_prompt;
+    d.max_context = decode_prompt + steps + 8;
+    StreamRow row;
+    row.figure = fmt::format("decode b{}", b);
+    try {
+      auto be = budget_backend(*ws, d, &row.ahead);
+      const int64_t vocab = m.vocab_size;
+      std::vector<StepItem> items;
+      for (int64_t i = 0; i < b; ++i) {
+        be->add_sequence(i);
+        items.push_back({i, prompt(decode_prompt, vocab, 100 + i), true});
+      }
+      std::vector<int32_t> ids = be->step_greedy(items);  // the prompts (the first pass also fills the window)
+      auto next = [&] {
+        for (int64_t i = 0; i < b; ++i) items[static_cast<size_t>(i)].tokens = {ids[static_cast<size_t>(i)]};
+        ids = be->step_greedy(items);
+      };
+      next();
+      CudaStreamReport before;
+      cuda_stream_report(*be, &before);
+      const auto t1 = Clock::now();
+      for (int64_t i = 0; i < steps; ++i) next();
+      fill_stream_row(&row, *be, before, steps, seconds_since(t1), b * steps);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
+      continue;
+    }
+    std::fprintf(stderr, "%s: %.2f tok/s\n", row.figure.c_str(), row.tok_s);
+    rows.push_back(row);
+  }
+  {
+    Config d = c;
+    d.batch_size = 1;
+    d.prefill_chunk_tokens = prompt_tokens;
+    d.max_context = prompt_tokens + 16;
+    StreamRow row;
+    row.figure = fmt::format("prefill 1x{}", prompt_tokens);
+    try {
+      auto be = budget_backend(*ws, d, &row.ahead);
+      const int reps = 3;
+      std::vector<double> t;
+      CudaStreamReport before;
+      for (int rep = 0; rep <= reps; ++rep) {
+        be->add_sequence(0);
+        std::vector<StepItem> items = {{0, prompt(prompt_tokens, m.vocab_size, 200 + rep), true}};
+        if (rep == 1) cuda_stream_report(*be, &before);
+        const auto t1 = Clock::now();
+        be->step_greedy(items);
+        if (rep > 0) t.push_back(seconds_since(t1));  // the first run warms up
+        be->free_sequence(0);
+      }
+      double sum = 0;
+      for (double x : t) sum += x;
+      fill_stream_row(&row, *be, before, reps, sum, reps * prompt_tokens);
+      std::fprintf(stderr, "%s: %.1f tok/s\n", row.figure.c_str(), row.tok_s);
+      rows.push_back(row);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
+    }
+  }
+  const WindowStats wst = ws->stats();
+  std::fprintf(stderr, "window: %llu layer reads (%.2f GB from the store in %.1f s), %llu stalls; run %.1f s\n",
+               static_cast<unsigned long long>(wst.layer_reads), wst.read_bytes / 1e9, wst.read_seconds,
+               static_cast<unsigned long long>(wst.stalls), seconds_since(t0));
+
+  std::printf("\nstreamed, GPU budget %.1f GiB, pinned H2D %.2f GB/s measured in this run\n", budget_gib, h2d / 1e9);
+  std::printf("%-14s %9s %9s %8s %9s %6s %9s %9s %9s %9s %6s %9s %s\n", "figure", "tok/s", "GB/step", "step ms",
+              "eff GB/s", "ratio", "copy GB/s", "sum max", "sum c+c", "gpu ms", "stalls", "stall ms",
+              "resident/ahead/pool");
+  for (const StreamRow& r : rows)
+    std::printf("%-14s %9.2f %9.3f %8.1f %9.2f %6.3f %9.2f %9.1f %9.1f %9.1f %6llu %9.1f %lld/%lld/%lld+%lld\n",
+                r.figure.c_str(), r.tok_s, r.bytes_per_step / 1e9, r.step_s * 1e3, r.effective / 1e9,
+                r.effective / h2d, r.copy_rate / 1e9, r.sum_max * 1e3, r.sum_add * 1e3, r.gpu_step * 1e3,
+                static_cast<unsigned long long>(r.stalls), r.stall_s * 1e3, static_cast<long long>(r.resident),
+                static_cast<long long>(r.ahead), static_cast<long long>(r.attn), static_cast<long long>(r.ffn));
+  std::printf("eff GB/s: bytes streamed per step / step time (ratio: of pinned H2D); copy GB/s: bytes / the copies' "
+              "own time; sum max / sum c+c: the last step's sum over layers of max(copy, compute) and of copy + "
+              "compute (ms); gpu ms: that step's span on the compute stream\n");
+  return 0;
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"Benchmark the resident CUDA backend against measured limits", "ringllama-bench"};
   std::string store_dir, batches_text = "1,8,64";
@@ -145,6 +332,9 @@ int run(int argc, char** argv) {
   app.add_option("--decode-steps", steps, "timed decode steps per batch size")->capture_default_str();
   app.add_option("--batches", batches_text, "decode batch sizes, comma separated")->capture_default_str();
   app.add_option("--prompt-tokens", prompt_tokens, "prefill prompt length")->capture_default_str();
+  double budget_gib = 0;
+  app.add_option("--gpu-budget-gib", budget_gib,
+                 "plan for this many GiB of device memory: the layers that do not fit are streamed (0: resident run)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -158,6 +348,7 @@ int run(int argc, char** argv) {
     at = c + 1;
   }
   RL_REQUIRE(cuda_device_count() > 0, "ringllama-bench needs a CUDA GPU");
+  if (budget_gib > 0) return run_streamed(store_dir, budget_gib, batches, steps, prompt_tokens, decode_prompt);
   const int64_t max_batch = std::max<int64_t>(8, *std::max_element(batches.begin(), batches.end()));
 
   const Store store = Store::open(store_dir);

@@ -24,6 +24,8 @@
 #include "kernels/sample.cuh"
 #include "kernels/silu_mul.cuh"
 #include "worker/cuda_memory.h"
+#include "worker/gpu_weights.h"
+#include "worker/window_weights.h"
 
 namespace ringllama {
 
@@ -31,7 +33,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int64_t kWeightAlign = 128;     // elements (256 bytes): every tensor starts 16-byte aligned
 static_assert(kAttentionTileRows == kAttentionPagedRows, "the planner counts attention tiles as the kernel makes them");
 
 // Page-locked host memory, so that the small per-step copies are true async DMA.
@@ -77,15 +78,53 @@ int select_device(int64_t gpu) {
   return static_cast<int>(gpu);
 }
 
-// One layer's weights on the device: views into the one weight allocation. wq|wk|wv and w1|w3
-// are placed back to back, so that each pair or triple is one GEMM (one pass over x, one launch).
-struct DeviceLayer {
+// One layer's weights on the device, wherever the group pool put them (a resident layer or a
+// pool buffer: the same group layout, the store's). Where the store packs wq|wk|wv (w1|w3) back
+// to back, as it does whenever their sizes are multiples of 256 bytes (every real Llama), each
+// triple (pair) is one GEMM: one pass over x, one launch; otherwise one GEMM per tensor. The
+// choice depends on the manifest only, so a streamed run launches exactly what a resident one does.
+struct LayerPtrs {
   const bf16* attn_norm = nullptr;  // [dim]
-  const bf16* wqkv = nullptr;       // [q_dim + 2 kv_dim, dim]: wq, then wk, then wv
+  const bf16* wq = nullptr;         // [q_dim, dim]; with qkv_fused, [q_dim + 2 kv_dim, dim]: wq, wk, wv
+  const bf16* wk = nullptr;         // [kv_dim, dim]
+  const bf16* wv = nullptr;         // [kv_dim, dim]
   const bf16* wo = nullptr;         // [dim, q_dim]
   const bf16* ffn_norm = nullptr;   // [dim]
-  const bf16* w13 = nullptr;        // [2 ffn, dim]: gate (w1), then up (w3)
+  const bf16* w1 = nullptr;         // gate [ffn, dim]; with gu_fused, [2 ffn, dim]: gate, then up
+  const bf16* w3 = nullptr;         // up [ffn, dim]
   const bf16* w2 = nullptr;         // down [dim, ffn]
+  bool qkv_fused = false;
+  bool gu_fused = false;
+};
+
+const bf16* dev(const bf16_t* p) { return reinterpret_cast<const bf16*>(p); }
+
+// True when the tensors named follow each other in their group with no padding between them.
+bool adjacent(const GroupEntry& g, std::initializer_list<const char*> names) {
+  const TensorEntry* prev = nullptr;
+  for (const char* n : names) {
+    const TensorEntry& t = g.tensor(n);
+    if (prev && t.offset != prev->offset + prev->size) return false;
+    prev = &t;
+  }
+  return true;
+}
+
+// A streamed step's layer timing: an event after the layer's copy was waited for and one after
+// its last kernel, on the compute stream.
+class TimingEvent {
+ public:
+  TimingEvent() { CUDA_CHECK(cudaEventCreate(&e_)); }
+  ~TimingEvent() {
+    if (e_) cudaEventDestroy(e_);
+  }
+  TimingEvent(TimingEvent&& o) noexcept : e_(o.e_) { o.e_ = nullptr; }
+  TimingEvent(const TimingEvent&) = delete;
+  TimingEvent& operator=(const TimingEvent&) = delete;
+  cudaEvent_t get() const { return e_; }
+
+ private:
+  cudaEvent_t e_ = nullptr;
 };
 
 // Where each array of a step's metadata sits in the one int32 buffer copied to the device per
@@ -142,21 +181,23 @@ class CudaBackend : public Backend {
     // Planned for the step the backend runs: a chunk is never longer than max_context.
     Config planned = config;
     planned.prefill_chunk_tokens = limits_.max_item_tokens;
-    report_.plan = plan_resident_backend(ws.manifest(), planned, after_cublas, report_.context_bytes,
-                                         report_.cublas_bytes);
+    report_.plan = plan_backend(ws.manifest(), planned, after_cublas, report_.context_bytes, report_.cublas_bytes);
 
-    upload_weights(ws);
+    upload_weights(ws, config);
     allocate_state();
     // One decode step run eagerly first: cuBLAS and the kernels are loaded (their memory counted
     // below) before any graph is captured, and no capture ever has to load one.
     warm_up();
-    if (options_.graphs) {
+    // A streamed step reads each layer from whichever pool buffer the pass gave it, and the copies
+    // are enqueued from the host as the pass goes: a captured step could not follow. Graphs only
+    // when every layer is resident.
+    if (options_.graphs && !streaming_) {
       for (int64_t n = 1; n <= limits_.max_items; ++n) graphs_.push_back(capture(decode_layout(n)));
     }
     CUDA_CHECK(cudaDeviceSynchronize());
 
     const MemoryPlan& p = report_.plan;
-    report_.planned_allocations = p.globals_bytes + p.resident_bytes + p.kv_bytes +
+    report_.planned_allocations = p.globals_bytes + p.resident_bytes + p.pool_bytes + p.kv_bytes +
                                   static_cast<uint64_t>(p.kv_blocks) * sizeof(int32_t) + p.activation_bytes +
                                   p.workspace_bytes;
     const uint64_t used_after = device_memory().used();
@@ -172,6 +213,26 @@ class CudaBackend : public Backend {
   }
 
   const CudaMemoryReport& memory_report() const { return report_; }
+
+  CudaStreamReport stream_report() const {
+    CudaStreamReport r;
+    const GpuWeightsStats st = gw_->stats();
+    r.n_layers = m_.n_layers;
+    r.resident_layers = gw_->resident_layers();
+    r.attn_buffers = gw_->attn_buffers();
+    r.ffn_buffers = gw_->ffn_buffers();
+    r.graphs = !graphs_.empty();
+    r.passes = st.passes;
+    r.bytes = st.bytes;
+    r.copy_seconds = st.copy_seconds;
+    r.source_stalls = st.source_stalls;
+    r.source_wait_seconds = st.source_wait_seconds;
+    r.event_syncs = st.event_syncs;
+    r.layer_copy_seconds = st.layer_copy_seconds;
+    r.layer_compute_seconds = layer_compute_;
+    r.step_seconds = step_seconds_;
+    return r;
+  }
 
   const char* name() const override { return "cuda"; }
 
@@ -210,7 +271,7 @@ class CudaBackend : public Backend {
     // A decode step: one token per sequence, every one wanting logits. Its shape is the batch size,
     // and its graph was captured at construction.
     const bool decode = R == I && NL == I;
-    if (decode && options_.graphs) {
+    if (decode && !graphs_.empty()) {
       CUDA_CHECK(cudaGraphLaunch(graphs_.at(static_cast<size_t>(I - 1)), s));
     } else {
       forward_pass(ml);
@@ -234,6 +295,7 @@ class CudaBackend : public Backend {
                                  cudaMemcpyDeviceToHost, s));
     }
     CUDA_CHECK(cudaStreamSynchronize(s));
+    if (profiled_) read_layer_times();
     if (out.ids) out.ids->assign(host_picked_.get(), host_picked_.get() + NL);
     if (out.logits) out.logits->assign(host_logits_.get(), host_logits_.get() + NL * m_.vocab_size);
   }
@@ -242,62 +304,62 @@ class CudaBackend : public Backend {
   // ------------------------------------------------------------------------------------------
   // Construction
 
-  void upload_weights(WeightSource& ws) {
-    const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), ffn = m_.ffn_dim, vocab = m_.vocab_size;
-    const GlobalWeights g = ws.globals();
-    const bool tied = m_.tie_word_embeddings || g.output == g.tok_embeddings;
+  // The globals and the resident layers go to the device once; the others stream through the
+  // group pool each pass (worker/gpu_weights.h). A source with slots (the window) is handed over as
+  // such: its ranges are registered and it skips the resident layers.
+  void upload_weights(WeightSource& ws, const Config& config) {
+    const Manifest& man = ws.manifest();
+    gw_ = std::make_unique<GpuWeights>(ws, pool_plan(report_.plan, config), stream_.get(),
+                                       dynamic_cast<HostSlots*>(&ws));
+    report_.allocated_bytes += gw_->device_bytes();
+    streaming_ = gw_->resident_layers() < m_.n_layers;
+    const GlobalWeights& g = gw_->globals();
     RL_REQUIRE(g.tok_embeddings && g.norm && g.output, "the weight source lacks a global tensor");
-
-    // Offsets (elements) of every tensor in one allocation.
-    int64_t total = 0;
-    auto place = [&](int64_t count) {
-      const int64_t at = total;
-      total += (count + kWeightAlign - 1) / kWeightAlign * kWeightAlign;
-      return at;
-    };
-    const int64_t emb_at = place(vocab * dim), norm_at = place(dim), out_at = tied ? emb_at : place(vocab * dim);
-    // attn_norm, wq|wk|wv, wo, ffn_norm, w1|w3, w2.
-    const int64_t layer_sizes[6] = {dim, (q_dim + 2 * kv_dim) * dim, dim * q_dim, dim, 2 * ffn * dim, dim * ffn};
-    std::vector<std::array<int64_t, 6>> layer_at(m_.n_layers);
-    for (auto& at : layer_at)
-      for (int i = 0; i < 6; ++i) at[i] = place(layer_sizes[i]);
-    weights_ = alloc<bf16>(static_cast<size_t>(total), "the model's weights");
-    weight_bytes_ = static_cast<size_t>(total) * sizeof(bf16);
-
-    bf16* base = weights_.get();
-    auto copy = [&](int64_t at, const bf16_t* src, int64_t count) {
-      CUDA_CHECK(cudaMemcpy(base + at, src, static_cast<size_t>(count) * sizeof(bf16), cudaMemcpyHostToDevice));
-    };
-    copy(emb_at, g.tok_embeddings, vocab * dim);
-    copy(norm_at, g.norm, dim);
-    if (!tied) copy(out_at, g.output, vocab * dim);
-    tok_embeddings_ = base + emb_at;
-    norm_ = base + norm_at;
-    output_ = base + out_at;
-
-    layers_.resize(m_.n_layers);
+    tok_embeddings_ = dev(g.tok_embeddings);
+    norm_ = dev(g.norm);
+    output_ = dev(g.output);
+    qkv_fused_.resize(static_cast<size_t>(m_.n_layers));
+    gu_fused_.resize(static_cast<size_t>(m_.n_layers));
     for (int64_t l = 0; l < m_.n_layers; ++l) {
-      const LayerWeights w = ws.acquire_layer(l);
-      const auto& at = layer_at[l];
-      try {
-        const bf16_t* src[9] = {w.attn_norm, w.wq, w.wk, w.wv, w.wo, w.ffn_norm, w.w1, w.w3, w.w2};
-        for (int i = 0; i < 9; ++i) RL_REQUIRE(src[i], "layer {}: the weight source lacks tensor {}", l, i);
-        copy(at[0], w.attn_norm, dim);
-        copy(at[1], w.wq, q_dim * dim);
-        copy(at[1] + q_dim * dim, w.wk, kv_dim * dim);
-        copy(at[1] + (q_dim + kv_dim) * dim, w.wv, kv_dim * dim);
-        copy(at[2], w.wo, dim * q_dim);
-        copy(at[3], w.ffn_norm, dim);
-        copy(at[4], w.w1, ffn * dim);
-        copy(at[4] + ffn * dim, w.w3, ffn * dim);
-        copy(at[5], w.w2, dim * ffn);
-      } catch (...) {
-        ws.release_layer(l);
-        throw;
-      }
-      ws.release_layer(l);
-      layers_[l] = DeviceLayer{base + at[0], base + at[1], base + at[2], base + at[3], base + at[4], base + at[5]};
+      qkv_fused_[static_cast<size_t>(l)] = adjacent(man.attn(l), {"wq", "wk", "wv"});
+      gu_fused_[static_cast<size_t>(l)] = adjacent(man.ffn(l), {"w1", "w3"});
     }
+    if (options_.profile_layers) {
+      for (int64_t i = 0; i < 2 * m_.n_layers; ++i) layer_events_.emplace_back();
+      layer_compute_.assign(static_cast<size_t>(m_.n_layers), 0.0);
+    }
+  }
+
+  LayerPtrs layer_ptrs(int64_t l, const DeviceLayer& d) const {
+    LayerPtrs w;
+    w.attn_norm = dev(d.w.attn_norm);
+    w.wq = dev(d.w.wq);
+    w.wk = dev(d.w.wk);
+    w.wv = dev(d.w.wv);
+    w.wo = dev(d.w.wo);
+    w.ffn_norm = dev(d.w.ffn_norm);
+    w.w1 = dev(d.w.w1);
+    w.w3 = dev(d.w.w3);
+    w.w2 = dev(d.w.w2);
+    w.qkv_fused = qkv_fused_[static_cast<size_t>(l)];
+    w.gu_fused = gu_fused_[static_cast<size_t>(l)];
+    return w;
+  }
+
+  // Each layer's compute time of the step just synchronized (profile_layers, eager steps only).
+  void read_layer_times() {
+    profiled_ = false;
+    double total = 0;
+    for (int64_t l = 0; l < m_.n_layers; ++l) {
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, layer_events_[static_cast<size_t>(2 * l)].get(),
+                                      layer_events_[static_cast<size_t>(2 * l + 1)].get()));
+      layer_compute_[static_cast<size_t>(l)] = ms * 1e-3;
+    }
+    float span = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&span, layer_events_.front().get(), layer_events_.back().get()));
+    (void)total;
+    step_seconds_ = span * 1e-3;
   }
 
   void allocate_state() {
@@ -414,8 +476,15 @@ class CudaBackend : public Backend {
     batch.n_tiles = ml.tiles;
 
     launch_embedding(meta + ml.ids, n, tok_embeddings_, m_.vocab_size, dim, x_.get(), ElemType::F32, s);
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    CUDA_CHECK(cudaStreamIsCapturing(s, &capturing));
+    const bool profile = !layer_events_.empty() && capturing == cudaStreamCaptureStatusNone;
+    // The pool enqueues each streamed layer's copy ahead on its own stream; acquire makes this
+    // stream wait for the layer's bytes, release lets the copy that reuses its buffers go.
+    gw_->begin_pass();
     for (int64_t l = 0; l < m_.n_layers; ++l) {
-      const DeviceLayer& w = layers_[l];
+      const LayerPtrs w = layer_ptrs(l, gw_->acquire(l));
+      if (profile) CUDA_CHECK(cudaEventRecord(layer_events_[static_cast<size_t>(2 * l)].get(), s));
       // x += the previous layer's FFN output (layer 0 starts from the embeddings); xn = norm(x).
       launch_add_rms_norm(x_.get(), l == 0 ? nullptr : proj_.get(), ElemType::F32, w.attn_norm, eps, xn_.get(), n,
                           dim, s);
@@ -423,7 +492,11 @@ class CudaBackend : public Backend {
       // x += attention output; xn = norm(x).
       launch_add_rms_norm(x_.get(), proj_.get(), ElemType::F32, w.ffn_norm, eps, xn_.get(), n, dim, s);
       ffn_block(w, n);
+      if (profile) CUDA_CHECK(cudaEventRecord(layer_events_[static_cast<size_t>(2 * l + 1)].get(), s));
+      gw_->release(l);
     }
+    gw_->end_pass();
+    profiled_ = profile;
     if (ml.logit_rows == 0) return;  // early prompt chunks only: their cache rows are what counts
 
     // Final norm over the step's rows (cheap), then lm_head on the rows that want logits only.
@@ -438,7 +511,7 @@ class CudaBackend : public Backend {
 
   // xn → q|k|v (one GEMM) → RoPE on q and k → k, v into their cache rows → attention over the
   // paged cache → O projection into proj_ (fp32).
-  void attention_block(int64_t l, const DeviceLayer& w, const MetaLayout& ml, const PagedAttentionBatch& batch) {
+  void attention_block(int64_t l, const LayerPtrs& w, const MetaLayout& ml, const PagedAttentionBatch& batch) {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), qkv_dim = q_dim + 2 * kv_dim, n = ml.rows;
     bf16* kc = k_cache_.get() + static_cast<size_t>(l) * pool_rows_ * kv_dim;
@@ -446,7 +519,13 @@ class CudaBackend : public Backend {
     bf16* q = qkv_.get();
     bf16* k = q + q_dim;
     bf16* v = k + kv_dim;
-    gemm_->matmul(xn_.get(), n, dim, w.wqkv, qkv_dim, q, ElemType::BF16, qkv_dim, s);
+    if (w.qkv_fused) {
+      gemm_->matmul(xn_.get(), n, dim, w.wq, qkv_dim, q, ElemType::BF16, qkv_dim, s);
+    } else {
+      gemm_->matmul(xn_.get(), n, dim, w.wq, q_dim, q, ElemType::BF16, qkv_dim, s);
+      gemm_->matmul(xn_.get(), n, dim, w.wk, kv_dim, k, ElemType::BF16, qkv_dim, s);
+      gemm_->matmul(xn_.get(), n, dim, w.wv, kv_dim, v, ElemType::BF16, qkv_dim, s);
+    }
     launch_rope(q, qkv_dim, m_.n_heads, k, qkv_dim, m_.n_kv_heads, m_.head_dim, meta_.get() + ml.pos, inv_freq_.get(),
                 n, s);
     launch_kv_store(k, v, qkv_dim, n, kv_dim, meta_.get() + ml.slot, kc, vc, kv_dim, s);
@@ -457,10 +536,15 @@ class CudaBackend : public Backend {
   }
 
   // xn → gate|up (one GEMM) → SiLU(gate)·up over the gate half → down projection into proj_.
-  void ffn_block(const DeviceLayer& w, int64_t n) {
+  void ffn_block(const LayerPtrs& w, int64_t n) {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, ffn = m_.ffn_dim;
-    gemm_->matmul(xn_.get(), n, dim, w.w13, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+    if (w.gu_fused) {
+      gemm_->matmul(xn_.get(), n, dim, w.w1, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+    } else {
+      gemm_->matmul(xn_.get(), n, dim, w.w1, ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+      gemm_->matmul(xn_.get(), n, dim, w.w3, ffn, gu_.get() + ffn, ElemType::BF16, 2 * ffn, s);
+    }
     launch_silu_mul_rows(gu_.get(), n, ffn, s);
     gemm_->matmul(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 0.0f, 2 * ffn);
   }
@@ -478,12 +562,16 @@ class CudaBackend : public Backend {
   CudaMemoryReport report_;     // the plan and what was measured
   std::unique_ptr<Gemm> gemm_;  // made after the context is measured, before the plan
 
-  DeviceBuffer<bf16> weights_;  // every tensor, 256-byte aligned
-  size_t weight_bytes_ = 0;
+  std::unique_ptr<GpuWeights> gw_;  // the globals, the resident layers and the group pool
+  bool streaming_ = false;          // some layers stream through the pool
   const bf16* tok_embeddings_ = nullptr;
   const bf16* norm_ = nullptr;
   const bf16* output_ = nullptr;  // == tok_embeddings_ when tied
-  std::vector<DeviceLayer> layers_;
+  std::vector<bool> qkv_fused_, gu_fused_;  // per layer: see LayerPtrs
+  std::vector<TimingEvent> layer_events_;   // profile_layers: [2 l] after the wait, [2 l + 1] after the last kernel
+  std::vector<double> layer_compute_;       // the last profiled step, seconds per layer
+  double step_seconds_ = 0;                 // the last profiled step: first layer's start to last layer's end
+  bool profiled_ = false;                   // the step in flight recorded the layer events
 
   // The paged cache: [layer][pool row][kv_dim], pool row = block * kv_block_tokens + offset; keys rotated.
   DeviceBuffer<bf16> k_cache_, v_cache_;
@@ -521,6 +609,26 @@ std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& 
 const CudaMemoryReport* cuda_memory_report(const Backend& backend) {
   const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
   return cuda ? &cuda->memory_report() : nullptr;
+}
+
+bool cuda_stream_report(const Backend& backend, CudaStreamReport* out) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  if (!cuda) return false;
+  *out = cuda->stream_report();
+  return true;
+}
+
+int64_t cuda_planned_resident_layers(const Manifest& manifest, const Config& config) {
+  const int device = select_device(config.gpu);
+  const uint64_t context = process_context_bytes(device);
+  const DeviceMemory now = device_memory();
+  PlanInputs in;
+  in.device_total_bytes = now.total;
+  in.device_free_bytes = now.free > kEstimatedCublasBytes ? now.free - kEstimatedCublasBytes : 0;
+  in.context_bytes = context;
+  in.cublas_bytes = kEstimatedCublasBytes;
+  in.measured = true;
+  return plan_memory(manifest, config, in).resident_layers;
 }
 
 }  // namespace ringllama

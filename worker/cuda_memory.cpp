@@ -54,26 +54,17 @@ void log_memory_report(int device, const CudaMemoryReport& report) {
   spdlog::info("device memory after allocation (GPU {}): {}", device, report.summary());
 }
 
-MemoryPlan plan_resident_backend(const Manifest& manifest, const Config& config, const DeviceMemory& after_cublas,
-                                 uint64_t context_bytes, uint64_t cublas_bytes) {
-  const int64_t n_layers = manifest.model.n_layers;
-  RL_REQUIRE(config.resident_layers == kAuto || config.resident_layers == n_layers,
-             "resident_layers is {}, but the CUDA backend keeps all {} layers on the device (streaming layers "
-             "through the group pool is not wired into it yet): leave resident_layers auto",
-             config.resident_layers, n_layers);
+MemoryPlan plan_backend(const Manifest& manifest, const Config& config, const DeviceMemory& after_cublas,
+                        uint64_t context_bytes, uint64_t cublas_bytes) {
   PlanInputs in;
   in.device_total_bytes = after_cublas.total;
   in.device_free_bytes = after_cublas.free;
   in.context_bytes = context_bytes;
   in.cublas_bytes = cublas_bytes;
   in.measured = true;
-  in.all_resident = true;
   MemoryPlan plan = plan_memory(manifest, config, in);
   spdlog::info("device memory plan (GPU {}):\n{}", config.gpu, plan.table());
-  if (!plan.fits)
-    fail("{}the CUDA backend keeps every layer on the device (streaming layers through the group pool is not wired "
-         "into it yet), so resident_layers cannot be lowered",
-         plan.refusal());
+  if (!plan.fits) fail("{}", plan.refusal());
   return plan;
 }
 

@@ -45,10 +45,10 @@ struct CudaMemoryReport {
 // Logs the report's summary (spdlog info).
 void log_memory_report(int device, const CudaMemoryReport& report);
 
-// Plans for a backend that keeps every layer resident with the measured figures, logs the table,
-// and throws Error with the planner's refusal when it does not fit (or when resident_layers asks
-// for streaming, which the CUDA backend does not do yet).
-MemoryPlan plan_resident_backend(const Manifest& manifest, const Config& config, const DeviceMemory& after_cublas,
-                                 uint64_t context_bytes, uint64_t cublas_bytes);
+// Plans with the measured figures (resident_layers auto: as many layers as fit, the others streamed
+// through the group pool; or the explicit count), logs the table, and throws Error with the
+// planner's refusal (what to lower, what each change saves) when it does not fit.
+MemoryPlan plan_backend(const Manifest& manifest, const Config& config, const DeviceMemory& after_cublas,
+                        uint64_t context_bytes, uint64_t cublas_bytes);
 
 }  // namespace ringllama

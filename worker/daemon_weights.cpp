@@ -130,6 +130,8 @@ class DaemonWeights : public WeightSource {
   const Manifest& manifest() const override { return store_->manifest(); }
   GlobalWeights globals() override { return globals_; }
   const std::string& store_dir() const { return store_dir_; }
+  // The whole segment, mapped read-only: registered read-only where the device supports it.
+  std::vector<HostRange> host_memory() const override { return {HostRange{segment_->base(), segment_->size()}}; }
 
   void begin_pass() override {
     if (in_pass_) end_pass();

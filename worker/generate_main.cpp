@@ -39,6 +39,7 @@
 #endif
 #include "worker/planner.h"
 #include "worker/sampler.h"
+#include "worker/window_weights.h"
 
 namespace ringllama {
 namespace {
@@ -239,8 +240,17 @@ int run(int argc, char** argv) {
   }
 
   auto tl = std::chrono::steady_clock::now();
-  std::unique_ptr<WeightSource> weights =
-      daemon_weights ? std::move(daemon_weights) : open_store_weights(config.store);
+  // Host weights: the daemon's segment with --daemon; else, when the CUDA backend will stream some
+  // layers, this process's own pinned ring window (cpu_cap_layers slots); else the whole store.
+  std::unique_ptr<WeightSource> weights = std::move(daemon_weights);
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (!weights && o.backend == "cuda" && cuda_planned_resident_layers(store.manifest(), config) < m.n_layers) {
+    spdlog::info("the CUDA backend streams some layers: weights through a ring window of {} layers",
+                 std::min(config.cpu_cap_layers, m.n_layers));
+    weights = open_window_weights(config.store, config);
+  }
+#endif
+  if (!weights) weights = open_store_weights(config.store);
   std::unique_ptr<Backend> backend = make_backend(o.backend, *weights, config);
   spdlog::debug("{}: {} bytes read and checked in {:.0f} ms; backend {}, max_context {}", config.store,
                 store.manifest().weights_size,
@@ -275,6 +285,17 @@ int run(int argc, char** argv) {
              backend->name(), st.prefill_tokens, st.prefill_s * 1e3, st.prefill_tokens / std::max(st.prefill_s, 1e-9),
              st.decode_tokens, st.decode_s * 1e3, st.decode_tokens > 0 ? st.decode_tokens / std::max(st.decode_s, 1e-9) : 0.0,
              stop_text);
+#ifdef RINGLLAMA_HAVE_CUDA
+  CudaStreamReport sr;
+  if (config.verbose && cuda_stream_report(*backend, &sr)) {
+    fmt::print(stderr,
+               "weights: {} of {} layers resident, {} attn + {} ffn pool buffers, {} passes; streamed {} bytes "
+               "({:.2f} GB) in {:.1f} ms of copy time ({:.2f} GB/s); stalls {} ({:.1f} ms waiting for host layers), "
+               "{} host waits for copies\n",
+               sr.resident_layers, sr.n_layers, sr.attn_buffers, sr.ffn_buffers, sr.passes, sr.bytes, sr.bytes * 1e-9,
+               sr.copy_seconds * 1e3, sr.gb_per_s(), sr.source_stalls, sr.source_wait_seconds * 1e3, sr.event_syncs);
+  }
+#endif
   return 0;
 }
 

@@ -71,7 +71,9 @@ class OwnedStream {
 // supports it (the daemon's segment is mapped read-only), else plain portable.
 class HostRegistration {
  public:
-  HostRegistration(const HostRange& r, int device) {
+  // `required`: a failure throws; otherwise it is logged and the memory is used unregistered
+  // (a source's own memory: the copies are staged by the driver, correct but slower).
+  HostRegistration(const HostRange& r, int device, bool required = true) {
     if (!r.data || r.bytes == 0) return;
     void* p = const_cast<void*>(r.data);
     int read_only = 0;
@@ -88,6 +90,12 @@ class HostRegistration {
     if (e != cudaSuccess) e = cudaHostRegister(p, r.bytes, cudaHostRegisterPortable);
     if (e == cudaErrorHostMemoryAlreadyRegistered) {
       (void)cudaGetLastError();  // registered by its owner: used as it is, left to it
+      return;
+    }
+    if (e != cudaSuccess && !required) {
+      (void)cudaGetLastError();
+      spdlog::warn("cudaHostRegister of {} bytes of host weights: {}; copying from pageable memory (slower)", r.bytes,
+                   cudaGetErrorString(e));
       return;
     }
     CUDA_CHECK(e);
@@ -198,6 +206,7 @@ struct GpuWeights::Impl {
   Impl(WeightSource& src, const GpuPoolPlan& plan, cudaStream_t compute_stream, HostSlots* host_slots)
       : source(src), slots(host_slots), m(src.manifest()), compute(compute_stream) {
     n = m.model.n_layers;
+    st.layer_copy_seconds.assign(static_cast<size_t>(n), 0.0);
     r = plan.resident_layers;
     ahead = plan.gpu_ahead_layers;
     if (r < 0 || r > n)
@@ -217,8 +226,13 @@ struct GpuWeights::Impl {
     touch_resident = slots == nullptr && r < n;
 
     CUDA_CHECK(cudaGetDevice(&device));
-    if (slots)
+    if (slots) {
       for (const HostRange& hr : slots->host_ranges()) registrations.emplace_back(hr, device);
+    } else {
+      // The whole store or the daemon's segment (read-only where supported): page-locked, the
+      // copies are true async DMA; a refusal leaves them pageable.
+      for (const HostRange& hr : source.host_memory()) registrations.emplace_back(hr, device, false);
+    }
 
     // Device memory, all of it now: nothing is allocated per pass.
     const GroupEntry& gg = m.globals();
@@ -319,6 +333,7 @@ struct GpuWeights::Impl {
     in_flight.pop_front();
     st.copy_seconds += ms * 1e-3;
     pass_copy_seconds += ms * 1e-3;
+    st.layer_copy_seconds[static_cast<size_t>(c.layer)] = ms * 1e-3;
     if (slots && !slots->still_valid(c.layer, c.token)) {
       ++st.slot_changes;
       fail("layer {}: its host slot was reused while the copy to the GPU read it (token {}); the copied bytes may "
@@ -435,6 +450,7 @@ struct GpuWeights::Impl {
     pass_copies = 0;
     pass_bytes = 0;
     pass_copy_seconds = 0;
+    st.layer_copy_seconds.assign(static_cast<size_t>(n), 0.0);
     ++st.passes;
     // Every layer resident: the source has nothing to give.
     if (r == n) return;

@@ -61,7 +61,9 @@
 // the wait delays only the host's next enqueue, not the GPU. end_pass() waits the same way for the
 // pass's last copies (not for the compute) and then ends the source's pass.
 //
-// Sources: with HostSlots (open_window_weights), host_ranges() are registered with
+// Sources: without HostSlots, the source's host_memory() is registered when it names any (the
+// store's buffer, the daemon's segment read-only), falling back to pageable copies on a refusal.
+// With HostSlots (open_window_weights), host_ranges() are registered with
 // cudaHostRegister (portable, read-only where the device supports it; every page of the ranges
 // must have been written once before, or a read-only pin may hold the zero page) for true async
 // copies, the
@@ -78,6 +80,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "common/config.h"
 #include "worker/planner.h"
@@ -120,6 +123,7 @@ struct GpuWeightsStats {
   uint64_t backlog_deferrals = 0;   // prefetches left for later: copies in flight at the limit
   uint64_t buffer_deferrals = 0;    // prefetches left for later: buffer still in use
   uint64_t slot_changes = 0;        // host slots found reused under a copy (each throws)
+  std::vector<double> layer_copy_seconds;  // the last pass: each layer's copy time (0: resident)
   double gb_per_s() const { return copy_seconds > 0 ? double(bytes) / copy_seconds * 1e-9 : 0.0; }
 };
 

@@ -75,6 +75,9 @@ class StoreWeights : public WeightSource {
     return layer_view(m, layer, buf_.get() + m.layer_offset(layer));
   }
   void release_layer(int64_t) override {}
+  std::vector<HostRange> host_memory() const override {
+    return {HostRange{buf_.get(), align_up(store_.manifest().weights_size, kGroupAlign)}};
+  }
 
  private:
   Store store_;

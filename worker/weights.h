@@ -8,6 +8,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "common/bf16.h"
 #include "common/manifest.h"
@@ -37,6 +39,12 @@ GlobalWeights globals_view(const Manifest& m, const void* base);
 // Pointers into a layer span (attn group then ffn group) that starts at `base`.
 LayerWeights layer_view(const Manifest& m, int64_t layer, const void* base);
 
+// A span of host memory that holds weights (to be registered with cudaHostRegister).
+struct HostRange {
+  const void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
 class WeightSource {
  public:
   virtual ~WeightSource() = default;
@@ -49,6 +57,10 @@ class WeightSource {
   // A forward pass over the layers starts / ends (a window source tracks its progress by them).
   virtual void begin_pass() {}
   virtual void end_pass() {}
+  // The host memory the views point into, for the GPU side to page-lock (cudaHostRegister) so
+  // that its copies are true async DMA; empty when the source does not know (copies from pageable
+  // memory are staged by the driver: correct, slower). Every page has been written once.
+  virtual std::vector<HostRange> host_memory() const { return {}; }
 };
 
 // The whole store read into one host buffer, every checksum checked on the way in.

@@ -36,12 +36,6 @@
 
 namespace ringllama {
 
-// A span of host memory that holds weights (to be registered with cudaHostRegister).
-struct HostRange {
-  const void* data = nullptr;
-  uint64_t bytes = 0;
-};
-
 // What a host weight source with slots tells the GPU group pool beyond WeightSource. Sources
 // without it (the whole store, the daemon) are used through WeightSource alone.
 class HostSlots {

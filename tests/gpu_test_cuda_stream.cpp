@@ -1,0 +1,264 @@
+// The CUDA backend with layers streamed through the GPU group pool gives the resident run's logits
+// bit for bit: the same kernels in the same order on the same group layout, only the buffers
+// differ. For every golden fixture: (a) the smallest pool (no resident layer, one attn and one ffn
+// buffer: every layer is copied every step) over this process's ring window, and a pool with one
+// resident layer; (b) through a ringllama-loaderd whose window (cpu_cap_layers 2) is smaller than
+// the model; (c) fully resident, the reference. Then a batch of three sequences of different
+// lengths, streamed against resident.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/errors.h"
+#include "tests/test_loaderd_proc.h"
+#include "tests/test_util.h"
+#include "tests/tiny_model.h"
+#include "worker/backend.h"
+#include "worker/cuda_backend.h"
+#include "worker/daemon_weights.h"
+#include "worker/generation.h"
+#include "worker/window_weights.h"
+
+namespace ringllama {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+#define SKIP_WITHOUT_GPU()                                                                              \
+  do {                                                                                                  \
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the CUDA streaming tests";     \
+  } while (0)
+
+// Read once, then dropped: the binaries take every RINGLLAMA_* variable for a config key.
+const std::string& data_root() {
+  static const std::string root = [] {
+    std::string d = test::data_dir();
+    unsetenv("RINGLLAMA_TEST_DATA");
+    return d;
+  }();
+  return root;
+}
+
+std::vector<std::string> fixture_names() {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(data_root(), ec))
+    if (e.is_directory() && fs::exists(e.path() / "golden.json") && fs::exists(e.path() / "hf"))
+      names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// Teacher-forced logits rows: the prompt, then each golden token in turn.
+std::vector<std::vector<float>> teacher_rows(Backend& b, const std::vector<int32_t>& prompt,
+                                             const std::vector<int32_t>& tokens, int64_t rows) {
+  std::vector<std::vector<float>> out;
+  int64_t pos = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    out.push_back(r == 0 ? b.forward(prompt, 0) : b.forward({tokens[r - 1]}, pos));
+    pos = r == 0 ? static_cast<int64_t>(prompt.size()) : pos + 1;
+  }
+  return out;
+}
+
+// Bit for bit; names the first row and element that differ.
+void expect_bits(const std::vector<std::vector<float>>& got, const std::vector<std::vector<float>>& ref,
+                 const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  for (size_t r = 0; r < got.size(); ++r) {
+    ASSERT_EQ(got[r].size(), ref[r].size()) << what << " row " << r;
+    if (std::memcmp(got[r].data(), ref[r].data(), got[r].size() * sizeof(float)) == 0) continue;
+    size_t i = 0;
+    while (i < got[r].size() && std::memcmp(&got[r][i], &ref[r][i], sizeof(float)) == 0) ++i;
+    ADD_FAILURE() << what << ": row " << r << " differs first at " << i << " (" << got[r][i] << " vs " << ref[r][i]
+                  << ")";
+    return;
+  }
+}
+
+CudaStreamReport report_of(const Backend& b) {
+  CudaStreamReport r;
+  EXPECT_TRUE(cuda_stream_report(b, &r));
+  return r;
+}
+
+class CudaStreamGolden : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { SKIP_WITHOUT_GPU(); }
+};
+
+TEST_P(CudaStreamGolden, StreamedLogitsAreTheResidentOnesBitForBit) {
+  const fs::path dir = fs::path(data_root()) / GetParam();
+  const json g = json::parse(test::read_file((dir / "golden.json").string()));
+  const auto prompt = g.at("prompt_ids").get<std::vector<int32_t>>();
+  const auto tokens = g.at("tokens").get<std::vector<int32_t>>();
+  const int64_t rows = std::min<int64_t>(g.at("rows").get<int64_t>(), 6);
+
+  test::TempDir tmp;
+  const std::string store = tmp / "store";
+  auto pack = test::run_bin("ringllama-pack", {"--hf", (dir / "hf").string(), "--out", store, "--quiet"}, 120);
+  ASSERT_EQ(pack.status, 0) << "ringllama-pack failed:\n" << pack.err << pack.out;
+
+  Config base;
+  base.store = store;
+  base.max_context = static_cast<int64_t>(prompt.size()) + rows + 1;
+
+  // (c) fully resident: the reference.
+  std::vector<std::vector<float>> ref;
+  int64_t n_layers = 0;
+  {
+    auto ws = open_store_weights(store);
+    n_layers = ws->manifest().model.n_layers;
+    auto gpu = make_cuda_backend(*ws, base);
+    const CudaStreamReport r = report_of(*gpu);
+    EXPECT_EQ(r.resident_layers, n_layers);
+    EXPECT_TRUE(r.graphs);
+    ref = teacher_rows(*gpu, prompt, tokens, rows);
+    EXPECT_EQ(report_of(*gpu).bytes, 0u);
+  }
+  ASSERT_GE(n_layers, 2);
+
+  // (a) the smallest pool over this process's ring window: every layer streams every step.
+  {
+    Config c = base;
+    c.resident_layers = 0;
+    c.gpu_max_groups = 2;
+    c.cpu_cap_layers = 2;
+    auto ws = open_window_weights(store, c);
+    auto gpu = make_cuda_backend(*ws, c);
+    expect_bits(teacher_rows(*gpu, prompt, tokens, rows), ref, GetParam() + " streamed, 1 attn + 1 ffn buffer");
+    const CudaStreamReport r = report_of(*gpu);
+    EXPECT_EQ(r.resident_layers, 0);
+    EXPECT_EQ(r.attn_buffers, 1);
+    EXPECT_EQ(r.ffn_buffers, 1);
+    EXPECT_FALSE(r.graphs);
+    EXPECT_GE(r.passes, static_cast<uint64_t>(rows));
+    EXPECT_GT(r.bytes, 0u);
+    std::printf("  %-24s smallest pool: %llu passes, %llu bytes streamed, %.2f GB/s, %llu stalls\n",
+                GetParam().c_str(), static_cast<unsigned long long>(r.passes),
+                static_cast<unsigned long long>(r.bytes), r.gb_per_s(),
+                static_cast<unsigned long long>(r.source_stalls));
+  }
+  // One resident layer, the rest through the default pool (gpu_ahead_layers 1).
+  {
+    Config c = base;
+    c.resident_layers = 1;
+    c.gpu_ahead_layers = 1;
+    c.cpu_cap_layers = n_layers;
+    auto ws = open_window_weights(store, c);
+    auto gpu = make_cuda_backend(*ws, c);
+    expect_bits(teacher_rows(*gpu, prompt, tokens, rows), ref, GetParam() + " streamed, 1 resident layer");
+    EXPECT_EQ(report_of(*gpu).resident_layers, 1);
+  }
+  // (b) through a loader daemon whose window holds 2 layers.
+  {
+    const std::string control = "ipc://" + (tmp / "ctl.sock");
+    test::Proc d("ringllama-loaderd",
+                 {"--store", store, "--control", control, "--cpu-cap-layers", "2", "--mlock", "warn"},
+                 tmp / "daemon.log");
+    ASSERT_TRUE(test::wait_daemon_ready(d, control)) << d.log();
+    Config c = base;
+    c.resident_layers = 0;
+    c.gpu_max_groups = 2;
+    auto ws = open_daemon_weights(control, c);
+    auto gpu = make_cuda_backend(*ws, c);
+    expect_bits(teacher_rows(*gpu, prompt, tokens, rows), ref, GetParam() + " streamed from the daemon");
+    const CudaStreamReport r = report_of(*gpu);
+    EXPECT_EQ(r.resident_layers, 0);
+    EXPECT_GT(r.bytes, 0u);
+    gpu.reset();
+    ws.reset();
+    d.signal(SIGTERM);
+    EXPECT_EQ(d.wait(10000), 0) << d.log();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaStreamGolden, ::testing::ValuesIn(fixture_names()),
+                         [](const auto& info) {
+                           std::string s = info.param;
+                           for (char& ch : s)
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return s;
+                         });
+
+// ---------------------------------------------------------------------------------------------
+// A batch of three sequences of different lengths (one over the prefill chunk), streamed.
+
+std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
+  return v;
+}
+
+struct Outcome {
+  std::vector<GenResult> results;
+  std::vector<std::vector<std::vector<float>>> rows;
+};
+
+Outcome run_all(Backend& b, const std::vector<GenRequest>& reqs) {
+  Outcome o;
+  o.rows.resize(reqs.size());
+  o.results = generate_all(b, reqs, true,
+                           [&](size_t i, int32_t, const std::vector<float>& row) { o.rows[i].push_back(row); });
+  return o;
+}
+
+TEST(CudaStreamBatch, ThreeSequencesStreamedAreTheResidentOnes) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig m = test::tiny_config();
+  m.dim = 256;
+  m.n_layers = 4;
+  m.n_heads = 8;
+  m.n_kv_heads = 2;
+  m.head_dim = 32;
+  m.ffn_dim = 344;
+  m.vocab_size = 301;
+  m.max_position_embeddings = 1024;
+  test::TinyModel tm(m, 41);
+  test::MemoryWeights ws(tm);
+  Config c;
+  c.batch_size = 3;
+  c.prefill_chunk_tokens = 64;
+  c.kv_block_tokens = 16;
+  c.max_context = 512;
+  std::vector<GenRequest> reqs(3);
+  const int64_t lens[3] = {5, 300, 53}, gen[3] = {24, 6, 12};
+  for (int i = 0; i < 3; ++i) {
+    reqs[static_cast<size_t>(i)].prompt = random_tokens(lens[i], m.vocab_size, static_cast<uint64_t>(i + 1));
+    reqs[static_cast<size_t>(i)].max_tokens = gen[i];
+  }
+  Outcome ref;
+  {
+    auto gpu = make_cuda_backend(ws, c);
+    ref = run_all(*gpu, reqs);
+  }
+  for (int64_t resident : {int64_t{0}, int64_t{2}}) {
+    Config s = c;
+    s.resident_layers = resident;
+    s.gpu_max_groups = 2;
+    auto gpu = make_cuda_backend(ws, s);
+    const Outcome got = run_all(*gpu, reqs);
+    const std::string what = "batch of 3, " + std::to_string(resident) + " resident layers";
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      EXPECT_EQ(got.results[i].tokens, ref.results[i].tokens) << what << ": sequence " << i;
+      expect_bits(got.rows[i], ref.rows[i], what + ": sequence " + std::to_string(i));
+    }
+    const CudaStreamReport r = report_of(*gpu);
+    EXPECT_EQ(r.resident_layers, resident);
+    EXPECT_GT(r.bytes, 0u);
+    EXPECT_EQ(ws.held, 0);
+  }
+}
+
+}  // namespace
+}  // namespace ringllama
