@@ -106,11 +106,6 @@ else
   step stream-8b 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s8b" --gpu-budget-gib 4 \
     --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
   sed -n '/^streamed/,$p' "$out/stream-8b.log"
-  [[ -f $s70/manifest.yaml ]] || step pack-70b-6 900 "${plain[@]}" "$bin/ringllama-pack" --random llama-3.1-70b \
-    --layers 6 --out "$s70" --quiet
-  step stream-70b-6 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s70" --gpu-budget-gib 12 \
-    --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
-  sed -n '/^streamed/,$p' "$out/stream-70b-6.log"
   if [[ ${ACCELERATE:-1} != 0 ]]; then
     step accelerate-8b 900 "${plain[@]}" python3 "$root/scripts/bench-accelerate.py" time "$hf8b" --gpu-gib 4 --tokens 4
     ours=$(awk '$1 == "decode" && $2 == "b1" {print $3; exit}' "$out/stream-8b.log")
@@ -120,6 +115,11 @@ else
         "$ours" "$theirs" | tee "$out/speedup.txt"
     fi
   fi
+  [[ -f $s70/manifest.yaml ]] || step pack-70b-6 900 "${plain[@]}" "$bin/ringllama-pack" --random llama-3.1-70b \
+    --layers 6 --out "$s70" --quiet
+  step stream-70b-6 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s70" --gpu-budget-gib 12 \
+    --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
+  sed -n '/^streamed/,$p' "$out/stream-70b-6.log"
 fi
 
 # 3. compute-sanitizer over the CUDA backend on a fixture: ringllama-generate --backend cuda where

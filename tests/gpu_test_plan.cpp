@@ -151,7 +151,6 @@ TEST_F(CudaPlan, ABudgetTooSmallIsRefusedWithWhatToLower) {
     EXPECT_HAS(m, "lower one of these");
     EXPECT_HAS(m, "batch_size 8 -> ");
     EXPECT_HAS(m, "max_context 4096 -> ");
-    EXPECT_HAS(m, "resident_layers 4 -> ");
   }
   // What the refusal says fits does fit.
   c.batch_size = 4;
