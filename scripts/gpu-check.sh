@@ -29,11 +29,9 @@ out=$(cd "$out" && pwd)
 build=${BUILD_DIR:-$root/build}
 bin=$build/bin
 export LD_LIBRARY_PATH="$build/lib:$build/devlibs:$root/build/devlibs:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# The suites find the fixtures here; the engine's own binaries refuse RINGLLAMA_* variables that are
-# not config keys, so the steps that run them directly drop these two (see `plain` below).
+# The suites find the fixtures and the binaries here (RINGLLAMA_TEST_* are no config keys).
 export RINGLLAMA_TEST_DATA=${RINGLLAMA_TEST_DATA:-$root/tests/data}
-export RINGLLAMA_BIN_DIR=${RINGLLAMA_BIN_DIR:-$bin}
-plain=(env -u RINGLLAMA_TEST_DATA -u RINGLLAMA_BIN_DIR)
+export RINGLLAMA_TEST_BIN_DIR=${RINGLLAMA_TEST_BIN_DIR:-$bin}
 
 sanitizer=${SANITIZER:-}
 if [[ -z $sanitizer ]]; then
@@ -85,10 +83,10 @@ elif [[ ! -x $bin/ringllama-bench || ! -x $bin/ringllama-pack ]]; then
 else
   bench_store=${BENCH_STORE:-/tmp/ringllama-bench-8b}
   if [[ ! -f $bench_store/manifest.yaml ]]; then
-    step pack-8b 900 "${plain[@]}" "$bin/ringllama-pack" --random llama-3.1-8b --out "$bench_store" --quiet
+    step pack-8b 900 "$bin/ringllama-pack" --random llama-3.1-8b --out "$bench_store" --quiet
   fi
   # shellcheck disable=SC2086
-  step bench 900 "${plain[@]}" "$bin/ringllama-bench" --store "$bench_store" ${BENCH_ARGS:-}
+  step bench 900 "$bin/ringllama-bench" --store "$bench_store" ${BENCH_ARGS:-}
   sed -n '/^figure/,$p' "$out/bench.log"
 fi
 
@@ -102,12 +100,12 @@ else
   hf8b=${HF8B:-/tmp/hf8b}
   s8b=${STREAM_STORE_8B:-/tmp/ringllama-hf8b} s70=${STREAM_STORE_70B:-/tmp/ringllama-70b-6}
   [[ -f $hf8b/config.json ]] || step make-hf8b 900 python3 "$root/scripts/bench-accelerate.py" make "$hf8b"
-  [[ -f $s8b/manifest.yaml ]] || step pack-hf8b 900 "${plain[@]}" "$bin/ringllama-pack" --hf "$hf8b" --out "$s8b" --quiet
-  step stream-8b 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s8b" --gpu-budget-gib 4 \
+  [[ -f $s8b/manifest.yaml ]] || step pack-hf8b 900 "$bin/ringllama-pack" --hf "$hf8b" --out "$s8b" --quiet
+  step stream-8b 900 "$bin/ringllama-bench" --store "$s8b" --gpu-budget-gib 4 \
     --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
   sed -n '/^streamed/,$p' "$out/stream-8b.log"
   if [[ ${ACCELERATE:-1} != 0 ]]; then
-    step accelerate-8b 900 "${plain[@]}" python3 "$root/scripts/bench-accelerate.py" time "$hf8b" --gpu-gib 4 --tokens 4
+    step accelerate-8b 900 python3 "$root/scripts/bench-accelerate.py" time "$hf8b" --gpu-gib 4 --tokens 4
     ours=$(awk '$1 == "decode" && $2 == "b1" {print $3; exit}' "$out/stream-8b.log")
     theirs=$(sed -n 's/^accelerate: decode \([0-9.]*\) tokens.*/\1/p' "$out/accelerate-8b.log" | head -1)
     if [[ -n $ours && -n $theirs ]]; then
@@ -115,9 +113,9 @@ else
         "$ours" "$theirs" | tee "$out/speedup.txt"
     fi
   fi
-  [[ -f $s70/manifest.yaml ]] || step pack-70b-6 900 "${plain[@]}" "$bin/ringllama-pack" --random llama-3.1-70b \
+  [[ -f $s70/manifest.yaml ]] || step pack-70b-6 900 "$bin/ringllama-pack" --random llama-3.1-70b \
     --layers 6 --out "$s70" --quiet
-  step stream-70b-6 900 "${plain[@]}" "$bin/ringllama-bench" --store "$s70" --gpu-budget-gib 12 \
+  step stream-70b-6 900 "$bin/ringllama-bench" --store "$s70" --gpu-budget-gib 12 \
     --decode-steps "${STREAM_STEPS:-6}" --batches 1,8,64
   sed -n '/^streamed/,$p' "$out/stream-70b-6.log"
 fi
@@ -137,15 +135,15 @@ else
   trap 'rm -rf "$store"' EXIT
   generate_cuda=0
   if [[ -n $fixture && -x $bin/ringllama-pack && -x $bin/ringllama-generate ]] &&
-     "${plain[@]}" "$bin/ringllama-pack" --hf "$fixture/hf" --out "$store/s" --quiet >"$out/pack.log" 2>&1; then
+     "$bin/ringllama-pack" --hf "$fixture/hf" --out "$store/s" --quiet >"$out/pack.log" 2>&1; then
     prompt=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["prompt_ids"])))' \
              "$fixture/golden.json" 2>/dev/null || echo 1,2,3,4,5,6,7,8,9,10)
     gen=("$bin/ringllama-generate" --store "$store/s" --backend cuda --prompt-ids "$prompt" --max-tokens 8 --ignore-eos)
-    "${plain[@]}" "${gen[@]}" >"$out/generate-probe.log" 2>&1 && generate_cuda=1
+    "${gen[@]}" >"$out/generate-probe.log" 2>&1 && generate_cuda=1
   fi
   memcheck=("$sanitizer" --tool memcheck --error-exitcode 9 --leak-check full)
   if [[ $generate_cuda -eq 1 ]]; then
-    step memcheck-generate 900 "${plain[@]}" "${memcheck[@]}" "${gen[@]}"
+    step memcheck-generate 900 "${memcheck[@]}" "${gen[@]}"
   elif [[ -x $bin/gpu_test_cuda_backend ]]; then
     step memcheck-backend 900 "${memcheck[@]}" "$bin/gpu_test_cuda_backend" \
       --gtest_filter='Models/CudaVsCpu.PrefillAndDecodeAgree/gqa3_hd40_llama3_chunked:CudaBackend.*' --gtest_color=no

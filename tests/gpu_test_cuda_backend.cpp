@@ -40,12 +40,10 @@ constexpr double kRowTolerance = 5e-2;       // max|diff| / max|ref| per row (bf
 constexpr double kScreenMargin = 4e-2;       // top-2 gap / max|logit| the CPU run of a test model must keep
 constexpr int kDecodeSteps = 8;
 
-// tests/data and build/bin, read once. The binaries take every RINGLLAMA_* variable for a config key
-// and refuse unknown ones, so these two must not reach them: dropped once read.
+// tests/data and build/bin, read once.
 const std::string& data_root() {
   static const std::string root = [] {
     std::string d = test::data_dir();
-    unsetenv("RINGLLAMA_TEST_DATA");
     return d;
   }();
   return root;
@@ -53,7 +51,6 @@ const std::string& data_root() {
 const std::string& bin_root() {
   static const std::string root = [] {
     std::string d = test::bin_dir();
-    unsetenv("RINGLLAMA_BIN_DIR");
     return d;
   }();
   return root;

@@ -42,7 +42,6 @@ using json = nlohmann::json;
 const std::string& data_root() {
   static const std::string root = [] {
     std::string d = test::data_dir();
-    unsetenv("RINGLLAMA_TEST_DATA");
     return d;
   }();
   return root;

@@ -28,7 +28,6 @@ class CudaPlan : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (cuda_device_count() == 0) return;
-    unsetenv("RINGLLAMA_BIN_DIR");  // gpu-check.sh's: the engine's binaries refuse RINGLLAMA_* that are not keys
     dir_ = new test::TempDir();
     const test::RunResult r = test::run_bin(
         "ringllama-pack", {"--random", "llama-3.2-1b", "--layers", "4", "--out", *dir_ / "store", "--quiet"}, 600);

@@ -273,7 +273,6 @@ TEST(CudaStepSample, DeviceDrawsAreSampleRowOnTheDeviceLogits) {
 // The command line: the same seed gives the same tokens every run, with or without --logits-out.
 TEST(CudaStepSample, GenerateWithASeedRepeats) {
   SKIP_WITHOUT_GPU();
-  unsetenv("RINGLLAMA_BIN_DIR");  // gpu-check.sh's: the engine's binaries refuse RINGLLAMA_* that are not keys
   test::TempDir dir;
   test::TinyModel tm(test::tiny_config(), 3, 0.3f);
   tm.write_store(dir.path());

@@ -23,7 +23,6 @@ using test::Proc;
 const std::string& data_root() {
   static const std::string root = [] {
     std::string d = test::data_dir();
-    unsetenv("RINGLLAMA_TEST_DATA");
     return d;
   }();
   return root;

@@ -27,12 +27,10 @@ using nlohmann::json;
 
 constexpr double kTolerance = 1e-3;  // max|diff| / max|golden| of a row
 
-// tests/data, read once. The binaries take every RINGLLAMA_* variable for a config key and refuse
-// unknown ones, so RINGLLAMA_TEST_DATA must not reach them: it is dropped once read.
+// tests/data, read once.
 const std::string& data_root() {
   static const std::string root = [] {
     std::string d = test::data_dir();
-    unsetenv("RINGLLAMA_TEST_DATA");
     return d;
   }();
   return root;

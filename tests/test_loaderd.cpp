@@ -29,12 +29,10 @@ using test::Proc;
 
 constexpr const char* kFixture = "llama31_gqa_untied";  // 3 layers, with transformers' tokens
 
-// tests/data, read once; RINGLLAMA_TEST_DATA must not reach the binaries (they refuse unknown
-// RINGLLAMA_* variables).
+// tests/data, read once.
 const std::string& data_root() {
   static const std::string root = [] {
     std::string d = test::data_dir();
-    unsetenv("RINGLLAMA_TEST_DATA");
     return d;
   }();
   return root;

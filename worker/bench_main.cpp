@@ -234,7 +234,8 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
   c.store = store_dir;
   c.cpu_cap_layers = m.n_layers;  // the whole model in the pinned window: the SSD is read once
   c.gpu_memory_limit = budget_gib * double(kGiB) / double(prop.totalGlobalMem);
-  c.free_guard_mb = 256;
+  // The budget is an explicit cap on everything the process uses; within it a small guard is enough.
+  c.free_guard_mb = 64;
   c.kv_block_tokens = 16;
   auto t0 = Clock::now();
   std::unique_ptr<WindowWeights> ws = open_window_weights(store_dir, c);

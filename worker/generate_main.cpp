@@ -45,7 +45,7 @@ namespace ringllama {
 namespace {
 
 struct Options {
-  std::string backend = "cpu";
+  std::string backend;  // "" = cuda where a GPU is visible, else cpu
   std::string prompt_ids;
   int64_t max_tokens = 16;
   SamplingParams sampling;
@@ -132,6 +132,13 @@ int plan_only(ConfigLoader& loader, Config& config, const Options& o) {
   return plan.fits ? 0 : 1;
 }
 
+std::string default_backend() {
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (cuda_device_count() > 0) return "cuda";
+#endif
+  return "cpu";
+}
+
 std::string join_ids(const std::vector<int32_t>& ids) { return fmt::format("{}", fmt::join(ids, " ")); }
 
 int run(int argc, char** argv) {
@@ -139,7 +146,7 @@ int run(int argc, char** argv) {
   ConfigLoader loader(kGenerate);
   loader.add_flags(app);
   Options o;
-  app.add_option("--backend", o.backend, "compute backend: cpu or cuda")->capture_default_str();
+  app.add_option("--backend", o.backend, "compute backend: cpu or cuda (default: cuda where a GPU is visible, else cpu)");
   app.add_option("--prompt-ids", o.prompt_ids, "prompt token ids, comma separated, used exactly as given");
   app.add_option("--max-tokens", o.max_tokens, "most tokens to generate")->capture_default_str();
   app.add_option("--temperature", o.sampling.temperature, "0 = greedy")->capture_default_str();
@@ -223,6 +230,7 @@ int run(int argc, char** argv) {
     requests.push_back(GenRequest{prompts[i], o.max_tokens, o.sampling, stop});
   }
   o.sampling.validate();
+  if (o.backend.empty()) o.backend = default_backend();
   require_backend(o.backend);
 
   // Open the outputs before the long part, so that a bad path fails at once.
