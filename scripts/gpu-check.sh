@@ -12,6 +12,7 @@
 #   BENCH       0: skip the benchmark
 #   BENCH_STORE the llama-3.1-8b store to benchmark on (default /tmp/ringllama-bench-8b; packed if absent)
 #   BENCH_ARGS  extra ringllama-bench arguments (e.g. "--decode-steps 32")
+#   LOADERD     0: skip the loader daemon's fill benchmark
 #   SUITES      0: skip the GPU test suites
 #   STREAM      0: skip the streamed benchmarks: a random Llama-3.1-8B checkpoint made with transformers
 #               (scripts/bench-accelerate.py make, 16 GB, in HF8B, default /tmp/hf8b), packed, run under
@@ -88,6 +89,18 @@ else
   # shellcheck disable=SC2086
   step bench 900 "$bin/ringllama-bench" --store "$bench_store" ${BENCH_ARGS:-}
   sed -n '/^figure/,$p' "$out/bench.log"
+fi
+
+# 2a. The loader daemon's window fill against a plain io_uring O_DIRECT read of the same file, on
+#     this machine's disk (the 8B store above; a window of 8 layers and the globals).
+if [[ ${LOADERD:-1} == 0 ]]; then
+  skipped "bench-loaderd" "LOADERD=0"
+elif [[ ! -x $bin/ringllama-loaderd || ! -f ${BENCH_STORE:-/tmp/ringllama-bench-8b}/manifest.yaml ]]; then
+  skipped "bench-loaderd" "no ringllama-loaderd or no bench store"
+else
+  step bench-loaderd 600 "$bin/ringllama-loaderd" --bench --store "${BENCH_STORE:-/tmp/ringllama-bench-8b}" \
+    --control "ipc:///tmp/ringllama-bench-loaderd.sock" --cpu-cap-layers 8 --bench-rounds 2
+  tail -n 6 "$out/bench-loaderd.log"
 fi
 
 # 2b. Streamed: models larger than the GPU budget, the layers that do not fit copied from pinned
