@@ -349,7 +349,6 @@ class CudaBackend : public Backend {
   // Each layer's compute time of the step just synchronized (profile_layers, eager steps only).
   void read_layer_times() {
     profiled_ = false;
-    double total = 0;
     for (int64_t l = 0; l < m_.n_layers; ++l) {
       float ms = 0;
       CUDA_CHECK(cudaEventElapsedTime(&ms, layer_events_[static_cast<size_t>(2 * l)].get(),
@@ -358,7 +357,6 @@ class CudaBackend : public Backend {
     }
     float span = 0;
     CUDA_CHECK(cudaEventElapsedTime(&span, layer_events_.front().get(), layer_events_.back().get()));
-    (void)total;
     step_seconds_ = span * 1e-3;
   }
 
