@@ -39,19 +39,20 @@ struct Rate {
   double gbps() const { return seconds > 0 ? double(bytes) / seconds / 1e9 : 0.0; }
 };
 
-// The whole file in order, as fast as the reader goes, in 64 MiB ranges into a buffer as large as
-// the file (up to 8 GiB, then reused in turn), touched beforehand as the segment's pages are: the
-// same kind of destination as the fill, so that only the reading differs.
-Rate plain_read(const std::string& path, const IoOptions& io_opt) {
+// The first `span` bytes of the file (the range the window fill reads: the globals, then the first
+// cpu_cap_layers layers) in order, as fast as the reader goes, in 64 MiB ranges into a buffer as
+// large as the range (up to 8 GiB, then reused in turn), touched beforehand as the segment's pages
+// are: the same bytes and the same kind of destination as the fill, so that only the reading differs.
+Rate plain_read(const std::string& path, const IoOptions& io_opt, uint64_t span) {
   IoReader io(path, io_opt);
   if (!io.direct()) spdlog::warn("{}: O_DIRECT refused; the plain read is buffered", path);
   const uint64_t chunk = 64ull << 20;
-  const uint64_t scratch = std::min<uint64_t>(align_up(io.file_size(), chunk), 8ull << 30);
+  const uint64_t size = std::min(span, io.file_size());
+  const uint64_t scratch = std::min<uint64_t>(align_up(size, chunk), 8ull << 30);
   void* p = nullptr;
   if (posix_memalign(&p, 1 << 21, scratch) != 0) fail("cannot allocate {} bytes", scratch);
   std::unique_ptr<void, decltype(&std::free)> buf(p, &std::free);
   std::memset(buf.get(), 0, scratch);
-  const uint64_t size = io.file_size();
   const auto t0 = Clock::now();
   for (uint64_t off = 0; off < size; off += chunk)
     io.submit({off, std::min(chunk, size - off), static_cast<char*>(buf.get()) + off % scratch, off});
@@ -77,6 +78,9 @@ int run_loaderd_bench(const Config& config, const LoaderdOptions& opt, int round
               store.dir().c_str(), double(store.manifest().weights_size) / 1e9,
               static_cast<long long>(store.model().n_layers), static_cast<long long>(config.cpu_cap_layers),
               io_opt.queue_depth, static_cast<unsigned long long>(io_opt.block_bytes / 1024));
+  const Manifest& man = store.manifest();
+  const int64_t slots = std::min<int64_t>(config.cpu_cap_layers, man.model.n_layers);
+  const uint64_t span = slots >= man.model.n_layers ? man.weights_size : man.layer_offset(slots);
   std::vector<double> ratios;
   // A virtual disk may keep what was just read in its host's cache, which dropping ours does not
   // empty: the order of the two reads alternates between rounds so that neither always goes second.
@@ -85,7 +89,7 @@ int run_loaderd_bench(const Config& config, const LoaderdOptions& opt, int round
     Rate plain, fill;
     auto run_plain = [&] {
       const std::string d = drop_cache ? drop_page_cache() : std::string("kept");
-      plain = plain_read(store.weights_path(), io_opt);
+      plain = plain_read(store.weights_path(), io_opt, span);
       std::printf("round %d: plain io_uring O_DIRECT sequential read: %.3f GB/s (%.2f GB in %.3f s; page cache %s)\n",
                   round, plain.gbps(), double(plain.bytes) / 1e9, plain.seconds, d.c_str());
       std::fflush(stdout);
