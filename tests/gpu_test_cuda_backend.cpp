@@ -12,19 +12,18 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "common/errors.h"
+#include "tests/golden.h"
+#include "tests/gpu_skip.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 #include "worker/backend.h"
@@ -33,28 +32,11 @@
 namespace ringllama {
 namespace {
 
-namespace fs = std::filesystem;
-using nlohmann::json;
+constexpr const char* kGpuSuite = "the CUDA backend tests";  // in the message where there is no GPU
 
 constexpr double kRowTolerance = 5e-2;       // max|diff| / max|ref| per row (bf16 activations)
 constexpr double kScreenMargin = 4e-2;       // top-2 gap / max|logit| the CPU run of a test model must keep
 constexpr int kDecodeSteps = 8;
-
-// tests/data and build/bin, read once.
-const std::string& data_root() {
-  static const std::string root = [] {
-    std::string d = test::data_dir();
-    return d;
-  }();
-  return root;
-}
-const std::string& bin_root() {
-  static const std::string root = [] {
-    std::string d = test::bin_dir();
-    return d;
-  }();
-  return root;
-}
 
 struct RowDiff {
   double ratio = 0;   // max|got - ref| / max|ref|
@@ -92,11 +74,6 @@ double top2_gap(const float* x, size_t n) {
   }
   return (a - b) / std::max(mx, 1e-30);
 }
-
-#define SKIP_WITHOUT_GPU()                                                                      \
-  do {                                                                                          \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the CUDA backend tests"; \
-  } while (0)
 
 // ---------------------------------------------------------------------------------------------
 // Tiny random models: CUDA against CPU
@@ -196,7 +173,7 @@ uint64_t screened_seed(const TinyCase& c, const std::vector<int32_t>& prompt, do
 
 class CudaVsCpu : public ::testing::TestWithParam<TinyCase> {
  protected:
-  void SetUp() override { SKIP_WITHOUT_GPU(); }
+  void SetUp() override { RL_SKIP_WITHOUT_GPU(kGpuSuite); }
 };
 
 TEST_P(CudaVsCpu, PrefillAndDecodeAgree) {
@@ -248,7 +225,7 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaVsCpu, ::testing::ValuesIn(tiny_cases()),
                          [](const ::testing::TestParamInfo<TinyCase>& info) { return info.param.name; });
 
 TEST(CudaBackend, RefusesBadCalls) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   test::TinyModel model(test::tiny_config(), 3);
   test::MemoryWeights ws(model);
   Config cfg = backend_config(512);
@@ -268,36 +245,23 @@ TEST(CudaBackend, RefusesBadCalls) {
 // ---------------------------------------------------------------------------------------------
 // Golden fixtures: CUDA against transformers
 
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> names;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(data_root(), ec))
-    if (e.is_directory() && fs::exists(e.path() / "golden.json") && fs::exists(e.path() / "hf"))
-      names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 class CudaGolden : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override { SKIP_WITHOUT_GPU(); }
+  void SetUp() override { RL_SKIP_WITHOUT_GPU(kGpuSuite); }
 };
 
 TEST_P(CudaGolden, MatchesTransformers) {
-  const fs::path dir = fs::path(data_root()) / GetParam();
-  const json g = json::parse(test::read_file((dir / "golden.json").string()));
-  const auto prompt = g.at("prompt_ids").get<std::vector<int32_t>>();
-  const auto want = g.at("tokens").get<std::vector<int32_t>>();
-  const int64_t vocab = g.at("vocab_size").get<int64_t>();
-  const int64_t rows = g.at("rows").get<int64_t>();
-  const std::string bytes = test::read_file((dir / "golden_logits.bin").string());
-  ASSERT_EQ(bytes.size(), static_cast<size_t>(rows * vocab) * sizeof(float));
-  std::vector<float> golden(rows * vocab);
-  std::memcpy(golden.data(), bytes.data(), bytes.size());
+  const test::Golden g = test::load_golden(GetParam());
+  const std::vector<int32_t>& prompt = g.prompt_ids;
+  const std::vector<int32_t>& want = g.tokens;
+  const int64_t vocab = g.vocab_size;
+  const int64_t rows = g.rows;
+  ASSERT_EQ(g.logits_bytes, static_cast<size_t>(rows * vocab) * sizeof(float));
+  const std::vector<float>& golden = g.logits;
 
   test::TempDir tmp;
   const std::string store = tmp / "store";
-  auto pack = test::run_bin(bin_root() + "/ringllama-pack", {"--hf", (dir / "hf").string(), "--out", store, "--quiet"});
+  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"});
   ASSERT_EQ(pack.status, 0) << "ringllama-pack failed:\n" << pack.err << pack.out;
   auto ws = open_store_weights(store);
   Config cfg;
@@ -338,13 +302,8 @@ TEST_P(CudaGolden, MatchesTransformers) {
   EXPECT_GE(first_miss, std::min<int64_t>(rows, kDecodeSteps)) << "greedy picks differ within the first 8 steps";
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaGolden, ::testing::ValuesIn(fixture_names()),
-                         [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string n = info.param;
-                           for (char& ch : n)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaGolden, ::testing::ValuesIn(test::golden_fixture_names()),
+                         test::FixtureTestName());
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(CudaGolden);
 
 }  // namespace

@@ -8,11 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "common/errors.h"
+#include "tests/gpu_skip.h"
 #include "tests/tiny_model.h"
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
@@ -21,32 +21,9 @@
 namespace ringllama {
 namespace {
 
+constexpr const char* kGpuSuite = "the CUDA batch tests";  // in the message where there is no GPU
+
 constexpr double kRowTolerance = 5e-2;  // as gpu_test_cuda_backend: bf16 activations
-
-#define SKIP_WITHOUT_GPU()                                                                         \
-  do {                                                                                             \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the CUDA batch tests";    \
-  } while (0)
-
-ModelConfig model_config() {
-  ModelConfig m = test::tiny_config();
-  m.dim = 256;
-  m.n_layers = 2;
-  m.n_heads = 8;
-  m.n_kv_heads = 2;
-  m.head_dim = 32;
-  m.ffn_dim = 344;
-  m.vocab_size = 301;
-  m.max_position_embeddings = 1024;
-  return m;
-}
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
 
 Config config_for(int64_t batch, int64_t chunk, int64_t block) {
   Config c;
@@ -126,19 +103,19 @@ struct Shape {
 
 class CudaBatch : public ::testing::TestWithParam<Shape> {
  protected:
-  void SetUp() override { SKIP_WITHOUT_GPU(); }
+  void SetUp() override { RL_SKIP_WITHOUT_GPU(kGpuSuite); }
 };
 
 // Lengths 5, 300 (over the 64-token chunk: five prompt steps while the others decode) and 53.
 TEST_P(CudaBatch, EachSequenceGetsWhatItGetsAlone) {
   const Shape sh = GetParam();
-  const ModelConfig m = model_config();
+  const ModelConfig m = test::wide_config();
   test::TinyModel tm(m, 41);
   test::MemoryWeights ws(tm);
   const Config c = config_for(sh.batch, sh.chunk, sh.block);
-  const std::vector<GenRequest> reqs = {request(random_tokens(5, m.vocab_size, 1), 24),
-                                        request(random_tokens(300, m.vocab_size, 2), 6),
-                                        request(random_tokens(53, m.vocab_size, 3), 12)};
+  const std::vector<GenRequest> reqs = {request(test::random_tokens(5, m.vocab_size, 1), 24),
+                                        request(test::random_tokens(300, m.vocab_size, 2), 6),
+                                        request(test::random_tokens(53, m.vocab_size, 3), 12)};
   Outcome alone;
   for (const GenRequest& q : reqs) {
     Config one = c;
@@ -197,15 +174,15 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaBatch,
 // More requests than batch_size, ending at different times (max_tokens and a stop id): the ones
 // waiting join as places free up, and each still gets its tokens alone.
 TEST(CudaSteps, SequencesEndAtDifferentTimesAndWaitingOnesJoin) {
-  SKIP_WITHOUT_GPU();
-  const ModelConfig m = model_config();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
+  const ModelConfig m = test::wide_config();
   test::TinyModel tm(m, 42);
   test::MemoryWeights ws(tm);
   const Config c = config_for(2, 16, 4);
-  std::vector<GenRequest> reqs = {request(random_tokens(9, m.vocab_size, 11), 12),
-                                  request(random_tokens(40, m.vocab_size, 12), 3),
-                                  request(random_tokens(17, m.vocab_size, 13), 8),
-                                  request(random_tokens(2, m.vocab_size, 14), 5)};
+  std::vector<GenRequest> reqs = {request(test::random_tokens(9, m.vocab_size, 11), 12),
+                                  request(test::random_tokens(40, m.vocab_size, 12), 3),
+                                  request(test::random_tokens(17, m.vocab_size, 13), 8),
+                                  request(test::random_tokens(2, m.vocab_size, 14), 5)};
   Config one = c;
   one.batch_size = 1;
   {
@@ -226,8 +203,8 @@ TEST(CudaSteps, SequencesEndAtDifferentTimesAndWaitingOnesJoin) {
 }
 
 TEST(CudaSteps, ThePoolRunsOutWithAClearError) {
-  SKIP_WITHOUT_GPU();
-  const ModelConfig m = model_config();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
+  const ModelConfig m = test::wide_config();
   test::TinyModel tm(m, 43);
   test::MemoryWeights ws(tm);
   Config c = config_for(2, 16, 4);

@@ -11,13 +11,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
-#include <nlohmann/json.hpp>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "common/errors.h"
+#include "tests/golden.h"
+#include "tests/gpu_skip.h"
 #include "tests/test_loaderd_proc.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
@@ -30,32 +29,7 @@
 namespace ringllama {
 namespace {
 
-namespace fs = std::filesystem;
-using json = nlohmann::json;
-
-#define SKIP_WITHOUT_GPU()                                                                              \
-  do {                                                                                                  \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the CUDA streaming tests";     \
-  } while (0)
-
-// Read once, then dropped: the binaries take every RINGLLAMA_* variable for a config key.
-const std::string& data_root() {
-  static const std::string root = [] {
-    std::string d = test::data_dir();
-    return d;
-  }();
-  return root;
-}
-
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> names;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(data_root(), ec))
-    if (e.is_directory() && fs::exists(e.path() / "golden.json") && fs::exists(e.path() / "hf"))
-      names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
+constexpr const char* kGpuSuite = "the CUDA streaming tests";  // in the message where there is no GPU
 
 // Teacher-forced logits rows: the prompt, then each golden token in turn.
 std::vector<std::vector<float>> teacher_rows(Backend& b, const std::vector<int32_t>& prompt,
@@ -92,19 +66,18 @@ CudaStreamReport report_of(const Backend& b) {
 
 class CudaStreamGolden : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override { SKIP_WITHOUT_GPU(); }
+  void SetUp() override { RL_SKIP_WITHOUT_GPU(kGpuSuite); }
 };
 
 TEST_P(CudaStreamGolden, StreamedLogitsAreTheResidentOnesBitForBit) {
-  const fs::path dir = fs::path(data_root()) / GetParam();
-  const json g = json::parse(test::read_file((dir / "golden.json").string()));
-  const auto prompt = g.at("prompt_ids").get<std::vector<int32_t>>();
-  const auto tokens = g.at("tokens").get<std::vector<int32_t>>();
-  const int64_t rows = std::min<int64_t>(g.at("rows").get<int64_t>(), 6);
+  const test::Golden g = test::load_golden(GetParam());
+  const std::vector<int32_t>& prompt = g.prompt_ids;
+  const std::vector<int32_t>& tokens = g.tokens;
+  const int64_t rows = std::min<int64_t>(g.rows, 6);
 
   test::TempDir tmp;
   const std::string store = tmp / "store";
-  auto pack = test::run_bin("ringllama-pack", {"--hf", (dir / "hf").string(), "--out", store, "--quiet"}, 120);
+  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"}, 120);
   ASSERT_EQ(pack.status, 0) << "ringllama-pack failed:\n" << pack.err << pack.out;
 
   Config base;
@@ -181,23 +154,11 @@ TEST_P(CudaStreamGolden, StreamedLogitsAreTheResidentOnesBitForBit) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaStreamGolden, ::testing::ValuesIn(fixture_names()),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (char& ch : s)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaStreamGolden, ::testing::ValuesIn(test::golden_fixture_names()),
+                         test::FixtureTestName());
 
 // ---------------------------------------------------------------------------------------------
 // A batch of three sequences of different lengths (one over the prefill chunk), streamed.
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
 
 struct Outcome {
   std::vector<GenResult> results;
@@ -213,16 +174,9 @@ Outcome run_all(Backend& b, const std::vector<GenRequest>& reqs) {
 }
 
 TEST(CudaStreamBatch, ThreeSequencesStreamedAreTheResidentOnes) {
-  SKIP_WITHOUT_GPU();
-  ModelConfig m = test::tiny_config();
-  m.dim = 256;
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
+  ModelConfig m = test::wide_config();
   m.n_layers = 4;
-  m.n_heads = 8;
-  m.n_kv_heads = 2;
-  m.head_dim = 32;
-  m.ffn_dim = 344;
-  m.vocab_size = 301;
-  m.max_position_embeddings = 1024;
   test::TinyModel tm(m, 41);
   test::MemoryWeights ws(tm);
   Config c;
@@ -233,7 +187,7 @@ TEST(CudaStreamBatch, ThreeSequencesStreamedAreTheResidentOnes) {
   std::vector<GenRequest> reqs(3);
   const int64_t lens[3] = {5, 300, 53}, gen[3] = {24, 6, 12};
   for (int i = 0; i < 3; ++i) {
-    reqs[static_cast<size_t>(i)].prompt = random_tokens(lens[i], m.vocab_size, static_cast<uint64_t>(i + 1));
+    reqs[static_cast<size_t>(i)].prompt = test::random_tokens(lens[i], m.vocab_size, static_cast<uint64_t>(i + 1));
     reqs[static_cast<size_t>(i)].max_tokens = gen[i];
   }
   Outcome ref;

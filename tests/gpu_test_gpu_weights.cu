@@ -21,15 +21,13 @@
 #include "common/store.h"
 #include "kernels/check.h"
 #include "kernels/device_info.h"
+#include "tests/gpu_skip.h"
 #include "tests/test_util.h"
 #include "worker/gpu_weights.h"
 #include "worker/window_weights.h"
 
 namespace ringllama {
 namespace {
-
-#define SKIP_WITHOUT_GPU() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the GPU group pool tests"
 
 constexpr int64_t kLayers = 7;
 constexpr int kPasses = 5;
@@ -193,7 +191,7 @@ std::vector<PoolCase> pool_cases() {
 class GpuWeightsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    SKIP_WITHOUT_GPU();
+    RL_SKIP_WITHOUT_GPU("the GPU group pool tests");
     CUDA_CHECK(cudaSetDevice(0));
     dir_ = tmp_ / "store";
     const auto r = test::run_bin("ringllama-pack", {"--random", "tiny", "--layers", std::to_string(kLayers), "--seed",

@@ -37,6 +37,7 @@
 #include "kernels/gemm.h"
 #include "kernels/rope.cuh"
 #include "kernels/silu_mul.cuh"
+#include "tests/gpu_skip.h"
 
 namespace ringllama {
 namespace {
@@ -159,7 +160,7 @@ void expect_close(const std::string& kernel, const std::string& what, const std:
 class Kernels : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the CUDA kernel tests";
+    RL_SKIP_WITHOUT_GPU("the CUDA kernel tests");
   }
 };
 

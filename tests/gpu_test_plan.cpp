@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "tests/gpu_skip.h"
 #include "tests/test_util.h"
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
@@ -41,7 +42,7 @@ class CudaPlan : public ::testing::Test {
     dir_ = nullptr;
   }
   void SetUp() override {
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the memory plan tests";
+    RL_SKIP_WITHOUT_GPU("the memory plan tests");
     ASSERT_TRUE(pack_error_.empty()) << pack_error_;
   }
 

@@ -25,13 +25,13 @@
 #include "kernels/check.h"
 #include "kernels/device_info.h"
 #include "kernels/sample.cuh"
+#include "tests/gpu_skip.h"
 #include "worker/sampler.h"
 
 namespace ringllama {
 namespace {
 
-#define SKIP_WITHOUT_GPU() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the GPU sampler tests"
+constexpr const char* kGpuSuite = "the GPU sampler tests";  // in the message where there is no GPU
 
 constexpr int kLlama3Vocab = 128256;
 
@@ -114,7 +114,7 @@ struct Agreement {
 };
 
 TEST(GpuSample, GreedyIsTheArgmax) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   std::mt19937_64 rng(1);
   SampleScratch scratch;
   for (int vocab : {1, 2, 31, 32, 33, 1000, 4097, 32000, 32003, kLlama3Vocab, kLlama3Vocab + 1}) {
@@ -146,7 +146,7 @@ TEST(GpuSample, GreedyIsTheArgmax) {
 
 // Many (seed, step) pairs over rows of every kind; ties in half the rows.
 TEST(GpuSample, SameTokensAsTheCpu) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   const SampleParams kinds[] = {
       row_params(1.0, 0, 1.0, 0, 0),    row_params(0.7, 50, 1.0, 0, 0),   row_params(1.0, 0, 0.9, 0, 0),
       row_params(0.8, 40, 0.95, 0, 0),  row_params(1.3, 1000, 0.5, 0, 0), row_params(1.0, 2, 1.0, 0, 0),
@@ -189,7 +189,7 @@ TEST(GpuSample, SameTokensAsTheCpu) {
 // Thousands of draws from one row: only what the CPU computes as allowed ever comes out, and with a
 // flat enough distribution all of it does.
 TEST(GpuSample, TopKAndTopPRestrictTheSupport) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   const int vocab = kLlama3Vocab, rows = 256, launches = 16;
   std::mt19937_64 rng(3);
   std::vector<float> l(vocab);
@@ -239,7 +239,7 @@ TEST(GpuSample, TopKAndTopPRestrictTheSupport) {
 
 // One launch, rows of every kind side by side, rows with padding between them.
 TEST(GpuSample, OneLaunchMixesGreedyAndSampledRows) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   const int vocab = 50000, rows = 40;
   std::mt19937_64 rng(4);
   Batch b(rows, vocab, vocab + 64);
@@ -265,7 +265,7 @@ TEST(GpuSample, OneLaunchMixesGreedyAndSampledRows) {
 }
 
 TEST(GpuSample, LauncherRejectsBadArguments) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   DeviceBuffer<float> l(64, "l");
   DeviceBuffer<SampleParams> p(2, "p");
   DeviceBuffer<int32_t> o(2, "o");
@@ -279,7 +279,7 @@ TEST(GpuSample, LauncherRejectsBadArguments) {
 }
 
 TEST(GpuSample, Timing) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   const int vocab = kLlama3Vocab;
   std::mt19937_64 rng(5);
   struct Kind {

@@ -11,12 +11,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
-#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "common/errors.h"
+#include "tests/gpu_skip.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 #include "worker/backend.h"
@@ -27,26 +27,10 @@
 namespace ringllama {
 namespace {
 
+constexpr const char* kGpuSuite = "the step sampling tests";  // in the message where there is no GPU
+
 constexpr double kRowTolerance = 5e-2;  // as gpu_test_cuda_backend: bf16 activations
 constexpr double kScreenMargin = 4e-2;  // top-2 gap / max|logit| the CPU greedy run must keep
-
-#define SKIP_WITHOUT_GPU()                                                                          \
-  do {                                                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU: skipping the step sampling tests"; \
-  } while (0)
-
-ModelConfig model_config() {
-  ModelConfig m = test::tiny_config();
-  m.dim = 256;
-  m.n_layers = 2;
-  m.n_heads = 8;
-  m.n_kv_heads = 2;
-  m.head_dim = 32;
-  m.ffn_dim = 344;
-  m.vocab_size = 301;
-  m.max_position_embeddings = 1024;
-  return m;
-}
 
 Config config_for(int64_t batch) {
   Config c;
@@ -55,13 +39,6 @@ Config config_for(int64_t batch) {
   c.kv_block_tokens = 16;
   c.max_context = 256;
   return c;
-}
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
-  return v;
 }
 
 double top2_gap(const std::vector<float>& x) {
@@ -105,7 +82,7 @@ std::vector<GenRequest> greedy_requests(int64_t vocab) {
   std::vector<GenRequest> reqs(3);
   const int64_t lengths[3] = {5, 70, 20};  // 70: two prompt chunks of 64 while the others decode
   for (size_t i = 0; i < reqs.size(); ++i) {
-    reqs[i].prompt = random_tokens(lengths[i], vocab, 10 + i);
+    reqs[i].prompt = test::random_tokens(lengths[i], vocab, 10 + i);
     reqs[i].max_tokens = 16;
   }
   return reqs;
@@ -128,8 +105,8 @@ int64_t clear_prefix_rows(const Outcome& o) {
 // one of 1..40 whose CPU run keeps a clear gap for the most leading steps (as gpu_test_cuda_backend
 // screens its seeds), so that most of the comparison tests the device, not a coin flip.
 TEST(CudaStepSample, GreedyRowsPickTheCpuTokens) {
-  SKIP_WITHOUT_GPU();
-  const ModelConfig m = model_config();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
+  const ModelConfig m = test::wide_config();
   const Config c = config_for(3);
   const std::vector<GenRequest> reqs = greedy_requests(m.vocab_size);
   uint64_t seed = 0;
@@ -215,8 +192,8 @@ bool in_support(const std::vector<float>& row, int32_t id, const SampleParams& p
 // Four sequences side by side with different rows (greedy, temperature + top-k, temperature +
 // top-p, all three); each round feeds both backends the CUDA picks, so the contexts stay the same.
 TEST(CudaStepSample, DeviceDrawsAreSampleRowOnTheDeviceLogits) {
-  SKIP_WITHOUT_GPU();
-  const ModelConfig m = model_config();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
+  const ModelConfig m = test::wide_config();
   test::TinyModel tm(m, 5);
   test::MemoryWeights ws(tm);
   const Config c = config_for(4);
@@ -239,7 +216,7 @@ TEST(CudaStepSample, DeviceDrawsAreSampleRowOnTheDeviceLogits) {
   for (int round = 0; round < 24; ++round) {
     std::vector<StepItem> items;
     for (int64_t s = 0; s < 4; ++s)
-      items.push_back({s, round == 0 ? random_tokens(3 + 9 * s, m.vocab_size, 70 + s) : last[s], true});
+      items.push_back({s, round == 0 ? test::random_tokens(3 + 9 * s, m.vocab_size, 70 + s) : last[s], true});
     std::vector<std::vector<float>> grows, crows, arows;
     const std::vector<int32_t> gids = gpu->step_sample(items, params, &grows);
     const std::vector<int32_t> aids = again->step_sample(items, params, &arows);
@@ -272,7 +249,7 @@ TEST(CudaStepSample, DeviceDrawsAreSampleRowOnTheDeviceLogits) {
 
 // The command line: the same seed gives the same tokens every run, with or without --logits-out.
 TEST(CudaStepSample, GenerateWithASeedRepeats) {
-  SKIP_WITHOUT_GPU();
+  RL_SKIP_WITHOUT_GPU(kGpuSuite);
   test::TempDir dir;
   test::TinyModel tm(test::tiny_config(), 3, 0.3f);
   tm.write_store(dir.path());

@@ -3,7 +3,6 @@
 // on what shares their step).
 #include <gtest/gtest.h>
 
-#include <random>
 #include <string>
 
 #include "common/errors.h"
@@ -18,13 +17,6 @@ namespace {
 
 using test::MemoryWeights;
 using test::TinyModel;
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
 
 std::string error_of(const std::function<void()>& f) {
   try {
@@ -185,9 +177,9 @@ TEST_P(CpuBatch, EachSequenceGetsWhatItGetsAlone) {
   TinyModel tm(m, 21);
   MemoryWeights ws(tm);
   const Config c = config_for(bc.batch, bc.chunk, bc.block);
-  std::vector<GenRequest> reqs = {request(random_tokens(5, m.vocab_size, 1), 20),
-                                  request(random_tokens(300, m.vocab_size, 2), 6),
-                                  request(random_tokens(53, m.vocab_size, 3), 11)};
+  std::vector<GenRequest> reqs = {request(test::random_tokens(5, m.vocab_size, 1), 20),
+                                  request(test::random_tokens(300, m.vocab_size, 2), 6),
+                                  request(test::random_tokens(53, m.vocab_size, 3), 11)};
   const Outcome alone = run_alone(ws, c, reqs);
   auto b = make_cpu_backend(ws, c);
   const Outcome batch = run_all(*b, reqs);
@@ -213,10 +205,10 @@ TEST(CpuSteps, SequencesFinishAtDifferentTimesAndWaitingOnesJoin) {
   TinyModel tm(m, 22);
   MemoryWeights ws(tm);
   const Config c = config_for(2, 16, 4);
-  std::vector<GenRequest> reqs = {request(random_tokens(9, m.vocab_size, 11), 12),
-                                  request(random_tokens(40, m.vocab_size, 12), 3),
-                                  request(random_tokens(17, m.vocab_size, 13), 8),
-                                  request(random_tokens(2, m.vocab_size, 14), 5)};
+  std::vector<GenRequest> reqs = {request(test::random_tokens(9, m.vocab_size, 11), 12),
+                                  request(test::random_tokens(40, m.vocab_size, 12), 3),
+                                  request(test::random_tokens(17, m.vocab_size, 13), 8),
+                                  request(test::random_tokens(2, m.vocab_size, 14), 5)};
   // Make request 0 stop at its 4th token: take that token from a run alone.
   const Outcome probe = run_alone(ws, c, {reqs[0]});
   reqs[0].stop = {probe.results[0].tokens[3]};
@@ -241,7 +233,7 @@ TEST(CpuSteps, OneStepMixesPrefillChunksAndDecodeTokens) {
   TinyModel tm(m, 23);
   MemoryWeights ws(tm);
   const Config c = config_for(4, 32, 4);
-  const auto a = random_tokens(50, m.vocab_size, 31), bt = random_tokens(20, m.vocab_size, 32);
+  const auto a = test::random_tokens(50, m.vocab_size, 31), bt = test::random_tokens(20, m.vocab_size, 32);
   auto solo = make_cpu_backend(ws, c);
   std::vector<float> a_ref = solo->forward(a, 0);
   solo->reset();
@@ -312,7 +304,7 @@ TEST(CpuSteps, StepSampleIsSampleRowOnTheSameLogits) {
   for (int round = 0; round < 6; ++round) {
     std::vector<StepItem> items;
     for (int64_t s = 0; s < 4; ++s)
-      items.push_back({s, random_tokens(round == 0 ? 5 + s : 1, m.vocab_size, 100 * round + s), s != 3});
+      items.push_back({s, test::random_tokens(round == 0 ? 5 + s : 1, m.vocab_size, 100 * round + s), s != 3});
     const auto rows = a->step(items);
     std::vector<std::vector<float>> got_rows;
     const std::vector<int32_t> ids = b->step_sample(items, params, &got_rows);
@@ -341,7 +333,7 @@ TEST(CpuSteps, GenerateSamplesTheSameWithAndWithoutLogits) {
   const Config c = config_for(3, 8, 4);
   std::vector<GenRequest> reqs(3);
   for (size_t i = 0; i < reqs.size(); ++i) {
-    reqs[i].prompt = random_tokens(3 + 7 * i, m.vocab_size, 50 + i);
+    reqs[i].prompt = test::random_tokens(3 + 7 * i, m.vocab_size, 50 + i);
     reqs[i].max_tokens = 12;
     reqs[i].sampling.temperature = i == 0 ? 0.0 : 0.9;
     reqs[i].sampling.top_k = i == 1 ? 20 : 0;

@@ -27,13 +27,6 @@ Config config_with_context(int64_t max_context) {
   return c;
 }
 
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
-  return v;
-}
-
 // Largest |a - b| relative to the largest |b|.
 double rel_diff(const std::vector<float>& a, const std::vector<double>& b) {
   EXPECT_EQ(a.size(), b.size());
@@ -256,7 +249,7 @@ void expect_matches_naive(const ModelConfig& m, int64_t n_tokens, uint64_t seed)
   TinyModel tm(m, seed);
   MemoryWeights ws(tm);
   auto backend = make_cpu_backend(ws, config_with_context(m.max_position_embeddings));
-  auto tokens = random_tokens(n_tokens, m.vocab_size, seed + 100);
+  auto tokens = test::random_tokens(n_tokens, m.vocab_size, seed + 100);
   auto ref = naive_forward(tm, tokens);
   // One prefill gives the last position; decoding one by one gives every position.
   auto last = backend->forward(tokens, 0);
@@ -300,7 +293,7 @@ TEST(CpuBackend, DecodeAfterPrefillEqualsFullForward) {
   const Config c = config_with_context(m.max_position_embeddings);
   auto inc = make_cpu_backend(ws, c);
   auto full = make_cpu_backend(ws, c);
-  auto tokens = random_tokens(20, m.vocab_size, 9);
+  auto tokens = test::random_tokens(20, m.vocab_size, 9);
   const int64_t prompt = 7;
   std::vector<float> row = inc->forward(std::vector<int32_t>(tokens.begin(), tokens.begin() + prompt), 0);
   for (int64_t p = prompt; p <= 20; ++p) {

@@ -3,12 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <filesystem>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "common/protocol.h"
+#include "tests/golden.h"
 #include "tests/test_loaderd_proc.h"
 #include "tests/test_util.h"
 #include "worker/daemon_weights.h"
@@ -16,25 +15,7 @@
 namespace ringllama {
 namespace {
 
-namespace fs = std::filesystem;
-using json = nlohmann::json;
 using test::Proc;
-
-const std::string& data_root() {
-  static const std::string root = [] {
-    std::string d = test::data_dir();
-    return d;
-  }();
-  return root;
-}
-
-std::string prompt_of(const fs::path& fixture, int64_t* rows) {
-  const json g = json::parse(test::read_file((fixture / "golden.json").string()));
-  *rows = g.at("rows").get<int64_t>();
-  std::string s;
-  for (int64_t id : g.at("prompt_ids").get<std::vector<int64_t>>()) s += (s.empty() ? "" : ",") + std::to_string(id);
-  return s;
-}
 
 // The welcome's additions (PUB endpoint, worker table entry) survive a round trip, and a welcome
 // without them still parses.
@@ -53,12 +34,12 @@ TEST(DaemonWelcome, RoundTripsPubAndWorkerId) {
 // (g) --daemon gives bit-identical logits to --store, through a window smaller than the model
 // (slots reused within each pass) and through a window that holds it all.
 TEST(DaemonWeights, LogitsBitIdenticalToStore) {
-  const fs::path fixture = fs::path(data_root()) / "llama31_gqa_untied";
-  int64_t rows = 0;
-  const std::string prompt = prompt_of(fixture, &rows);
+  const test::Golden fixture = test::load_golden("llama31_gqa_untied");
+  const int64_t rows = fixture.rows;
+  const std::string prompt = test::join_ids(fixture.prompt_ids, ",");
   test::TempDir tmp;
   const std::string store = tmp / "store";
-  ASSERT_EQ(test::run_bin("ringllama-pack", {"--hf", (fixture / "hf").string(), "--out", store, "--quiet"}, 60).status, 0);
+  ASSERT_EQ(test::run_bin("ringllama-pack", {"--hf", fixture.hf_dir(), "--out", store, "--quiet"}, 60).status, 0);
   auto ref = test::run_bin("ringllama-generate", {"--store", store, "--prompt-ids", prompt, "--max-tokens",
                                                   std::to_string(rows), "--ignore-eos", "--logits-out", tmp / "ref"});
   ASSERT_EQ(ref.status, 0) << ref.err;

@@ -5,46 +5,25 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <iostream>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "tests/golden.h"
 #include "tests/test_util.h"
 
 namespace ringllama {
 namespace {
 
-namespace fs = std::filesystem;
-using nlohmann::json;
-
 constexpr double kTolerance = 1e-3;  // max|diff| / max|golden| of a row
 
-// tests/data, read once.
-const std::string& data_root() {
-  static const std::string root = [] {
-    std::string d = test::data_dir();
-    return d;
-  }();
-  return root;
-}
-
-// Fixture names: the folders of tests/data that hold a golden.json, sorted.
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> names;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(data_root(), ec))
-    if (e.is_directory() && fs::exists(e.path() / "golden.json")) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
+// Every folder of tests/data with a golden.json, hf/ or not: one without hf/ fails here.
+std::vector<std::string> fixture_names() { return test::golden_fixture_names(/*need_hf=*/false); }
 
 std::vector<int64_t> ids_of(const std::string& text) {
   std::vector<int64_t> ids;
@@ -62,16 +41,12 @@ std::vector<float> floats_of(const std::string& bytes) {
   return v;
 }
 
-std::string join(const std::vector<int64_t>& ids, const char* sep) {
-  std::string s;
-  for (size_t i = 0; i < ids.size(); ++i) s += (i ? sep : "") + std::to_string(ids[i]);
-  return s;
-}
+using test::join_ids;
 
 // Without this a missing or empty tests/data would leave the parameterised suite with nothing to run.
 TEST(GoldenFixtures, AreFound) {
   const auto names = fixture_names();
-  EXPECT_FALSE(names.empty()) << "no fixture with golden.json under " << data_root()
+  EXPECT_FALSE(names.empty()) << "no fixture with golden.json under " << test::data_dir()
                               << " (set RINGLLAMA_TEST_DATA, or make them with scripts/make-fixtures.py)";
   for (const auto& n : names) std::cout << "golden fixture: " << n << "\n";
 }
@@ -79,30 +54,29 @@ TEST(GoldenFixtures, AreFound) {
 class Golden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Golden, MatchesTransformers) {
-  const fs::path dir = fs::path(data_root()) / GetParam();
-  const json g = json::parse(test::read_file((dir / "golden.json").string()));
-  const std::vector<int64_t> prompt = g.at("prompt_ids").get<std::vector<int64_t>>();
-  const std::vector<int64_t> want_tokens = g.at("tokens").get<std::vector<int64_t>>();
-  const int64_t vocab = g.at("vocab_size").get<int64_t>();
-  const int64_t rows = g.at("rows").get<int64_t>();
+  const test::Golden g = test::load_golden(GetParam());
+  const std::vector<int64_t> prompt(g.prompt_ids.begin(), g.prompt_ids.end());
+  const std::vector<int64_t> want_tokens(g.tokens.begin(), g.tokens.end());
+  const int64_t vocab = g.vocab_size;
+  const int64_t rows = g.rows;
   ASSERT_EQ(static_cast<int64_t>(want_tokens.size()), rows);
-  const std::vector<float> want = floats_of(test::read_file((dir / "golden_logits.bin").string()));
+  const std::vector<float>& want = g.logits;
   ASSERT_EQ(static_cast<int64_t>(want.size()), rows * vocab) << "golden_logits.bin is not rows x vocab_size float32";
 
   test::TempDir tmp;
   const std::string store = tmp / "store";
-  auto pack = test::run_bin("ringllama-pack", {"--hf", (dir / "hf").string(), "--out", store, "--quiet"});
-  ASSERT_EQ(pack.status, 0) << "ringllama-pack --hf " << (dir / "hf").string() << " failed:\n" << pack.err << pack.out;
+  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"});
+  ASSERT_EQ(pack.status, 0) << "ringllama-pack --hf " << g.hf_dir() << " failed:\n" << pack.err << pack.out;
 
   auto gen = test::run_bin("ringllama-generate",
-                           {"--store", store, "--backend", "cpu", "--prompt-ids", join(prompt, ","), "--max-tokens",
+                           {"--store", store, "--backend", "cpu", "--prompt-ids", join_ids(prompt, ","), "--max-tokens",
                             std::to_string(rows), "--ignore-eos", "--tokens-out", tmp / "t", "--logits-out", tmp / "l"});
   ASSERT_EQ(gen.status, 0) << "ringllama-generate failed:\n" << gen.err << gen.out;
 
   const std::vector<int64_t> got_tokens = ids_of(test::read_file(tmp / "t"));
   const std::vector<float> got = floats_of(test::read_file(tmp / "l"));
-  EXPECT_EQ(got_tokens, want_tokens) << "tokens differ\n  engine:       " << join(got_tokens, " ")
-                                     << "\n  transformers: " << join(want_tokens, " ");
+  EXPECT_EQ(got_tokens, want_tokens) << "tokens differ\n  engine:       " << join_ids(got_tokens, " ")
+                                     << "\n  transformers: " << join_ids(want_tokens, " ");
   const int64_t got_rows = static_cast<int64_t>(got.size()) / vocab;
   EXPECT_EQ(static_cast<int64_t>(got.size()), rows * vocab) << "the logits file holds " << got.size()
                                                             << " floats, want rows x vocab = " << rows * vocab;
@@ -154,13 +128,7 @@ TEST_P(Golden, MatchesTransformers) {
   EXPECT_EQ(failures, 0) << failures << " of " << comparable << " rows over the tolerance";
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixture_names()),
-                         [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string n = info.param;
-                           for (char& c : n)
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           return n;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixture_names()), test::FixtureTestName());
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(Golden);
 
 }  // namespace

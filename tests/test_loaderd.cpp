@@ -17,6 +17,7 @@
 #include "common/protocol.h"
 #include "common/store.h"
 #include "daemon/loaderd.h"
+#include "tests/golden.h"
 #include "tests/test_loaderd_proc.h"
 #include "tests/test_util.h"
 
@@ -28,21 +29,6 @@ using json = nlohmann::json;
 using test::Proc;
 
 constexpr const char* kFixture = "llama31_gqa_untied";  // 3 layers, with transformers' tokens
-
-// tests/data, read once.
-const std::string& data_root() {
-  static const std::string root = [] {
-    std::string d = test::data_dir();
-    return d;
-  }();
-  return root;
-}
-
-std::string join(const std::vector<int64_t>& ids, const char* sep) {
-  std::string s;
-  for (size_t i = 0; i < ids.size(); ++i) s += (i ? sep : "") + std::to_string(ids[i]);
-  return s;
-}
 
 std::string trim(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
@@ -56,13 +42,12 @@ std::string shm_file(const std::string& control) {
 class Loaderd : public ::testing::Test {
  protected:
   void SetUp() override {
-    const fs::path dir = fs::path(data_root()) / kFixture;
-    const json g = json::parse(test::read_file((dir / "golden.json").string()));
-    prompt_ = join(g.at("prompt_ids").get<std::vector<int64_t>>(), ",");
-    golden_ = join(g.at("tokens").get<std::vector<int64_t>>(), " ");
-    rows_ = g.at("rows").get<int64_t>();
+    const test::Golden g = test::load_golden(kFixture);
+    prompt_ = test::join_ids(g.prompt_ids, ",");
+    golden_ = test::join_ids(g.tokens, " ");
+    rows_ = g.rows;
     store_ = tmp_ / "store";
-    auto pack = test::run_bin("ringllama-pack", {"--hf", (dir / "hf").string(), "--out", store_, "--quiet"}, 60);
+    auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store_, "--quiet"}, 60);
     ASSERT_EQ(pack.status, 0) << pack.err;
     control_ = "ipc://" + (tmp_ / "run/loaderd.sock");
   }

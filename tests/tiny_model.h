@@ -32,6 +32,29 @@ inline ModelConfig tiny_config() {
   return m;
 }
 
+// Wide enough for batched GPU work: dim 256, 8 heads / 2 kv heads of 32, ffn 344, vocab 301, 1024
+// positions, 2 layers.
+inline ModelConfig wide_config() {
+  ModelConfig m = tiny_config();
+  m.dim = 256;
+  m.n_layers = 2;
+  m.n_heads = 8;
+  m.n_kv_heads = 2;
+  m.head_dim = 32;
+  m.ffn_dim = 344;
+  m.vocab_size = 301;
+  m.max_position_embeddings = 1024;
+  return m;
+}
+
+// n token ids in [0, vocab) from seed.
+inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& t : v) t = static_cast<int32_t>(rng() % vocab);
+  return v;
+}
+
 // The manifest and the bytes of weights.bin (globals and groups at their offsets, checksums set).
 // Weights ~ N(0, std); norm weights ~ 1 + N(0, 0.1), as trained models have them.
 struct TinyModel {
