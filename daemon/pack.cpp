@@ -156,18 +156,24 @@ void HfSource::fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t cou
   r.file->read_bf16(*r.tensor, first, count, out);
 }
 
-WriteResult pack_hf(const std::string& hf_dir, const PackOptions& opts) {
-  check_output(opts.out, opts.force);
-  ModelConfig m = load_hf_config(hf_dir);
-  Manifest plan = Manifest::plan(m, "hf:" + fs::absolute(hf_dir).lexically_normal().string());
-  HfSource src(hf_dir, plan);
-
+// The writer's options for a pack into opts.out.
+static WriteOptions write_options(const PackOptions& opts) {
   WriteOptions w;
   w.out = opts.out;
   w.force = opts.force;
   w.threads = opts.threads;
   w.progress = opts.progress;
   w.cancel = opts.cancel;
+  return w;
+}
+
+WriteResult pack_hf(const std::string& hf_dir, const PackOptions& opts) {
+  check_output(opts.out, opts.force);
+  ModelConfig m = load_hf_config(hf_dir);
+  Manifest plan = Manifest::plan(m, "hf:" + fs::absolute(hf_dir).lexically_normal().string());
+  HfSource src(hf_dir, plan);
+
+  WriteOptions w = write_options(opts);
   std::error_code ec;
   for (const std::string& name : tokenizer_file_names())
     if (fs::is_regular_file(hf_dir + "/" + name, ec)) w.copy_files.push_back(hf_dir + "/" + name);
@@ -182,12 +188,7 @@ WriteResult pack_random(const std::string& shape, uint64_t seed, int64_t layers,
   Manifest plan = Manifest::plan(m, fmt::format("random:{} seed={}", shape, seed));
   RandomSource src(plan, seed);
 
-  WriteOptions w;
-  w.out = opts.out;
-  w.force = opts.force;
-  w.threads = opts.threads;
-  w.progress = opts.progress;
-  w.cancel = opts.cancel;
+  WriteOptions w = write_options(opts);
   spdlog::info("packing random {} ({} layers, {}, seed {}) into {}", shape, m.n_layers,
                human_bytes(plan.weights_size), seed, opts.out);
   return write_store(std::move(plan), src, w);
