@@ -25,12 +25,15 @@
 #include "tests/golden.h"
 #include "tests/gpu_skip.h"
 #include "tests/test_util.h"
+#include "tests/row_compare.h"
 #include "tests/tiny_model.h"
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
 
 namespace ringllama {
 namespace {
+
+using test::top2_gap;
 
 constexpr const char* kGpuSuite = "the CUDA backend tests";  // in the message where there is no GPU
 
@@ -60,20 +63,6 @@ int32_t argmax(const float* x, size_t n) {
   return static_cast<int32_t>(std::max_element(x, x + n) - x);  // first of the largest: lowest index
 }
 
-// (top-1 - top-2) / max|x|.
-double top2_gap(const float* x, size_t n) {
-  double a = -INFINITY, b = -INFINITY, mx = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (x[i] > a) {
-      b = a;
-      a = x[i];
-    } else if (x[i] > b) {
-      b = x[i];
-    }
-    mx = std::max(mx, std::fabs(static_cast<double>(x[i])));
-  }
-  return (a - b) / std::max(mx, 1e-30);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tiny random models: CUDA against CPU

@@ -13,6 +13,7 @@
 
 #include "common/errors.h"
 #include "tests/gpu_skip.h"
+#include "tests/row_compare.h"
 #include "tests/tiny_model.h"
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
@@ -20,6 +21,9 @@
 
 namespace ringllama {
 namespace {
+
+using test::row_ratio;
+using test::top2_gap;
 
 constexpr const char* kGpuSuite = "the CUDA batch tests";  // in the message where there is no GPU
 
@@ -54,30 +58,7 @@ Outcome run_all(Backend& b, const std::vector<GenRequest>& reqs, bool with_logit
   return o;
 }
 
-double row_ratio(const std::vector<float>& got, const std::vector<float>& ref) {
-  double d = 0, mx = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    d = std::max(d, std::fabs(static_cast<double>(got[i]) - ref[i]));
-    mx = std::max(mx, std::fabs(static_cast<double>(ref[i])));
-  }
-  return d / std::max(mx, 1e-30);
-}
 
-// (top-1 - top-2) / max|x|.
-double top2_gap(const std::vector<float>& x) {
-  double a = -INFINITY, b = -INFINITY, mx = 0;
-  for (float v : x) {
-    if (v > a) {
-      b = a;
-      a = v;
-    } else if (v > b) {
-      b = v;
-    }
-    mx = std::max(mx, std::fabs(static_cast<double>(v)));
-  }
-  return (a - b) / std::max(mx, 1e-30);
-}
 
 // Same tokens; rows within tol (printing the worst). Returns the worst ratio.
 double expect_same(const Outcome& got, const Outcome& ref, double tol, const std::string& what) {
