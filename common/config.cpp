@@ -59,10 +59,15 @@ constexpr int64_t kBig = int64_t(1) << 40;
 
 const std::vector<KeyDef>& keys() {
   static const std::vector<KeyDef> defs = {
-      STR_KEY(store, Kind::Path, kLoaderd | kGenerate, "path of the packed store"),
+      STR_KEY(store, Kind::Path, kLoaderd | kWorker | kGenerate, "path of the packed store"),
       STR_KEY(control, Kind::Endpoint, kLoaderd | kWorker | kGenerate, "ZeroMQ endpoint of the loader daemon"),
-      INT_KEY(cpu_cap_layers, kLoaderd, 1, 1 << 20, "layer slots in the shared-memory window"),
-      INT_KEY(back_margin, kLoaderd, 0, 1 << 20, "layers kept behind the window's start"),
+      AUTO_KEY(cpu_cap_layers, kLoaderd | kWorker | kGenerate, 1, 1 << 20,
+               "layer slots in the shared-memory window, or auto (what host_memory_fraction of MemAvailable holds)"),
+      KeyDef{"host_memory_fraction", Kind::Float, kLoaderd | kWorker | kGenerate, 0, 0, 0.01, 1.0,
+             "share of MemAvailable at start that an auto window may take",
+             [](Config& c, const std::string& v) { c.host_memory_fraction = std::stod(v); },
+             [](const Config& c) { return fmt::format("{}", c.host_memory_fraction); }},
+      INT_KEY(back_margin, kLoaderd | kWorker | kGenerate, 0, 1 << 20, "layers kept behind the window's start"),
       INT_KEY(io_queue_depth, kLoaderd | kGenerate, 1, 4096, "io_uring requests in flight"),
       INT_KEY(io_block_kib, kLoaderd | kGenerate, 4, 1 << 20, "KiB per read request (a multiple of 4)"),
       INT_KEY(heartbeat_ms, kLoaderd | kWorker, 10, 600000, "heartbeat period, ms"),
@@ -83,6 +88,7 @@ const std::vector<KeyDef>& keys() {
       INT_KEY(queue_max, kWorker, 0, 1 << 24, "waiting requests before overloaded"),
       STR_KEY(listen, Kind::Endpoint, kWorker, "ZeroMQ endpoint for clients; <gpu> expands"),
       INT_KEY(max_request_bytes, kWorker, 64, kBig, "largest request frame, bytes"),
+      INT_KEY(drain_timeout_ms, kWorker, 0, 86400000, "on SIGTERM, ms that in-flight requests may still run"),
       KeyDef{"verbose", Kind::Bool, kAllReaders, 0, 0, 0, 0, "debug logs",
              [](Config& c, const std::string& v) { c.verbose = v == "true"; },
              [](const Config& c) { return bool_text(c.verbose); }},
@@ -289,8 +295,9 @@ void ConfigLoader::cross_check(const Config& c) const {
     if (!ok) throw ConfigError(fmt::format("config key '{}' from {}: {}", key, source(key).text(), text));
   };
   rule(c.io_block_kib % 4 == 0, "io_block_kib", fmt::format("{} is not a multiple of 4 KiB", c.io_block_kib));
-  rule(c.back_margin < c.cpu_cap_layers, "back_margin",
-       fmt::format("{} must be less than cpu_cap_layers ({})", c.back_margin, c.cpu_cap_layers));
+  if (c.cpu_cap_layers != kAuto)  // auto: checked by the host plan once the window is sized
+    rule(c.back_margin < c.cpu_cap_layers, "back_margin",
+         fmt::format("{} must be less than cpu_cap_layers ({})", c.back_margin, c.cpu_cap_layers));
   rule(c.kv_block_tokens <= c.max_context, "kv_block_tokens",
        fmt::format("{} must not exceed max_context ({})", c.kv_block_tokens, c.max_context));
   if (c.gpu_max_groups != kAuto)
@@ -310,7 +317,7 @@ void ConfigLoader::adapt_to_model(Config& c, const ModelConfig& m) {
     }
   };
   // A window or prefetch deeper than the model only means "all of it".
-  clamp_default("cpu_cap_layers", c.cpu_cap_layers, L, fmt::format("{} layers", L));
+  if (c.cpu_cap_layers != kAuto) clamp_default("cpu_cap_layers", c.cpu_cap_layers, L, fmt::format("{} layers", L));
   clamp_default("gpu_ahead_layers", c.gpu_ahead_layers, L, fmt::format("{} layers", L));
   if (is_explicit("max_context")) {
     if (c.max_context > m.max_position_embeddings)
@@ -325,7 +332,7 @@ void ConfigLoader::adapt_to_model(Config& c, const ModelConfig& m) {
                                   c.resident_layers, source("resident_layers").text(), L));
   clamp_default("prefill_chunk_tokens", c.prefill_chunk_tokens, c.max_context,
                 fmt::format("max_context {}", c.max_context));
-  if (c.back_margin >= c.cpu_cap_layers)
+  if (c.cpu_cap_layers != kAuto && c.back_margin >= c.cpu_cap_layers)
     throw ConfigError(fmt::format("config key 'back_margin' = {} from {}: must be less than cpu_cap_layers ({})",
                                   c.back_margin, source("back_margin").text(), c.cpu_cap_layers));
   cross_check(c);

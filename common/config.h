@@ -32,7 +32,8 @@ inline constexpr int64_t kAuto = -1;  // value of an `auto` key
 struct Config {
   std::string store;                                      // path of the packed store
   std::string control = "ipc:///run/ringllama/loaderd.sock";  // the daemon's ZeroMQ endpoint
-  int64_t cpu_cap_layers = 12;        // layer slots in the shared-memory window
+  int64_t cpu_cap_layers = kAuto;     // layer slots in the shared-memory window; auto = what the host plan fits
+  double host_memory_fraction = 0.75; // share of MemAvailable at start the window may take (auto cpu_cap_layers)
   int64_t back_margin = 0;            // layers kept behind the window's start
   int64_t io_queue_depth = 32;        // io_uring requests in flight
   int64_t io_block_kib = 1024;        // KiB per read request
@@ -51,6 +52,7 @@ struct Config {
   int64_t queue_max = 64;             // waiting requests before `overloaded`
   std::string listen = "ipc:///run/ringllama/worker-<gpu>.sock";  // client endpoint; <gpu> expands
   int64_t max_request_bytes = 1048576;  // largest request frame, bytes
+  int64_t drain_timeout_ms = 30000;   // on SIGTERM: how long in-flight requests may run before exit
   bool verbose = false;               // debug logs
 };
 

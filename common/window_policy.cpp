@@ -23,11 +23,29 @@ void WindowParams::validate() const {
     throw ConfigError(fmt::format("back_margin {} must be below the window's {} slots (min(cpu_cap_layers {}, "
                                   "n_layers {})): the slowest worker's next layer has to fit in the window",
                                   back_margin, cap, cpu_cap_layers, n_layers));
+  if (cycle_slots < 0) throw ConfigError(fmt::format("window: cycle_slots {} must be >= 0", cycle_slots));
+  // The slowest worker's next layer must fit in the cycling part, behind which back_margin stays.
+  if (cycle_slots > 0 && cycle_slots < cap && back_margin >= cycle_slots)
+    throw ConfigError(fmt::format("back_margin {} must be below the window's {} cycling slots", back_margin,
+                                  cycle_slots));
+}
+
+int64_t default_cycle_slots(int64_t cpu_cap_layers, int64_t back_margin) {
+  return std::min(cpu_cap_layers, back_margin + 2);
+}
+
+int64_t layers_read_per_pass(const WindowParams& p) {
+  const int64_t cap = std::min(p.cpu_cap_layers, p.n_layers);
+  if (cap >= p.n_layers) return 0;
+  const int64_t cycle = p.cycle_slots > 0 && p.cycle_slots < cap ? p.cycle_slots : cap;
+  return p.n_layers - (cap - cycle);
 }
 
 WindowPolicy::WindowPolicy(const WindowParams& p) : p_(p) {
   p_.validate();
   cap_ = std::min(p_.cpu_cap_layers, p_.n_layers);
+  pinned_ = p_.n_layers - layers_read_per_pass(p_);
+  if (pinned_ == p_.n_layers) pinned_ = 0;  // everything fits: a ring that never moves past a layer
 }
 
 WorkerView& WindowPolicy::get(WorkerId id, const char* what) {
@@ -123,9 +141,35 @@ void WindowPolicy::update() {
 }
 
 int64_t WindowPolicy::position_of_layer(int64_t layer) const {
-  if (layer < 0 || layer >= p_.n_layers) return -1;
-  const int64_t p = start_ + floor_mod(layer - start_, p_.n_layers);
-  return p < start_ + cap_ ? p : -1;
+  const int64_t n = p_.n_layers;
+  if (layer < 0 || layer >= n) return -1;
+  // A pinned layer serves its next position; the ring (pinned_ 0) is the cycling part alone.
+  if (layer < pinned_) return start_ + floor_mod(layer - start_, n);
+  // The cycling part: the first cycling_slots() positions of layers >= pinned_ from the window's
+  // start on, skipping the pinned layers of each step.
+  const int64_t at = floor_mod(start_, n);
+  const int64_t first = at >= pinned_ ? start_ : start_ - at + pinned_;  // first cycling position
+  const int64_t a = first % n;
+  const int64_t index = layer >= a ? layer - a : (n - a) + (layer - pinned_);
+  if (index >= cap_ - pinned_) return -1;
+  return first + floor_mod(layer - a, n);
+}
+
+bool WindowPolicy::in_window(int64_t position) const {
+  return position >= start_ && position_of_layer(floor_mod(position, p_.n_layers)) == position;
+}
+
+std::vector<int64_t> WindowPolicy::window_positions() const {
+  std::vector<int64_t> v;
+  for (int64_t l = 0; l < p_.n_layers; ++l)
+    if (const int64_t p = position_of_layer(l); p >= 0) v.push_back(p);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+int64_t WindowPolicy::window_end() const {
+  const std::vector<int64_t> v = window_positions();
+  return v.empty() ? start_ : v.back() + 1;
 }
 
 std::vector<WorkerId> WindowPolicy::convoy() const {
@@ -139,8 +183,9 @@ WindowPlan WindowPolicy::plan(const std::vector<SlotView>& slots) const {
   if (static_cast<int64_t>(slots.size()) < cap_)
     fail("window: {} slots, the window needs {}", slots.size(), cap_);
   WindowPlan plan;
+  const std::vector<int64_t> window = window_positions();
   plan.start = start_;
-  plan.end = start_ + cap_;
+  plan.end = window.empty() ? start_ : window.back() + 1;
   plan.position.assign(slots.size(), -1);
 
   // Slots whose layer is in the window serve its position there, whatever step they were loaded
@@ -158,7 +203,7 @@ WindowPlan WindowPolicy::plan(const std::vector<SlotView>& slots) const {
 
   // Reusable: serving nothing in the window and not in the middle of a read. Empty ones first,
   // then the layer needed again latest, so that the soonest-needed stays longest.
-  const int64_t end = start_ + cap_;
+  const int64_t end = plan.end;
   auto next_need = [&](int64_t layer) { return floor_mod(layer - end, p_.n_layers); };
   std::vector<size_t> reusable;
   for (size_t s = 0; s < slots.size(); ++s)
@@ -172,7 +217,7 @@ WindowPlan WindowPolicy::plan(const std::vector<SlotView>& slots) const {
   });
 
   size_t take = 0;
-  for (int64_t p = start_; p < end; ++p) {
+  for (const int64_t p : window) {
     const int64_t layer = p % p_.n_layers;
     if (covered[static_cast<size_t>(layer)]) continue;
     if (take == reusable.size()) {

@@ -18,6 +18,15 @@
 // Slots hold layers: the bytes of layer l are the same at every step, so a slot that holds layer l
 // serves every position p with p % n_layers == l. With cpu_cap_layers >= n_layers every layer is
 // in the window for good: each is loaded once and never evicted.
+//
+// When the model does not fit (cap < n_layers), a ring of cap slots re-reads every layer on every
+// pass: a cyclic scan longer than the cache never hits. So the window pins layers
+// [0, cap - cycle_slots) for good and cycles the other n_layers - cap + cycle_slots layers through
+// cycle_slots slots: per pass the disk reads n_layers - cap + cycle_slots layers instead of
+// n_layers. The pinned layers are in the window at every position; the cycling part is the first
+// cycle_slots positions of cycling layers at or after the window's start, and follows the same
+// start rule as the ring (so every guarantee above holds for it). cycle_slots 0, or >= cap, is the
+// plain ring; default_cycle_slots() gives the daemon's and the local window's choice.
 #pragma once
 
 #include <cstdint>
@@ -32,8 +41,17 @@ struct WindowParams {
   int64_t n_layers = 0;        // layers of the model
   int64_t cpu_cap_layers = 0;  // slots
   int64_t back_margin = 0;     // positions kept behind p_min, < cpu_cap_layers
+  int64_t cycle_slots = 0;     // cap < n_layers: slots that cycle the layers not pinned; 0 = a ring
   void validate() const;       // throws ConfigError naming the rule
 };
+
+// Two slots ahead of the slowest worker (one it copies from, one the disk fills) plus back_margin:
+// enough to keep the disk busy, every other slot pins a layer. The whole cap where it is smaller.
+int64_t default_cycle_slots(int64_t cpu_cap_layers, int64_t back_margin);
+
+// Layers read from disk per pass, once the window is warm: 0 when every layer fits, else the
+// layers that are not pinned.
+int64_t layers_read_per_pass(const WindowParams& p);
 
 // What a slot of the segment holds, as the daemon sees it.
 enum class SlotFill { Empty, Loading, Ready, Error };
@@ -71,6 +89,8 @@ class WindowPolicy {
 
   const WindowParams& params() const { return p_; }
   int64_t cap() const { return cap_; }  // slots in use: min(cpu_cap_layers, n_layers)
+  int64_t pinned_layers() const { return pinned_; }  // layers [0, pinned) stay for good
+  int64_t cycling_slots() const { return cap_ - pinned_; }
 
   // Workers. Unknown ids and impossible transitions throw Error (they come from a peer).
   void attach(WorkerId id);
@@ -82,10 +102,13 @@ class WindowPolicy {
   const WorkerView& worker(WorkerId id) const;
   std::vector<WorkerView> workers() const;
 
-  // The window now: [start, start + cap).
+  // The window now: cap positions from start on (with pinned layers not all contiguous), the
+  // last one below window_end().
   int64_t window_start() const { return start_; }
-  int64_t window_end() const { return start_ + cap_; }
-  bool in_window(int64_t position) const { return position >= start_ && position < start_ + cap_; }
+  int64_t window_end() const;
+  bool in_window(int64_t position) const;
+  // The window's positions, lowest (most urgent) first.
+  std::vector<int64_t> window_positions() const;
   // The position in the window that layer `layer` serves, or -1.
   int64_t position_of_layer(int64_t layer) const;
 
@@ -105,6 +128,7 @@ class WindowPolicy {
 
   WindowParams p_;
   int64_t cap_ = 0;
+  int64_t pinned_ = 0;
   int64_t start_ = 0;
   std::map<WorkerId, WorkerView> workers_;
   std::map<WorkerId, bool> in_convoy_;

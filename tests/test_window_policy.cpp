@@ -17,8 +17,8 @@ namespace {
 // what they have copied (kept apart from the policy, so that the checks do not trust it).
 class Sim {
  public:
-  Sim(int64_t n_layers, int64_t cap, int64_t back_margin, int64_t n_slots = -1)
-      : policy({n_layers, cap, back_margin}), L(n_layers),
+  Sim(int64_t n_layers, int64_t cap, int64_t back_margin, int64_t n_slots = -1, int64_t cycle = 0)
+      : policy({n_layers, cap, back_margin, cycle}), L(n_layers),
         slots(static_cast<size_t>(n_slots < 0 ? cap : n_slots)), label(slots.size(), -1) {}
 
   struct W {
@@ -30,12 +30,17 @@ class Sim {
   WindowPlan replan() {
     WindowPlan plan = policy.plan(slots);
     EXPECT_EQ(plan.start, policy.window_start());
-    EXPECT_EQ(plan.end - plan.start, std::min(policy.params().cpu_cap_layers, L));
+    const std::vector<int64_t> window = policy.window_positions();
+    EXPECT_EQ(static_cast<int64_t>(window.size()), std::min(policy.params().cpu_cap_layers, L));
+    EXPECT_EQ(plan.end, window.back() + 1);
+    for (int64_t l = 0; l < policy.pinned_layers(); ++l)
+      EXPECT_GE(policy.position_of_layer(l), 0) << "pinned layer " << l << " left the window";
     std::set<int64_t> layers;
     for (size_t s = 0; s < slots.size(); ++s) {
       int64_t p = plan.position[s];
       if (p < 0) continue;
-      EXPECT_TRUE(p >= plan.start && p < plan.end) << "slot " << s << " serves " << p << " outside the window";
+      EXPECT_TRUE(p >= plan.start && p < plan.end && policy.in_window(p))
+          << "slot " << s << " serves " << p << " outside the window";
       EXPECT_TRUE(layers.insert(p % L).second) << "two slots serve layer " << p % L;
     }
     for (const SlotLoad& ld : plan.loads) {
@@ -122,9 +127,9 @@ class Sim {
 // Random events from 1-4 workers; the invariant is checked after each, and the system never
 // stalls: while a pass is in flight, somebody can always copy, or a load is under way.
 void run_random(int64_t L, int64_t cap, int64_t margin, int64_t n_slots, uint64_t seed, int steps,
-                int64_t* passes_out = nullptr, Sim** keep = nullptr) {
+                int64_t* passes_out = nullptr, Sim** keep = nullptr, int64_t cycle = 0) {
   static thread_local std::unique_ptr<Sim> holder;
-  holder = std::make_unique<Sim>(L, cap, margin, n_slots);
+  holder = std::make_unique<Sim>(L, cap, margin, n_slots, cycle);
   Sim& sim = *holder;
   std::mt19937_64 rng(seed);
   WorkerId next_id = 1;
@@ -189,6 +194,73 @@ TEST(WindowPolicyProperty, NeverEvictsWhatAnActiveWorkerHasNotCopied) {
       EXPECT_GT(passes, 0) << "no pass ever finished";
     }
   }
+}
+
+TEST(WindowPolicyProperty, PinnedWindowNeverEvictsWhatAnActiveWorkerHasNotCopied) {
+  struct Case {
+    int64_t L, cap, margin;
+  };
+  const Case cases[] = {{12, 6, 0}, {12, 6, 1}, {80, 50, 0}, {80, 50, 2}, {8, 3, 0}, {5, 4, 1}, {7, 2, 0}};
+  for (const Case& c : cases) {
+    const int64_t cycle = default_cycle_slots(c.cap, c.margin);
+    SCOPED_TRACE(::testing::Message() << "L " << c.L << " cap " << c.cap << " margin " << c.margin << " cycle "
+                                      << cycle);
+    for (uint64_t seed = 1; seed <= 4; ++seed) {
+      int64_t passes = 0;
+      run_random(c.L, c.cap, c.margin, c.cap, seed * 104729 + static_cast<uint64_t>(c.L), 6000, &passes, nullptr,
+                 cycle);
+      if (::testing::Test::HasFailure()) return;
+      EXPECT_GT(passes, 0) << "no pass ever finished";
+    }
+  }
+}
+
+// One worker running pass after pass: once the window is warm, each pass reads n - C + k layers
+// (the pinned C - k never again), where the ring of C slots reads all n.
+int64_t layers_read_over_passes(int64_t L, int64_t cap, int64_t cycle, int passes, int64_t* warm_reads) {
+  Sim sim(L, cap, 0, cap, cycle);
+  sim.attach(1);
+  sim.replan();
+  int64_t reads_before_last = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    if (pass == passes - 1) reads_before_last = sim.total_loads;
+    sim.begin(1);
+    sim.replan();
+    for (int64_t l = 0; l < L; ++l) {
+      for (int guard = 0; !sim.can_copy(sim.workers[1]); ++guard) {
+        EXPECT_LT(guard, 4) << "layer " << l << " of pass " << pass << " never came";
+        if (guard >= 4) return -1;
+        sim.finish_loads(nullptr);
+        sim.replan();
+      }
+      sim.copy(1);
+      sim.replan();
+    }
+    sim.end(1);
+    sim.replan();
+    sim.finish_loads(nullptr);
+    sim.replan();
+  }
+  *warm_reads = sim.total_loads - reads_before_last;
+  return sim.total_loads;
+}
+
+TEST(WindowPolicyProperty, PinnedWindowReadsNMinusCPlusKLayersPerPass) {
+  struct Case {
+    int64_t L, cap;
+  };
+  for (const Case& c : {Case{12, 6}, Case{80, 50}, Case{32, 12}, Case{8, 3}, Case{5, 4}}) {
+    const int64_t k = default_cycle_slots(c.cap, 0);
+    SCOPED_TRACE(::testing::Message() << "L " << c.L << " cap " << c.cap << " k " << k);
+    int64_t pinned_warm = 0, ring_warm = 0;
+    layers_read_over_passes(c.L, c.cap, k, 5, &pinned_warm);
+    layers_read_over_passes(c.L, c.cap, 0, 5, &ring_warm);
+    EXPECT_EQ(pinned_warm, c.L - c.cap + k);
+    EXPECT_EQ(pinned_warm, layers_read_per_pass(WindowParams{c.L, c.cap, 0, k}));
+    EXPECT_EQ(ring_warm, c.L) << "the ring re-reads every layer on every pass";
+    EXPECT_EQ(layers_read_per_pass(WindowParams{c.L, c.cap, 0, 0}), c.L);
+  }
+  EXPECT_EQ(layers_read_per_pass(WindowParams{12, 12, 0, 2}), 0) << "a window that holds the model reads nothing";
 }
 
 TEST(WindowPolicyProperty, FullResidencyLoadsEachLayerOnce) {
