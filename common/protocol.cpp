@@ -193,7 +193,8 @@ DoneReason parse_reason(const Fields& f, const std::string& s) {
   if (s == "length") return DoneReason::Length;
   if (s == "stop") return DoneReason::Stop;
   if (s == "eos") return DoneReason::Eos;
-  f.bad("'reason' must be length, stop or eos, got {}", show(json(s)));
+  if (s == "cancelled") return DoneReason::Cancelled;
+  f.bad("'reason' must be length, stop, eos or cancelled, got {}", show(json(s)));
 }
 
 ErrorCode parse_code(const Fields& f, const std::string& s) {
@@ -213,6 +214,7 @@ const char* done_reason_name(DoneReason r) {
     case DoneReason::Length: return "length";
     case DoneReason::Stop: return "stop";
     case DoneReason::Eos: return "eos";
+    case DoneReason::Cancelled: return "cancelled";
   }
   return "?";
 }

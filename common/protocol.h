@@ -13,6 +13,8 @@
 //      "top_k", "top_p", "seed", "stop_ids", "ignore_eos"}   {"op":"cancel","id":"r1"}
 //     {"op":"stats"}  {"op":"health"}
 //     <- token | done | error | stats | health
+//   A generate gets its tokens, then one done (reason length, stop, eos, or cancelled after a
+//   cancel) or one error. A cancel of an id not in flight (already done, never sent) is ignored.
 //
 // Messages from the daemon carry "type", requests carry "op". Parsing is total: any bytes give a
 // message or a ProtocolError whose text says what is wrong, never a crash. Unknown keys are
@@ -121,7 +123,7 @@ struct TokenReply {
   int64_t index = 0;                 // 0, 1, ... within the request
   int64_t token = 0;
 };
-enum class DoneReason { Length, Stop, Eos };
+enum class DoneReason { Length, Stop, Eos, Cancelled };
 const char* done_reason_name(DoneReason r);
 struct DoneReply {
   std::string id;

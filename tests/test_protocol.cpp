@@ -232,7 +232,7 @@ TEST(Protocol, MalformedControlFramesSayWhatIsWrong) {
                 .find("'slot' must be in [-1,"),
             std::string::npos);
   EXPECT_NE(error_of([] { parse_client_reply(R"({"type":"done","id":"r","reason":"tired","usage":{},"timing":{}})"); })
-                .find("'reason' must be length, stop or eos"),
+                .find("'reason' must be length, stop, eos or cancelled"),
             std::string::npos);
   EXPECT_NE(error_of([] { parse_client_reply(R"({"type":"error","id":null,"code":"oops","message":"m"})"); })
                 .find("'code' must be"),

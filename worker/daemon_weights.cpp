@@ -49,7 +49,7 @@ std::string connectable_pub(const std::string& pub, const std::string& control) 
 
 class DaemonWeights : public WeightSource {
  public:
-  DaemonWeights(const std::string& endpoint, const Config& config) : endpoint_(endpoint) {
+  DaemonWeights(const std::string& endpoint, const Config& config, const std::string& name) : endpoint_(endpoint) {
     const std::string path = ipc_path(endpoint);
     if (!path.empty() && path[0] != '@' && !fs::exists(path))
       fail("no loader daemon at {}: {} does not exist (is ringllama-loaderd running?)", endpoint, path);
@@ -61,7 +61,7 @@ class DaemonWeights : public WeightSource {
     } catch (const zmq::error_t& e) {
       fail("loader daemon endpoint {}: {}", endpoint, e.what());
     }
-    send(ControlRequest{Hello{static_cast<int64_t>(::getpid()), fmt::format("generate-{}", ::getpid())}});
+    send(ControlRequest{Hello{static_cast<int64_t>(::getpid()), name.empty() ? fmt::format("generate-{}", ::getpid()) : name}});
     zmq::pollitem_t item{static_cast<void*>(*dealer_), 0, ZMQ_POLLIN, 0};
     if (zmq::poll(&item, 1, std::chrono::milliseconds(kWelcomeTimeoutMs)) == 0)
       fail("no answer from the loader daemon at {} within {} s: is ringllama-loaderd running?", endpoint,
@@ -158,6 +158,12 @@ class DaemonWeights : public WeightSource {
         spdlog::debug("end of pass {}: {}", pass_, e.what());
       }
     }
+  }
+
+  void keep_alive() override {
+    drain_sockets();
+    if (!daemon_alive()) throw Error(fmt::format("loader daemon died (pid {})", daemon_pid_));
+    if (Clock::now() - last_sent_ >= heartbeat_) send(ControlRequest{Heartbeat{}});
   }
 
   LayerWeights acquire_layer(int64_t layer) override {
@@ -341,8 +347,8 @@ class DaemonWeights : public WeightSource {
 }  // namespace
 
 std::unique_ptr<WeightSource> open_daemon_weights(const std::string& endpoint, const Config& config,
-                                                  std::string* store_dir) {
-  auto w = std::make_unique<DaemonWeights>(endpoint, config);
+                                                  std::string* store_dir, const std::string& name) {
+  auto w = std::make_unique<DaemonWeights>(endpoint, config, name);
   if (store_dir) *store_dir = w->store_dir();
   return w;
 }

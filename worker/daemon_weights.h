@@ -22,9 +22,10 @@ namespace ringllama {
 
 // Connects to the daemon at `endpoint`. The store's manifest is read from `config.store` when set
 // (and must be the store the daemon serves), else from the store directory the welcome names;
-// `store_dir` (when given) receives that directory. Throws Error with a clear message when no
-// daemon answers within a few seconds.
+// `store_dir` (when given) receives that directory. `name` is how the daemon's logs and stats call
+// this process ("" = generate-<pid>). Throws Error with a clear message when no daemon answers
+// within a few seconds.
 std::unique_ptr<WeightSource> open_daemon_weights(const std::string& endpoint, const Config& config,
-                                                  std::string* store_dir = nullptr);
+                                                  std::string* store_dir = nullptr, const std::string& name = {});
 
 }  // namespace ringllama

@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cstdlib>
 #include <deque>
-#include <memory>
 
 #include "common/errors.h"
 
@@ -15,99 +14,139 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-struct Running {
-  size_t req = 0;
-  int64_t fed = 0;  // prompt tokens in the cache
-  std::unique_ptr<Sampler> sampler;
-};
-
 double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 }  // namespace
 
+void GenRequest::validate(const StepLimits& lim, const std::string& what) const {
+  RL_REQUIRE(!prompt.empty(), "{}: the prompt is empty", what);
+  RL_REQUIRE(max_tokens >= 1, "{}: max_tokens must be >= 1 (got {})", what, max_tokens);
+  const int64_t need = static_cast<int64_t>(prompt.size()) + max_tokens;
+  RL_REQUIRE(need <= lim.max_context,
+             "{}: the prompt ({} tokens) plus max_tokens ({}) is {} tokens, over max_context ({})", what,
+             prompt.size(), max_tokens, need, lim.max_context);
+  for (size_t i = 0; i < prompt.size(); ++i)
+    RL_REQUIRE(prompt[i] >= 0 && prompt[i] < lim.vocab_size, "{}: prompt token {} = {} is outside the vocabulary [0, {})",
+               what, i, prompt[i], lim.vocab_size);
+  sampling.validate();
+}
+
+RunningBatch::~RunningBatch() {
+  for (int64_t seq : order_)
+    if (b_.has_sequence(seq)) b_.free_sequence(seq);
+}
+
+void RunningBatch::add(int64_t seq, GenRequest r) {
+  RL_REQUIRE(!has(seq), "sequence {} is already running", seq);
+  b_.add_sequence(seq);
+  Seq s;
+  s.sampler = std::make_unique<Sampler>(r.sampling);
+  s.req = std::move(r);
+  running_.emplace(seq, std::move(s));
+  order_.push_back(seq);
+}
+
+void RunningBatch::remove(int64_t seq) {
+  if (!has(seq)) return;
+  running_.erase(seq);
+  order_.erase(std::find(order_.begin(), order_.end(), seq));
+  b_.free_sequence(seq);
+}
+
+int64_t RunningBatch::prompt_left(int64_t seq) const {
+  auto it = running_.find(seq);
+  return it == running_.end() ? 0 : static_cast<int64_t>(it->second.req.prompt.size()) - it->second.fed;
+}
+
+std::vector<RunningBatch::Token> RunningBatch::step(GenStats* stats) {
+  const StepLimits& lim = b_.limits();
+  // One item per running sequence: its next prompt chunk, or its last token; and the sampling
+  // row of each item that will draw a token (the sampler's step moves on as the row is made).
+  std::vector<StepItem> items;
+  std::vector<SampleParams> params;
+  int64_t prefill_tokens = 0, decode_tokens = 0;
+  for (int64_t seq : order_) {
+    Seq& s = running_.at(seq);
+    const int64_t P = static_cast<int64_t>(s.req.prompt.size());
+    StepItem it;
+    it.seq = seq;
+    if (s.fed < P) {
+      const int64_t n = std::min(lim.max_item_tokens, P - s.fed);
+      it.tokens.assign(s.req.prompt.begin() + s.fed, s.req.prompt.begin() + s.fed + n);
+      it.want_logits = s.fed + n == P;
+      prefill_tokens += n;
+    } else {
+      it.tokens = {s.out.back()};
+      decode_tokens += 1;
+    }
+    items.push_back(std::move(it));
+  }
+  // Sampling rows are made only once every item is built: a pass that throws while the items are
+  // checked leaves no sampler moved past a draw it did not make.
+  for (size_t k = 0; k < items.size(); ++k)
+    params.push_back(items[k].want_logits ? running_.at(items[k].seq).sampler->next_row_params() : SampleParams{});
+  // Tokens are drawn where the logits are (on the device for the CUDA backend); the rows come
+  // back only when they are wanted, and the draws are the same either way.
+  const auto ts = Clock::now();
+  std::vector<std::vector<float>> rows;
+  const std::vector<int32_t> picked = b_.step_sample(items, params, with_logits_ ? &rows : nullptr);
+  const double dt = seconds(ts, Clock::now());
+  if (stats) {
+    (prefill_tokens > 0 ? stats->prefill_s : stats->decode_s) += dt;
+    stats->prefill_tokens += prefill_tokens;
+    stats->decode_tokens += decode_tokens;
+    ++stats->steps;
+  }
+
+  std::vector<Token> out;
+  std::vector<int64_t> ended;
+  for (size_t k = 0; k < items.size(); ++k) {
+    const StepItem& it = items[k];
+    Seq& s = running_.at(it.seq);
+    if (s.fed < static_cast<int64_t>(s.req.prompt.size())) s.fed += static_cast<int64_t>(it.tokens.size());
+    if (!it.want_logits) continue;
+    Token t;
+    t.seq = it.seq;
+    t.token = picked[k];
+    t.index = static_cast<int64_t>(s.out.size());
+    s.out.push_back(t.token);
+    if (s.req.stop.count(t.token)) t.end = "stop";
+    else if (s.req.eos.count(t.token)) t.end = "eos";
+    else if (static_cast<int64_t>(s.out.size()) >= s.req.max_tokens) t.end = "length";
+    if (with_logits_) t.logits = std::move(rows[k]);
+    if (t.end) ended.push_back(it.seq);
+    out.push_back(std::move(t));
+  }
+  for (int64_t seq : ended) remove(seq);
+  return out;
+}
+
 std::vector<GenResult> generate_all(Backend& b, const std::vector<GenRequest>& requests, bool with_logits,
                                     const TokenSink& sink, GenStats* stats) {
   const StepLimits& lim = b.limits();
-  for (size_t i = 0; i < requests.size(); ++i) {
-    const GenRequest& r = requests[i];
-    RL_REQUIRE(!r.prompt.empty(), "request {}: the prompt is empty", i);
-    RL_REQUIRE(r.max_tokens >= 1, "request {}: max_tokens must be >= 1 (got {})", i, r.max_tokens);
-    const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
-    RL_REQUIRE(need <= lim.max_context,
-               "request {}: the prompt ({} tokens) plus max_tokens ({}) is {} tokens, over max_context ({})", i,
-               r.prompt.size(), r.max_tokens, need, lim.max_context);
-    r.sampling.validate();
-  }
+  for (size_t i = 0; i < requests.size(); ++i) requests[i].validate(lim, fmt::format("request {}", i));
   GenStats st;
   std::vector<GenResult> results(requests.size());
   std::deque<size_t> waiting;
   for (size_t i = 0; i < requests.size(); ++i) waiting.push_back(i);
-  std::vector<Running> running;
+  RunningBatch batch(b, with_logits);
   const auto t0 = Clock::now();
-
-  auto finish = [&](size_t k, const char* reason) {
-    const size_t req = running[k].req;
-    results[req].reason = reason;
-    results[req].done_s = seconds(t0, Clock::now());
-    b.free_sequence(static_cast<int64_t>(req));
-    running.erase(running.begin() + static_cast<std::ptrdiff_t>(k));
-  };
-
-  while (!waiting.empty() || !running.empty()) {
-    while (!waiting.empty() && static_cast<int64_t>(running.size()) < lim.max_items) {
-      Running r;
-      r.req = waiting.front();
+  static const std::vector<float> kNoRow;
+  while (!waiting.empty() || !batch.empty()) {
+    while (!waiting.empty() && static_cast<int64_t>(batch.size()) < lim.max_items) {
+      batch.add(static_cast<int64_t>(waiting.front()), requests[waiting.front()]);
       waiting.pop_front();
-      r.sampler = std::make_unique<Sampler>(requests[r.req].sampling);
-      b.add_sequence(static_cast<int64_t>(r.req));
-      running.push_back(std::move(r));
     }
-    // One item per running sequence: its next prompt chunk, or its last token; and the sampling
-    // row of each item that will draw a token (the sampler's step moves on as the row is made).
-    std::vector<StepItem> items;
-    std::vector<SampleParams> params;
-    bool prefill = false;
-    for (Running& r : running) {
-      const GenRequest& q = requests[r.req];
-      const int64_t P = static_cast<int64_t>(q.prompt.size());
-      StepItem it;
-      it.seq = static_cast<int64_t>(r.req);
-      if (r.fed < P) {
-        const int64_t n = std::min(lim.max_item_tokens, P - r.fed);
-        it.tokens.assign(q.prompt.begin() + r.fed, q.prompt.begin() + r.fed + n);
-        it.want_logits = r.fed + n == P;
-        prefill = true;
-        st.prefill_tokens += n;
-      } else {
-        it.tokens = {results[r.req].tokens.back()};
-        st.decode_tokens += 1;
+    for (const RunningBatch::Token& t : batch.step(&st)) {
+      GenResult& res = results[static_cast<size_t>(t.seq)];
+      const double now = seconds(t0, Clock::now());
+      if (res.tokens.empty()) res.first_token_s = now;
+      res.tokens.push_back(t.token);
+      if (sink) sink(static_cast<size_t>(t.seq), t.token, with_logits ? t.logits : kNoRow);
+      if (t.end) {
+        res.reason = t.end;
+        res.done_s = now;
       }
-      params.push_back(it.want_logits ? r.sampler->next_row_params() : SampleParams{});
-      items.push_back(std::move(it));
-    }
-    // Tokens are drawn where the logits are (on the device for the CUDA backend); the rows come
-    // back only when the sink wants them, and the draws are the same either way.
-    const auto ts = Clock::now();
-    std::vector<std::vector<float>> rows;
-    const std::vector<int32_t> picked = b.step_sample(items, params, with_logits ? &rows : nullptr);
-    const double dt = seconds(ts, Clock::now());
-    (prefill ? st.prefill_s : st.decode_s) += dt;
-    ++st.steps;
-
-    static const std::vector<float> kNoRow;
-    for (size_t k = running.size(); k-- > 0;) {  // backwards: finish() erases
-      Running& r = running[k];
-      const StepItem& it = items[k];
-      const GenRequest& q = requests[r.req];
-      if (r.fed < static_cast<int64_t>(q.prompt.size())) r.fed += static_cast<int64_t>(it.tokens.size());
-      if (!it.want_logits) continue;
-      const int32_t tok = picked[k];
-      GenResult& res = results[r.req];
-      if (res.tokens.empty()) res.first_token_s = seconds(t0, Clock::now());
-      res.tokens.push_back(tok);
-      if (sink) sink(r.req, tok, with_logits ? rows[k] : kNoRow);
-      if (q.stop.count(tok)) finish(k, "stop");
-      else if (static_cast<int64_t>(res.tokens.size()) >= q.max_tokens) finish(k, "length");
     }
   }
   if (stats) *stats = st;

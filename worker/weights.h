@@ -57,6 +57,10 @@ class WeightSource {
   // A forward pass over the layers starts / ends (a window source tracks its progress by them).
   virtual void begin_pass() {}
   virtual void end_pass() {}
+  // Between passes, while the consumer has nothing to run (a serving worker calls it every
+  // ~100 ms): keeps the source's peers informed (heartbeats) and throws Error once the source can
+  // no longer serve (its daemon died), so that an idle worker finds out too.
+  virtual void keep_alive() {}
   // The host memory the views point into, for the GPU side to page-lock (cudaHostRegister) so
   // that its copies are true async DMA; empty when the source does not know (copies from pageable
   // memory are staged by the driver: correct, slower). Every page has been written once.

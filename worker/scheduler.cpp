@@ -1,0 +1,309 @@
+#include "worker/scheduler.h"
+
+#include <algorithm>
+
+#include "common/errors.h"
+#include "common/log.h"
+
+namespace ringllama {
+
+namespace {
+
+constexpr auto kIdleWait = std::chrono::milliseconds(100);   // idle loop period: liveness of the weights
+constexpr auto kAliveEvery = std::chrono::milliseconds(100); // between steps as well
+
+double ms_between(SteadyClock::time_point a, SteadyClock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+DoneReason reason_of(const char* end) {
+  const std::string e = end;
+  if (e == "stop") return DoneReason::Stop;
+  if (e == "eos") return DoneReason::Eos;
+  return DoneReason::Length;
+}
+
+}  // namespace
+
+Scheduler::Scheduler(Backend& backend, WeightSource& weights, SchedulerOptions options, std::function<void()> wake)
+    : backend_(backend),
+      weights_(weights),
+      options_(std::move(options)),
+      wake_(std::move(wake)),
+      batch_(backend, false) {
+  beat();
+  publish_stats();
+}
+
+// ---- the socket side ----
+
+void Scheduler::submit(Submission s) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    Command c;
+    c.kind = Command::Submit;
+    c.sub = std::move(s);
+    inbox_.push_back(std::move(c));
+  }
+  cv_.notify_one();
+}
+
+void Scheduler::cancel(const std::string& client, const std::string& id) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    Command c;
+    c.kind = Command::Cancel;
+    c.sub.client = client;
+    c.sub.id = id;
+    inbox_.push_back(std::move(c));
+  }
+  cv_.notify_one();
+}
+
+void Scheduler::drop_client(const std::string& client) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    Command c;
+    c.kind = Command::Drop;
+    c.sub.client = client;
+    inbox_.push_back(std::move(c));
+  }
+  cv_.notify_one();
+}
+
+void Scheduler::drain(SteadyClock::time_point deadline) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (draining_) return;
+    draining_ = true;
+    deadline_ = deadline;
+  }
+  cv_.notify_one();
+}
+
+std::vector<Outgoing> Scheduler::take_replies() {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<Outgoing> out;
+  out.swap(outbox_);
+  return out;
+}
+
+nlohmann::json Scheduler::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+// ---- the engine thread ----
+
+int64_t Scheduler::blocks_for(const GenRequest& r) const {
+  const int64_t bt = backend_.kv().block_tokens();
+  return (static_cast<int64_t>(r.prompt.size()) + r.max_tokens + bt - 1) / bt;
+}
+
+void Scheduler::emit(Outgoing o) {
+  std::lock_guard<std::mutex> lk(mu_);
+  outbox_.push_back(std::move(o));
+}
+
+DoneReply Scheduler::done_reply(const Live& l, DoneReason reason) const {
+  DoneReply d;
+  d.id = l.sub.id;
+  d.reason = reason;
+  d.prompt_tokens = static_cast<int64_t>(l.sub.gen.prompt.size());
+  d.completion_tokens = l.tokens;
+  if (l.tokens > 0) {
+    d.ttft_ms = ms_between(l.sub.arrived, l.first);
+    if (l.tokens > 1) d.tpot_ms = ms_between(l.first, l.last) / static_cast<double>(l.tokens - 1);
+  }
+  return d;
+}
+
+void Scheduler::end(int64_t seq, const ClientReply* reply) {
+  auto it = live_.find(seq);
+  if (it == live_.end()) return;
+  Live& l = it->second;
+  if (l.admitted) {
+    batch_.remove(seq);  // nothing when the batch already ended it
+    reserved_blocks_ -= l.blocks;
+  } else {
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
+  }
+  if (reply) emit(Outgoing{l.sub.client, l.sub.id, *reply, true});
+  by_key_.erase({l.sub.client, l.sub.id});
+  live_.erase(it);
+}
+
+void Scheduler::fail_all(ErrorCode code, const std::string& message) {
+  std::vector<int64_t> seqs;
+  for (const auto& [seq, l] : live_) seqs.push_back(seq);
+  for (int64_t seq : seqs) {
+    const ClientReply r = ErrorReply{live_.at(seq).sub.id, code, message};
+    end(seq, &r);
+    ++failed_;
+  }
+}
+
+void Scheduler::apply(std::vector<Command>& cmds) {
+  for (Command& c : cmds) {
+    if (c.kind == Command::Submit) {
+      const int64_t seq = next_seq_++;
+      by_key_[{c.sub.client, c.sub.id}] = seq;
+      Live l;
+      l.seq = seq;
+      l.blocks = blocks_for(c.sub.gen);
+      l.sub = std::move(c.sub);
+      live_.emplace(seq, std::move(l));
+      waiting_.push_back(seq);
+    } else if (c.kind == Command::Cancel) {
+      auto it = by_key_.find({c.sub.client, c.sub.id});
+      if (it == by_key_.end()) continue;  // already ended: its final reply is on its way
+      const int64_t seq = it->second;
+      const ClientReply r = done_reply(live_.at(seq), DoneReason::Cancelled);
+      end(seq, &r);
+      ++cancelled_;
+    } else {
+      std::vector<int64_t> seqs;
+      for (const auto& [seq, l] : live_)
+        if (l.sub.client == c.sub.client) seqs.push_back(seq);
+      for (int64_t seq : seqs) end(seq, nullptr);
+      dropped_ += static_cast<int64_t>(seqs.size());
+    }
+  }
+}
+
+void Scheduler::admit() {
+  const int64_t max_items = backend_.limits().max_items;
+  const int64_t n_blocks = backend_.kv().n_blocks();
+  // In arrival order, and the head waits rather than being overtaken: a long request is never
+  // starved by short ones behind it.
+  while (!waiting_.empty() && static_cast<int64_t>(batch_.size()) < max_items) {
+    Live& l = live_.at(waiting_.front());
+    if (reserved_blocks_ + l.blocks > n_blocks) break;
+    batch_.add(l.seq, l.sub.gen);
+    l.admitted = true;
+    reserved_blocks_ += l.blocks;
+    prompt_tokens_ += static_cast<int64_t>(l.sub.gen.prompt.size());
+    waiting_.pop_front();
+  }
+}
+
+void Scheduler::run_step() {
+  std::vector<RunningBatch::Token> tokens;
+  try {
+    tokens = batch_.step(&gen_stats_);
+  } catch (const std::exception& e) {
+    // A source that is gone fails everything; any other failure fails the requests of the pass.
+    try {
+      weights_.keep_alive();
+    } catch (const std::exception& gone) {
+      spdlog::error("{}", gone.what());
+      fail_all(ErrorCode::Unavailable, gone.what());
+      fatal_ = true;
+      return;
+    }
+    spdlog::error("a step failed: {}", e.what());
+    std::vector<int64_t> running;
+    for (const auto& [seq, l] : live_)
+      if (l.admitted) running.push_back(seq);
+    for (int64_t seq : running) {
+      const ClientReply r = ErrorReply{live_.at(seq).sub.id, ErrorCode::Internal, e.what()};
+      end(seq, &r);
+      ++failed_;
+    }
+    return;
+  }
+  const auto now = SteadyClock::now();
+  for (const RunningBatch::Token& t : tokens) {
+    Live& l = live_.at(t.seq);
+    if (l.tokens == 0) l.first = now;
+    l.last = now;
+    ++l.tokens;
+    ++generated_tokens_;
+    emit(Outgoing{l.sub.client, l.sub.id, TokenReply{l.sub.id, t.index, t.token}, false});
+    if (t.end) {
+      const ClientReply r = done_reply(l, reason_of(t.end));
+      end(t.seq, &r);
+      ++finished_;
+    }
+  }
+  if (options_.backend_stats) backend_json_ = options_.backend_stats(backend_);
+}
+
+void Scheduler::publish_stats() {
+  nlohmann::json j;
+  const KvBlockPool& kv = backend_.kv();
+  j["backend"] = backend_.name();
+  j["requests"] = {{"running", batch_.size()},
+                   {"waiting", waiting_.size()},
+                   {"finished", finished_},
+                   {"cancelled", cancelled_},
+                   {"abandoned", dropped_},
+                   {"failed", failed_}};
+  j["tokens"] = {{"prompt", prompt_tokens_}, {"generated", generated_tokens_}};
+  j["steps"] = gen_stats_.steps;
+  j["step_seconds"] = {{"prefill", gen_stats_.prefill_s}, {"decode", gen_stats_.decode_s}};
+  j["kv_blocks"] = {{"free", kv.free_blocks()},
+                    {"total", kv.n_blocks()},
+                    {"reserved", reserved_blocks_},
+                    {"block_tokens", kv.block_tokens()}};
+  j["batch_size"] = backend_.limits().max_items;
+  j["max_context"] = backend_.limits().max_context;
+  j["uptime_s"] = std::chrono::duration<double>(SteadyClock::now() - started_).count();
+  if (!backend_json_.is_null()) j["stream"] = backend_json_;
+  std::lock_guard<std::mutex> lk(mu_);
+  j["draining"] = draining_;
+  stats_ = std::move(j);
+}
+
+int Scheduler::run() {
+  int code = 0;
+  auto alive_at = SteadyClock::now();
+  for (;;) {
+    beat();
+    std::vector<Command> cmds;
+    bool draining = false;
+    SteadyClock::time_point deadline;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      if (inbox_.empty() && live_.empty() && !draining_)
+        cv_.wait_for(lk, kIdleWait, [&] { return !inbox_.empty() || draining_; });
+      cmds.swap(inbox_);
+      draining = draining_;
+      deadline = deadline_;
+    }
+    const size_t had = live_.size();
+    apply(cmds);
+    const auto now = SteadyClock::now();
+    if (draining && live_.empty()) break;
+    if (draining && now >= deadline) {
+      spdlog::warn("drain: {} requests still in flight at the deadline get unavailable", live_.size());
+      fail_all(ErrorCode::Unavailable, "the worker is stopping: drain_timeout_ms passed");
+      break;
+    }
+    if (batch_.empty() || now - alive_at >= kAliveEvery) {
+      try {
+        weights_.keep_alive();
+        alive_at = now;
+      } catch (const std::exception& e) {
+        spdlog::error("{}", e.what());
+        fail_all(ErrorCode::Unavailable, e.what());
+        code = 1;
+        break;
+      }
+    }
+    admit();
+    if (!batch_.empty()) run_step();
+    if (fatal_) {
+      code = 1;
+      break;
+    }
+    publish_stats();
+    if (!cmds.empty() || had != live_.size() || !batch_.empty()) wake_();
+  }
+  publish_stats();
+  stopped_.store(true);
+  wake_();
+  return code;
+}
+
+}  // namespace ringllama

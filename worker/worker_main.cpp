@@ -1,0 +1,177 @@
+// ringllama-worker: serves clients over ZeroMQ (DESIGN.md "The worker"): continuous batching of
+// many requests on one backend, weights from the loader daemon or from the store.
+//
+//   ringllama-worker --daemon ENDPOINT --listen ENDPOINT [--backend cpu|cuda] [--config FILE] ...
+//   ringllama-worker --store DIR --listen ENDPOINT ...     no daemon: its own window, or the whole store
+//
+// Without --daemon and without a store, the daemon at `control` is used. The engine thread runs the
+// steps (worker/scheduler.h); the main thread serves the ROUTER socket (worker/zmq_server.h).
+// SIGTERM/SIGINT drain: new requests get `unavailable`, those in flight run for at most
+// drain_timeout_ms, then exit 0. When the daemon dies, the requests in flight get `unavailable` and
+// the exit status is 1 (systemd restarts the worker after the daemon). Under systemd (Type=notify):
+// READY=1 once the socket is bound, WATCHDOG=1 while the engine thread goes round, STOPPING=1.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "common/config.h"
+#include "common/errors.h"
+#include "common/log.h"
+#include "common/store.h"
+#include "worker/backend_choice.h"
+#include "worker/daemon_weights.h"
+#include "worker/scheduler.h"
+#include "worker/service.h"
+#include "worker/zmq_server.h"
+#ifdef RINGLLAMA_HAVE_CUDA
+#include "worker/cuda_backend.h"
+#endif
+
+namespace ringllama {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+
+// The CUDA backend's streaming figures for stats: bytes per pass and the copy stream's rate.
+SchedulerOptions scheduler_options() {
+  SchedulerOptions o;
+#ifdef RINGLLAMA_HAVE_CUDA
+  o.backend_stats = [](const Backend& b) -> nlohmann::json {
+    CudaStreamReport sr;
+    if (!cuda_stream_report(b, &sr)) return nullptr;
+    return {{"n_layers", sr.n_layers},
+            {"resident_layers", sr.resident_layers},
+            {"attn_buffers", sr.attn_buffers},
+            {"ffn_buffers", sr.ffn_buffers},
+            {"graphs", sr.graphs},
+            {"passes", sr.passes},
+            {"bytes", sr.bytes},
+            {"bytes_per_pass", sr.passes > 0 ? sr.bytes / sr.passes : 0},
+            {"copy_seconds", sr.copy_seconds},
+            {"copy_gb_per_s", sr.gb_per_s()},
+            {"source_stalls", sr.source_stalls},
+            {"source_wait_seconds", sr.source_wait_seconds},
+            {"event_syncs", sr.event_syncs}};
+  };
+#endif
+  return o;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"Serve generation requests over ZeroMQ with continuous batching", "ringllama-worker"};
+  ConfigLoader loader(kWorker);
+  loader.add_flags(app);
+  std::string daemon, backend_name, name;
+  app.add_option("--daemon", daemon,
+                 "read the weights from the loader daemon at this control endpoint (default, without a store: "
+                 "the `control` key)");
+  app.add_option("--backend", backend_name, "cpu or cuda (default: cuda where a GPU is visible, else cpu)");
+  app.add_option("--name", name, "this worker's name in the daemon's stats (default: worker-<gpu>-<pid>)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    fail("{}", e.what());
+  }
+  Config config = loader.load();
+  init_logging("ringllama-worker", config.verbose);
+  if (daemon.empty() && config.store.empty()) daemon = config.control;
+  if (loader.print_requested()) {
+    std::fputs(loader.describe(config).c_str(), stdout);
+    return 0;
+  }
+  if (backend_name.empty()) backend_name = default_backend();
+  require_backend(backend_name);
+  if (name.empty()) name = fmt::format("worker-{}-{}", config.gpu, ::getpid());
+
+  // Before any thread starts (the daemon source's sockets, the window's reader, the engine).
+  const int stop_fd = stop_signal_fd();
+  const auto t0 = Clock::now();
+  std::unique_ptr<WeightSource> weights;
+  if (!daemon.empty()) {
+    weights = open_daemon_weights(daemon, config, &config.store, name);
+    const Store store = Store::open(config.store);
+    loader.adapt_to_model(config, store.model());
+  } else {
+    const Store store = Store::open(config.store);
+    loader.adapt_to_model(config, store.model());
+    weights = open_local_weights(store, backend_name, config);
+  }
+  const double weights_ms = ms_since(t0);
+  const ModelConfig model = weights->manifest().model;
+  const auto t1 = Clock::now();
+  std::unique_ptr<Backend> backend = make_backend(backend_name, *weights, config);
+  const double backend_ms = ms_since(t1);
+
+  Waker waker;
+  Scheduler scheduler(*backend, *weights, scheduler_options(), [&waker] { waker.wake(); });
+  ServerOptions so;
+  so.listen = expand_listen(config);
+  so.max_request_bytes = config.max_request_bytes;
+  so.capacity = config.batch_size + config.queue_max;
+  so.drain_timeout_ms = config.drain_timeout_ms;
+  so.limits = backend->limits();
+  for (int64_t id : model.eos_ids) so.eos.insert(static_cast<int32_t>(id));
+  so.info = {{"backend", backend->name()},
+             {"pid", ::getpid()},
+             {"name", name},
+             {"weights", daemon.empty() ? "store" : "daemon " + daemon},
+             {"store", config.store},
+             {"n_layers", model.n_layers},
+             {"vocab_size", model.vocab_size},
+             {"max_context", config.max_context},
+             {"batch_size", config.batch_size},
+             {"queue_max", config.queue_max}};
+  ClientServer server(scheduler, waker, so);
+  const auto t2 = Clock::now();
+  server.bind();
+  const double bind_ms = ms_since(t2);
+
+  int engine_code = 0;
+  std::thread engine([&] {
+    try {
+      engine_code = scheduler.run();
+    } catch (const std::exception& e) {
+      spdlog::error("engine: {}", e.what());
+      engine_code = 1;
+    }
+  });
+
+  const uint64_t wd = service_watchdog_usec();
+  const int64_t tick_ms = wd ? std::clamp<int64_t>(static_cast<int64_t>(wd / 2000), 1, 1000) : 1000;
+  service_notify("READY=1\nSTATUS=serving");
+  spdlog::info("ready: listening on {} ({} backend, batch_size {}, queue_max {}, max_context {}); started in {:.0f} ms "
+               "(weights {:.0f} ms, backend {:.0f} ms, bind {:.0f} ms)",
+               so.listen, backend->name(), config.batch_size, config.queue_max, config.max_context, ms_since(t0),
+               weights_ms, backend_ms, bind_ms);
+  // The watchdog is fed only while the engine thread goes round: a hung step stops the pings.
+  const auto wd_period = std::chrono::microseconds(wd);
+  server.run(
+      stop_fd, tick_ms,
+      [&] {
+        if (wd && Clock::now() - scheduler.last_beat() < wd_period) service_notify("WATCHDOG=1");
+      },
+      [] { service_notify("STOPPING=1\nSTATUS=draining"); });
+  engine.join();
+  service_notify("STOPPING=1");
+  const nlohmann::json st = scheduler.stats();
+  spdlog::info("stopped: {} requests finished, {} tokens generated in {} steps{}", st["requests"]["finished"].get<int64_t>(),
+               st["tokens"]["generated"].get<int64_t>(), st["steps"].get<int64_t>(),
+               engine_code ? " (the weights became unavailable)" : "");
+  ::close(stop_fd);
+  return engine_code;
+}
+
+}  // namespace
+}  // namespace ringllama
+
+int main(int argc, char** argv) { return ringllama::run_main("ringllama-worker", ringllama::run, argc, argv); }

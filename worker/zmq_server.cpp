@@ -1,0 +1,244 @@
+#include "worker/zmq_server.h"
+
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <vector>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "common/errors.h"
+#include "common/log.h"
+
+namespace ringllama {
+
+namespace {
+
+// A client that does not read its replies is treated as gone once this many wait for it.
+constexpr int kSendQueueMax = 1 << 17;
+// Frames read per round, so that a flood of requests cannot hold the replies back.
+constexpr int kFramesPerRound = 256;
+
+}  // namespace
+
+Waker::Waker() {
+  fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd_ < 0) fail("eventfd: {}", errno_text(errno));
+}
+
+Waker::~Waker() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void Waker::wake() {
+  const uint64_t one = 1;
+  (void)!::write(fd_, &one, sizeof one);  // EAGAIN: already readable, which is all that matters
+}
+
+void Waker::clear() {
+  uint64_t v = 0;
+  (void)!::read(fd_, &v, sizeof v);
+}
+
+ClientServer::ClientServer(Scheduler& scheduler, Waker& waker, ServerOptions options)
+    : scheduler_(scheduler), waker_(waker), opt_(std::move(options)) {}
+
+ClientServer::~ClientServer() {
+  if (router_) router_->set(zmq::sockopt::linger, 2000);  // the last replies go out
+  router_.reset();
+  ctx_.reset();
+}
+
+void ClientServer::bind() {
+  const std::string ipc = "ipc://";
+  if (opt_.listen.compare(0, ipc.size(), ipc) == 0) {
+    const std::filesystem::path dir = std::filesystem::path(opt_.listen.substr(ipc.size())).parent_path();
+    std::error_code ec;
+    if (!dir.empty() && dir.string()[0] != '@') std::filesystem::create_directories(dir, ec);
+    if (ec) fail("listen {}: cannot create {}: {}", opt_.listen, dir.string(), ec.message());
+  }
+  ctx_ = std::make_unique<zmq::context_t>(1);
+  router_ = std::make_unique<zmq::socket_t>(*ctx_, zmq::socket_type::router);
+  router_->set(zmq::sockopt::router_mandatory, 1);
+  router_->set(zmq::sockopt::sndhwm, kSendQueueMax);
+  router_->set(zmq::sockopt::linger, 0);
+  // The socket's own limit sits well above max_request_bytes, so that a frame just over it still
+  // arrives and gets its error reply; a frame over this one drops the connection.
+  router_->set(zmq::sockopt::maxmsgsize, 2 * opt_.max_request_bytes + 65536);
+  try {
+    router_->bind(opt_.listen);
+  } catch (const zmq::error_t& e) {
+    fail("listen {}: {}", opt_.listen, e.what());
+  }
+}
+
+void ClientServer::send(const std::string& client, const ClientReply& reply) {
+  const std::string body = encode(reply);
+  try {
+    if (!router_->send(zmq::buffer(client), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
+      client_gone(client, "its send queue is full (it does not read its replies)");
+      return;
+    }
+    (void)router_->send(zmq::buffer(body), zmq::send_flags::dontwait);
+  } catch (const zmq::error_t& e) {
+    if (e.num() == EHOSTUNREACH) client_gone(client, "disconnected");
+    else spdlog::warn("send to a client: {}", e.what());
+  }
+}
+
+void ClientServer::client_gone(const std::string& client, const char* why) {
+  auto it = in_flight_.find(client);
+  if (it == in_flight_.end()) return;
+  spdlog::info("a client is gone ({}): {} requests dropped", why, it->second.size());
+  n_in_flight_ -= static_cast<int64_t>(it->second.size());
+  in_flight_.erase(it);
+  ++clients_gone_;
+  scheduler_.drop_client(client);
+}
+
+void ClientServer::reject(const std::string& client, const std::string& id, ErrorCode code,
+                          const std::string& message) {
+  switch (code) {
+    case ErrorCode::Overloaded: ++rejected_overloaded_; break;
+    case ErrorCode::Unavailable: ++rejected_unavailable_; break;
+    default: ++rejected_bad_; break;
+  }
+  send(client, ErrorReply{id, code, message});
+}
+
+void ClientServer::flush() {
+  for (Outgoing& o : scheduler_.take_replies()) {
+    auto it = in_flight_.find(o.client);
+    // A request of a client already gone: nobody to tell.
+    if (it == in_flight_.end() || !it->second.count(o.id)) continue;
+    if (o.final) {
+      it->second.erase(o.id);
+      --n_in_flight_;
+      if (it->second.empty()) in_flight_.erase(it);
+    }
+    send(o.client, o.reply);
+  }
+}
+
+nlohmann::json ClientServer::stats() const {
+  nlohmann::json j = scheduler_.stats();
+  j["server"] = {{"received", received_},
+                 {"in_flight", n_in_flight_},
+                 {"capacity", opt_.capacity},
+                 {"rejected", {{"bad_request", rejected_bad_},
+                               {"overloaded", rejected_overloaded_},
+                               {"unavailable", rejected_unavailable_}}},
+                 {"clients_gone", clients_gone_}};
+  j["draining"] = draining_;
+  return j;
+}
+
+void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
+  if (draining_ || scheduler_.stopped())
+    return reject(client, g.id, ErrorCode::Unavailable, "the worker is stopping");
+  try {
+    g.check_vocab(opt_.limits.vocab_size);
+  } catch (const ProtocolError& e) {
+    return reject(client, g.id, ErrorCode::BadRequest, e.what());
+  }
+  GenRequest r;
+  r.prompt.assign(g.prompt_ids.begin(), g.prompt_ids.end());
+  r.max_tokens = g.max_tokens;
+  r.sampling.temperature = g.temperature;
+  r.sampling.top_k = g.top_k;
+  r.sampling.top_p = g.top_p;
+  r.sampling.seed = g.seed;
+  for (int64_t s : g.stop_ids) r.stop.insert(static_cast<int32_t>(s));
+  if (!g.ignore_eos) r.eos = opt_.eos;
+  try {
+    r.validate(opt_.limits, "generate");
+  } catch (const Error& e) {
+    return reject(client, g.id, ErrorCode::BadRequest, e.what());
+  }
+  auto it = in_flight_.find(client);
+  if (it != in_flight_.end() && it->second.count(g.id))
+    return reject(client, g.id, ErrorCode::BadRequest,
+                  fmt::format("generate: a request with id '{}' is already in flight on this connection", g.id));
+  if (n_in_flight_ >= opt_.capacity)
+    return reject(client, g.id, ErrorCode::Overloaded,
+                  fmt::format("{} requests in flight: batch_size + queue_max ({}) reached", n_in_flight_, opt_.capacity));
+  in_flight_[client].insert(g.id);
+  ++n_in_flight_;
+  scheduler_.submit(Submission{client, g.id, std::move(r), SteadyClock::now()});
+}
+
+void ClientServer::on_frame(const std::string& client, const std::string& frame) {
+  ++received_;
+  ClientRequest req;
+  try {
+    req = parse_client_request(frame, static_cast<size_t>(opt_.max_request_bytes));
+  } catch (const ProtocolError& e) {
+    const ErrorReply r = bad_request(e);
+    return reject(client, r.id, r.code, r.message);
+  }
+  if (auto* g = std::get_if<GenerateRequest>(&req)) return on_generate(client, std::move(*g));
+  if (const auto* c = std::get_if<CancelRequest>(&req)) {
+    auto it = in_flight_.find(client);
+    if (it != in_flight_.end() && it->second.count(c->id)) scheduler_.cancel(client, c->id);
+    return;
+  }
+  if (std::holds_alternative<ClientStatsRequest>(req)) return send(client, StatsReply{stats()});
+  HealthReply h;
+  const bool up = !draining_ && !scheduler_.stopped();
+  h.status = up ? "ok" : "unavailable";
+  h.detail = opt_.info;
+  const nlohmann::json s = scheduler_.stats();
+  h.detail["running"] = s["requests"]["running"];
+  h.detail["waiting"] = s["requests"]["waiting"];
+  h.detail["draining"] = draining_;
+  send(client, h);
+}
+
+void ClientServer::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tick,
+                       const std::function<void()>& on_drain) {
+  std::vector<zmq::pollitem_t> items = {{static_cast<void*>(*router_), 0, ZMQ_POLLIN, 0},
+                                        {nullptr, waker_.fd(), ZMQ_POLLIN, 0},
+                                        {nullptr, stop_fd, ZMQ_POLLIN, 0}};
+  auto next_tick = SteadyClock::now();
+  for (;;) {
+    zmq::poll(items.data(), items.size(), std::chrono::milliseconds(std::max<int64_t>(1, tick_ms)));
+    if (items[2].revents & ZMQ_POLLIN) {
+      signalfd_siginfo si{};
+      (void)!::read(stop_fd, &si, sizeof si);
+      if (!draining_) {
+        draining_ = true;
+        spdlog::info("signal {}: draining ({} requests in flight, at most {} ms)", si.ssi_signo, n_in_flight_,
+                     opt_.drain_timeout_ms);
+        scheduler_.drain(SteadyClock::now() + std::chrono::milliseconds(opt_.drain_timeout_ms));
+        if (on_drain) on_drain();
+      }
+    }
+    if (items[1].revents & ZMQ_POLLIN) waker_.clear();
+    for (int n = 0; n < kFramesPerRound; ++n) {
+      std::vector<zmq::message_t> parts;
+      if (!zmq::recv_multipart(*router_, std::back_inserter(parts), zmq::recv_flags::dontwait)) break;
+      if (parts.size() < 2) continue;
+      const std::string client = parts[0].to_string();
+      if (parts.size() != 2) {
+        reject(client, "", ErrorCode::BadRequest, "a request is one frame (DEALER socket), got several");
+        continue;
+      }
+      on_frame(client, parts[1].to_string());
+    }
+    // Stopped is read before the replies are taken: the replies of a stopped scheduler are all
+    // in the outbox by then.
+    const bool stopped = scheduler_.stopped();
+    flush();
+    if (stopped) break;
+    const auto now = SteadyClock::now();
+    if (now >= next_tick) {
+      if (tick) tick();
+      next_tick = now + std::chrono::milliseconds(tick_ms);
+    }
+  }
+}
+
+}  // namespace ringllama
