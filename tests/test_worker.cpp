@@ -193,8 +193,11 @@ TEST_F(Worker, HostileInputsGetErrorsOthersContinue) {
   };
   ASSERT_TRUE(bad.until([&] { return errors() >= cases.size() && bad["g"].ended(); }, 20000)) << w->log();
   EXPECT_EQ(errors(), cases.size());
-  for (const json& r : bad.replies())
-    if (r["type"] == "error") EXPECT_EQ(r["code"], "bad_request") << r.dump();
+  for (const json& r : bad.replies()) {
+    if (r["type"] == "error") {
+      EXPECT_EQ(r["code"], "bad_request") << r.dump();
+    }
+  }
   for (const Case& c : cases) {
     if (c.needle.empty()) continue;
     bool found = false;
@@ -355,7 +358,18 @@ TEST_F(Worker, KilledWorkerIsDetachedAnotherContinues) {
 TEST_F(Worker, DaemonDeathFailsRequestsAndStopsWorkers) {
   auto d = start_daemon();
   auto busy = start_worker({"--name", "busy"}, "busy.log", true);
-  auto idle = start_worker({"--name", "idle"}, "idle.log", true, "ipc://" + (tmp_ / "idle.sock"));
+  // The idle one reads the file a systemd unit would give it: `store` there is the daemon's, and
+  // the weights still come from the daemon at `control`.
+  test::write_file(tmp_ / "ringllama.yaml", "store: " + store_ + "\ncontrol: " + control_ + "\n");
+  auto idle = std::make_unique<Proc>("ringllama-worker",
+                                     std::vector<std::string>{"--config", tmp_ / "ringllama.yaml", "--backend", "cpu",
+                                                              "--listen", "ipc://" + (tmp_ / "idle.sock"), "--name",
+                                                              "idle", "--heartbeat-ms", "100"},
+                                     tmp_ / "idle.log");
+  ASSERT_TRUE(test::eventually([&] { return idle->log().find("info: ready") != std::string::npos; }, 30000))
+      << idle->log();
+  const json ds = test::daemon_stats(control_);
+  EXPECT_NE(ds.dump().find("\"idle\""), std::string::npos) << ds.dump(2);
   WorkerClient c(listen_);
   c.generate("a", kPromptA, 1900);
   ASSERT_TRUE(c.wait_tokens("a", 5)) << busy->log();

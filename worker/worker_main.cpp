@@ -4,7 +4,8 @@
 //   ringllama-worker --daemon ENDPOINT --listen ENDPOINT [--backend cpu|cuda] [--config FILE] ...
 //   ringllama-worker --store DIR --listen ENDPOINT ...     no daemon: its own window, or the whole store
 //
-// Without --daemon and without a store, the daemon at `control` is used. The engine thread runs the
+// Without --daemon and without --store on the command line, the daemon at `control` is used (a
+// `store` key in the config file shared with the daemon is checked against the daemon's store). The engine thread runs the
 // steps (worker/scheduler.h); the main thread serves the ROUTER socket (worker/zmq_server.h).
 // SIGTERM/SIGINT drain: new requests get `unavailable`, those in flight run for at most
 // drain_timeout_ms, then exit 0. When the daemon dies, the requests in flight get `unavailable` and
@@ -69,7 +70,7 @@ int run(int argc, char** argv) {
   loader.add_flags(app);
   std::string daemon, backend_name, name;
   app.add_option("--daemon", daemon,
-                 "read the weights from the loader daemon at this control endpoint (default, without a store: "
+                 "read the weights from the loader daemon at this control endpoint (default without --store: "
                  "the `control` key)");
   app.add_option("--backend", backend_name, "cpu or cuda (default: cuda where a GPU is visible, else cpu)");
   app.add_option("--name", name, "this worker's name in the daemon's stats (default: worker-<gpu>-<pid>)");
@@ -84,7 +85,11 @@ int run(int argc, char** argv) {
   }
   Config config = loader.load();
   init_logging("ringllama-worker", config.verbose);
-  if (daemon.empty() && config.store.empty()) daemon = config.control;
+  // One config file serves the daemon and its workers, so a `store` key there does not make a
+  // worker read the store itself: only --store on the command line does (without --daemon).
+  // Otherwise the weights come from the daemon at `control`, and a `store` must be its store.
+  const bool own_weights = daemon.empty() && loader.source("store").kind == "flag";
+  if (daemon.empty() && !own_weights) daemon = config.control;
   if (loader.print_requested()) {
     std::fputs(loader.describe(config).c_str(), stdout);
     return 0;
