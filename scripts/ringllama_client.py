@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-REPLY_TYPES = ("token", "done", "error", "stats", "health")
+START = time.monotonic()
 
 
 class WorkerError(Exception):
@@ -109,6 +109,7 @@ class Client:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVHWM, 0)
+            s.setsockopt(zmq.RECONNECT_IVL, 10)  # ms: a worker that restarts is found at once
             s.connect(e)
             self._socks[e] = s
             self._poller.register(s, zmq.POLLIN)
@@ -216,8 +217,13 @@ def main():
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--stats", action="store_true", help="print the stats and exit")
     ap.add_argument("--health", action="store_true", help="print the health and exit")
+    ap.add_argument("--timing", action="store_true",
+                    help="print on stderr when the first token came, counted from this script's start: started "
+                         "while a worker restarts, the request waits in the socket until the worker listens, so "
+                         "this is the restart-to-first-token time")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply")
     a = ap.parse_args()
-    with Client(a.endpoint, timeout=30) as c:
+    with Client(a.endpoint, timeout=a.timeout) as c:
         if a.stats or a.health:
             print(json.dumps(c.stats() if a.stats else c.health(), indent=2))
             return 0
@@ -233,6 +239,11 @@ def main():
             return 1
         print()
         print(json.dumps(g.done), file=sys.stderr)
+        if a.timing:
+            # Wall-clock too, to subtract the time a restart began (date +%s.%N before the SIGTERM).
+            wall = time.time() - (time.monotonic() - g.first_token_time)
+            print(f"first token at {wall:.3f} (unix time), {(g.first_token_time - START) * 1e3:.1f} ms after start; "
+                  f"last {(g.last_token_time - START) * 1e3:.1f} ms after start", file=sys.stderr)
     return 0
 
 
