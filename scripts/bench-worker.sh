@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The serving figures of one store, in one run: a loader daemon and ringllama-worker processes on
+# it, driven by scripts/bench_client.py.
+#
+#   scripts/bench-worker.sh STORE OUTDIR
+#
+#   1. saturation: a daemon-fed worker at batch_size 8 and 64 under a GPU budget, bench_client with
+#      as many clients as the batch (and twice that), next to ringllama-bench --gpu-budget-gib at
+#      the same batch sizes (CUDA builds);
+#   2. daemon-fed against local-window streaming: the same worker with --store (its own window);
+#   3. restart to first token: SIGTERM the worker, start it again, a client waiting the whole time;
+#      the worker's start phases from its log;
+#   4. two workers on one GPU from one daemon, each with half the budget: tokens/s each and in total.
+#
+# Environment: BUILD_DIR (default build), BACKEND (cuda where nvidia-smi sees a GPU, else cpu),
+# BUDGET_GIB (4: the worker's device budget, as ringllama-bench --gpu-budget-gib), GPU (0),
+# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512). Everything it starts is stopped on exit, Ctrl-C
+# included. Logs and bench_client's JSON/PNG go to OUTDIR; the summary to OUTDIR/summary.txt.
+set -euo pipefail
+
+store=${1:?usage: bench-worker.sh STORE OUTDIR}
+out=${2:?usage: bench-worker.sh STORE OUTDIR}
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=${BUILD_DIR:-$root/build}/bin
+budget=${BUDGET_GIB:-4}
+gpu=${GPU:-0}
+olen=${OUTPUT_LEN:-128} plen=${PROMPT_LEN:-16} ctx=${CONTEXT:-512}
+if [[ -z ${BACKEND:-} ]]; then
+  BACKEND=cpu
+  command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && BACKEND=cuda
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+run=$(mktemp -d /tmp/ringllama-bench-worker.XXXXXX)
+control="ipc://$run/loaderd.sock"
+summary=$out/summary.txt
+: >"$summary"
+
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say() { echo "$*" | tee -a "$summary"; }
+
+# The device budget as a fraction of the card, as ringllama-bench --gpu-budget-gib plans it.
+limit_args=()
+if [[ $BACKEND == cuda ]]; then
+  total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$gpu")
+  frac() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1024 / float(sys.argv[2]):.5f}')" "$1" "$total_mib"; }
+  limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64)
+  half_args=(--gpu-memory-limit "$(frac "$(python3 -c "print($budget / 2)")")" --free-guard-mb 64)
+else
+  half_args=()
+fi
+
+wait_log() {  # wait_log FILE TEXT PID: until FILE has TEXT, or PID is gone
+  for _ in $(seq 1200); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    kill -0 "$3" 2>/dev/null || { echo "process $3 exited:"; tail -20 "$1"; return 1; }
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1"
+  return 1
+}
+
+start_worker() {  # start_worker NAME BATCH [ARGS...]; sets $wpid, listens on ipc://$run/NAME.sock
+  local name=$1 batch=$2
+  shift 2
+  "$bin/ringllama-worker" --backend "$BACKEND" --gpu "$gpu" --listen "ipc://$run/$name.sock" --name "$name" \
+    --batch-size "$batch" --queue-max 1024 --max-context "$ctx" --prefill-chunk-tokens "$plen" "$@" \
+    >"$out/$name.log" 2>&1 &
+  wpid=$!
+  pids+=("$wpid")
+  wait_log "$out/$name.log" "info: ready" "$wpid"
+}
+
+stop_worker() {  # stop_worker PID
+  kill -TERM "$1"
+  wait "$1" || true
+}
+
+bench() {  # bench OUTNAME ENDPOINT LEVELS REQUESTS
+  python3 "$root/scripts/bench_client.py" --endpoint "$2" --concurrency "$3" --requests "$4" \
+    --prompt-len "$plen" --output-len "$olen" --out "$out/$1" | tee "$out/$1.txt"
+}
+
+tok_s() {  # tok_s JSON LEVEL: tokens/s of that level
+  python3 -c "import json, sys; print(next(l['tokens_per_s'] for l in json.load(open(sys.argv[1]))['levels'] if l['level'] == int(sys.argv[2])))" "$1" "$2"
+}
+
+"$bin/ringllama-loaderd" --store "$store" --control "$control" --mlock warn >"$out/loaderd.log" 2>&1 &
+dpid=$!
+pids+=("$dpid")
+wait_log "$out/loaderd.log" "info: ready" "$dpid"
+say "store $store, backend $BACKEND, budget ${BUDGET_GIB:-4} GiB, prompt $plen, output $olen tokens"
+
+# 1 + 2. Saturation, daemon-fed and local window, at batch 8 and 64.
+for b in 8 64; do
+  start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}"
+  bench "daemon-b$b" "ipc://$run/daemon-b$b.sock" "$b,$((2 * b))" "$((4 * b))"
+  stop_worker "$wpid"
+  start_worker "local-b$b" "$b" --store "$store" "${limit_args[@]}"
+  bench "local-b$b" "ipc://$run/local-b$b.sock" "$b" "$((4 * b))"
+  stop_worker "$wpid"
+  d=$(tok_s "$out/daemon-b$b.json" "$b") l=$(tok_s "$out/local-b$b.json" "$b")
+  say "$(python3 -c "import sys; d, l = map(float, sys.argv[1:3]); print(f'b{sys.argv[3]}: daemon-fed {d:.1f} tok/s, local window {l:.1f} tok/s: ratio {d / l:.3f}')" "$d" "$l" "$b")"
+done
+if [[ $BACKEND == cuda && -x $bin/ringllama-bench ]]; then
+  "$bin/ringllama-bench" --store "$store" --gpu-budget-gib "$budget" --batches 8,64 --decode-steps 16 \
+    >"$out/ringllama-bench.log" 2>&1
+  for b in 8 64; do
+    ref=$(awk -v f="b$b" '$1 == "decode" && $2 == f {print $3; exit}' "$out/ringllama-bench.log")
+    [[ -n $ref ]] && say "$(python3 -c "import sys; w, r = map(float, sys.argv[1:3]); print(f'b{sys.argv[3]}: bench_client at saturation {w:.1f} tok/s, ringllama-bench {r:.1f} tok/s: ratio {w / r:.3f}')" "$(tok_s "$out/daemon-b$b.json" "$b")" "$ref" "$b")"
+  done
+fi
+
+# 3. Restart to first token: a client waits through SIGTERM, exit and start; its request sits in
+#    its socket until the new worker listens.
+start_worker restart 8 --daemon "$control" "${limit_args[@]}"
+t0=$(date +%s.%N)
+stop_worker "$wpid"
+python3 "$root/scripts/ringllama_client.py" --endpoint "ipc://$run/restart.sock" --prompt-ids 1,2,3 --max-tokens 4 \
+  --timing --timeout 120 >"$out/restart-client.log" 2>&1 &
+cpid=$!
+cp "$out/restart.log" "$out/restart-before.log"
+start_worker restart 8 --daemon "$control" "${limit_args[@]}"
+wait "$cpid"
+first=$(sed -n 's/^first token at \([0-9.]*\).*/\1/p' "$out/restart-client.log")
+say "$(python3 -c "import sys; print(f'restart to first token: {(float(sys.argv[1]) - float(sys.argv[2])) * 1e3:.0f} ms from SIGTERM')" "$first" "$t0")"
+say "  worker start: $(grep -o 'started in.*' "$out/restart.log")"
+stop_worker "$wpid"
+
+# 4. Two workers on one GPU, one daemon, half the budget each.
+start_worker shared-a 8 --daemon "$control" "${half_args[@]}"
+wa=$wpid
+start_worker shared-b 8 --daemon "$control" "${half_args[@]}"
+wb=$wpid
+bench shared-a "ipc://$run/shared-a.sock" 8 64 >/dev/null &
+ba=$!
+bench shared-b "ipc://$run/shared-b.sock" 8 64 >/dev/null &
+bb=$!
+wait "$ba" "$bb"
+a=$(tok_s "$out/shared-a.json" 8) b=$(tok_s "$out/shared-b.json" 8)
+say "$(python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'two workers on one GPU, b8 each: {a:.1f} + {b:.1f} = {a + b:.1f} tok/s')" "$a" "$b")"
+stop_worker "$wa"
+stop_worker "$wb"
+echo "summary in $summary; bench_client tables, JSON and plots in $out"
