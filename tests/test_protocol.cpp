@@ -113,7 +113,7 @@ TEST(Protocol, ClientRoundTrips) {
   EXPECT_NE(encode(ClientReply{d}).find(R"("usage":{"completion_tokens":16,"prompt_tokens":3})"), std::string::npos);
   HealthReply h;
   h.detail = {{"daemon", "up"}};
-  const std::vector<ClientReply> replies = {TokenReply{"r1", 0, 523}, d,
+  const std::vector<ClientReply> replies = {TokenReply{"r1", 0, 523}, d, DoneReply{"r2", DoneReason::Cancelled, 3, 2, 1, 0},
                                             ErrorReply{"r1", ErrorCode::Overloaded, "queue full (64 waiting)"},
                                             ErrorReply{"", ErrorCode::BadRequest, "not valid JSON"},
                                             StatsReply{{{"queued", 2}}}, h};

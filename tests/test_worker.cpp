@@ -378,7 +378,7 @@ TEST_F(Worker, DaemonDeathFailsRequestsAndStopsWorkers) {
   ASSERT_TRUE(c.wait_end("a", 5000)) << busy->log();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(c["a"].final["code"], "unavailable") << c["a"].final.dump();
-  EXPECT_LT(s, 1.5);
+  EXPECT_LT(s, 1.0);
   EXPECT_EQ(busy->wait(5000), 1) << busy->log();
   EXPECT_EQ(idle->wait(5000), 1) << idle->log();
   EXPECT_NE(idle->log().find("loader daemon died"), std::string::npos) << idle->log();
