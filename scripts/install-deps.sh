@@ -10,6 +10,7 @@ packages=(
   libgtest-dev libgmock-dev nlohmann-json3-dev libxxhash-dev libcli11-dev
   libspdlog-dev libfmt-dev libsystemd-dev
   python3 python3-pip
+  systemd  # systemd-analyze: the install test verifies the rendered units
 )
 python_packages=(pyzmq numpy matplotlib tokenizers)
 

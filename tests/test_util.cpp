@@ -17,14 +17,40 @@ namespace fs = std::filesystem;
 
 namespace ringllama::test {
 
+namespace {
+
+// RINGLLAMA_SOURCE_DIR and RINGLLAMA_BIN_DIR come from tests/CMakeLists.txt.
+#ifndef RINGLLAMA_SOURCE_DIR
+#define RINGLLAMA_SOURCE_DIR ""
+#endif
+#ifndef RINGLLAMA_BIN_DIR
+#define RINGLLAMA_BIN_DIR ""
+#endif
+
+bool is_dir(const std::string& path) {
+  std::error_code ec;
+  return !path.empty() && fs::is_directory(path, ec);
+}
+
+// <source>/sub; when the compiled-in source tree is gone, the one around a build folder that
+// sits directly inside it (build/bin/../..).
+std::string source_path(const std::string& sub) {
+  const std::string compiled = std::string(RINGLLAMA_SOURCE_DIR) + "/" + sub;
+  if (is_dir(compiled)) return compiled;
+  return (fs::path(bin_dir()) / ".." / ".." / sub).lexically_normal().string();
+}
+
+}  // namespace
+
 std::string bin_dir() {
   if (const char* d = std::getenv("RINGLLAMA_TEST_BIN_DIR")) return d;
+  if (is_dir(RINGLLAMA_BIN_DIR)) return RINGLLAMA_BIN_DIR;
   return fs::canonical("/proc/self/exe").parent_path().string();
 }
 
 std::string data_dir() {
   if (const char* d = std::getenv("RINGLLAMA_TEST_DATA")) return d;
-  return (fs::path(bin_dir()) / ".." / ".." / "tests" / "data").lexically_normal().string();
+  return source_path("tests/data");
 }
 
 TempDir::TempDir() {

@@ -7,10 +7,14 @@
 
 namespace ringllama::test {
 
-// build/bin: RINGLLAMA_TEST_BIN_DIR, else found from this executable's own path, so a build
-// folder that moved still works.
+// Each path below is, in order: the environment variable (a build folder copied to another
+// machine, at another path, sets it), else the path CMake compiled in when that exists, else one
+// found from where this executable is (a build folder that moved along with its sources).
+
+// build/bin: RINGLLAMA_TEST_BIN_DIR, else the build's bin folder, else this executable's folder.
 std::string bin_dir();
-// tests/data of the source tree: RINGLLAMA_TEST_DATA, else build/bin/../../tests/data.
+// tests/data of the source tree: RINGLLAMA_TEST_DATA, else <source>/tests/data, else
+// build/bin/../../tests/data.
 std::string data_dir();
 
 // A fresh directory removed (with its contents) when the object dies.

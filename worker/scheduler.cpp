@@ -74,8 +74,9 @@ void Scheduler::drop_client(const std::string& client) {
 void Scheduler::drain(SteadyClock::time_point deadline) {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    deadline_ = draining_ ? std::min(deadline_, deadline) : deadline;
+    if (draining_) return;
     draining_ = true;
+    deadline_ = deadline;
   }
   cv_.notify_one();
 }
