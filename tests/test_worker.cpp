@@ -317,11 +317,24 @@ TEST_F(Worker, SigtermDrains) {
     EXPECT_EQ(a["a"].tokens, reference(kPromptA, 300));
     EXPECT_EQ(w->wait(10000), 0) << w->log();
   }
-  auto w = start_worker({"--drain-timeout-ms", "50"}, "worker2.log");
+  {
+    auto w = start_worker({"--drain-timeout-ms", "50"}, "worker2.log");
+    WorkerClient a(listen_);
+    a.generate("a", kPromptA, 1900);
+    ASSERT_TRUE(a.wait_tokens("a", 3));
+    w->signal(SIGTERM);
+    ASSERT_TRUE(a.wait_end("a", 10000));
+    EXPECT_EQ(a["a"].final["code"], "unavailable") << a["a"].final.dump();
+    EXPECT_EQ(w->wait(10000), 0) << w->log();
+  }
+  // A second signal stops at once, whatever drain_timeout_ms says.
+  auto w = start_worker({}, "worker3.log");
   WorkerClient a(listen_);
   a.generate("a", kPromptA, 1900);
   ASSERT_TRUE(a.wait_tokens("a", 3));
   w->signal(SIGTERM);
+  ASSERT_TRUE(test::eventually([&] { return w->log().find("draining") != std::string::npos; }, 5000));
+  w->signal(SIGINT);
   ASSERT_TRUE(a.wait_end("a", 10000));
   EXPECT_EQ(a["a"].final["code"], "unavailable") << a["a"].final.dump();
   EXPECT_EQ(w->wait(10000), 0) << w->log();

@@ -74,9 +74,8 @@ void Scheduler::drop_client(const std::string& client) {
 void Scheduler::drain(SteadyClock::time_point deadline) {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (draining_) return;
+    deadline_ = draining_ ? std::min(deadline_, deadline) : deadline;
     draining_ = true;
-    deadline_ = deadline;
   }
   cv_.notify_one();
 }

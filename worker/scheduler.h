@@ -67,7 +67,8 @@ class Scheduler {
   // The client is gone: its requests end without a reply.
   void drop_client(const std::string& client);
   // Admits nothing new after the requests already submitted; those run until `deadline`, then the
-  // rest get `unavailable`; run() returns 0 once none is left.
+  // rest get `unavailable`; run() returns 0 once none is left. A second call can only bring the
+  // deadline closer.
   void drain(SteadyClock::time_point deadline);
   // The replies since the last call, in order.
   std::vector<Outgoing> take_replies();

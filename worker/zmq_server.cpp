@@ -214,6 +214,10 @@ void ClientServer::run(int stop_fd, int64_t tick_ms, const std::function<void()>
                      opt_.drain_timeout_ms);
         scheduler_.drain(SteadyClock::now() + std::chrono::milliseconds(opt_.drain_timeout_ms));
         if (on_drain) on_drain();
+      } else {
+        // A second signal (Ctrl-C again): stop now, the requests in flight get unavailable.
+        spdlog::info("signal {} while draining: stopping now", si.ssi_signo);
+        scheduler_.drain(SteadyClock::now());
       }
     }
     if (items[1].revents & ZMQ_POLLIN) waker_.clear();
