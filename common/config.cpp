@@ -67,6 +67,9 @@ const std::vector<KeyDef>& keys() {
              "share of MemAvailable at start that an auto window may take",
              [](Config& c, const std::string& v) { c.host_memory_fraction = std::stod(v); },
              [](const Config& c) { return fmt::format("{}", c.host_memory_fraction); }},
+      AUTO_KEY(cycle_slots, kLoaderd | kWorker | kGenerate, 1, 1 << 20,
+               "window smaller than the model: slots that cycle the layers not pinned, or auto (back_margin + 2); "
+               "cpu_cap_layers or more is a plain ring"),
       INT_KEY(back_margin, kLoaderd | kWorker | kGenerate, 0, 1 << 20, "layers kept behind the window's start"),
       INT_KEY(io_queue_depth, kLoaderd | kGenerate, 1, 4096, "io_uring requests in flight"),
       INT_KEY(io_block_kib, kLoaderd | kGenerate, 4, 1 << 20, "KiB per read request (a multiple of 4)"),
@@ -332,6 +335,10 @@ void ConfigLoader::adapt_to_model(Config& c, const ModelConfig& m) {
                                   c.resident_layers, source("resident_layers").text(), L));
   clamp_default("prefill_chunk_tokens", c.prefill_chunk_tokens, c.max_context,
                 fmt::format("max_context {}", c.max_context));
+  if (c.cpu_cap_layers == kAuto && c.back_margin >= L)
+    throw ConfigError(fmt::format("config key 'back_margin' = {} from {}: must be less than the model's {} layers "
+                                  "(the most an auto window holds)",
+                                  c.back_margin, source("back_margin").text(), L));
   if (c.cpu_cap_layers != kAuto && c.back_margin >= c.cpu_cap_layers)
     throw ConfigError(fmt::format("config key 'back_margin' = {} from {}: must be less than cpu_cap_layers ({})",
                                   c.back_margin, source("back_margin").text(), c.cpu_cap_layers));

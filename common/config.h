@@ -34,6 +34,8 @@ struct Config {
   std::string control = "ipc:///run/ringllama/loaderd.sock";  // the daemon's ZeroMQ endpoint
   int64_t cpu_cap_layers = kAuto;     // layer slots in the shared-memory window; auto = what the host plan fits
   double host_memory_fraction = 0.75; // share of MemAvailable at start the window may take (auto cpu_cap_layers)
+  int64_t cycle_slots = kAuto;        // window smaller than the model: slots cycling the unpinned layers;
+                                      // auto = back_margin + 2; >= cpu_cap_layers = a plain ring
   int64_t back_margin = 0;            // layers kept behind the window's start
   int64_t io_queue_depth = 32;        // io_uring requests in flight
   int64_t io_block_kib = 1024;        // KiB per read request

@@ -172,22 +172,38 @@ int64_t resolve_cpu_cap_layers(const Manifest& m, const Config& c, const HostInp
   return floor;
 }
 
+WindowParams window_params(const Manifest& m, const Config& c, bool locked, std::string* why) {
+  int64_t cap = c.cpu_cap_layers;
+  if (cap == kAuto) {
+    cap = resolve_cpu_cap_layers(m, c, read_host_inputs(HostOverrides{}, locked), why);
+  } else if (why) {
+    *why = fmt::format("cpu_cap_layers {} as set", cap);
+  }
+  cap = std::min(cap, m.model.n_layers);
+  const int64_t cycle = c.cycle_slots == kAuto ? default_cycle_slots(cap, c.back_margin) : c.cycle_slots;
+  return WindowParams{m.model.n_layers, cap, c.back_margin, cycle};
+}
+
 HostPlan plan_host(const Manifest& m, const Config& c, const HostInputs& in, const std::string& window_why,
                    int64_t gpu_resident_layers, bool gpu) {
   if (c.cpu_cap_layers == kAuto) fail("host plan: cpu_cap_layers is still auto (resolve it first)");
   HostPlan p;
   p.n_layers = m.model.n_layers;
   p.window_layers = std::min(c.cpu_cap_layers, p.n_layers);
-  const WindowParams wp{p.n_layers, p.window_layers, c.back_margin, default_cycle_slots(p.window_layers, c.back_margin)};
+  p.gpu = gpu;
+  p.gpu_resident_layers = std::min(gpu_resident_layers, p.n_layers);
+  // The layers the GPU keeps never come back to the window after the start (a window that feeds
+  // one GPU gives them no slot).
+  WindowParams wp = window_params(m, c, in.window_locked);
+  if (gpu) wp.first_layer = p.gpu_resident_layers;
+  WindowPolicy policy(wp);
   p.disk_layers_per_step = layers_read_per_pass(wp);
-  p.pinned_layers = p.disk_layers_per_step == 0 ? p.window_layers : p.n_layers - p.disk_layers_per_step;
-  p.cycling_slots = p.window_layers - (p.disk_layers_per_step == 0 ? p.window_layers : p.pinned_layers);
+  p.pinned_layers = policy.pinned_layers();
+  p.cycling_slots = policy.cycling_slots();
   p.window_why = window_why;
   p.globals_bytes = m.globals().size;
   p.layer_bytes = m.max_layer_size();
   p.window_bytes = window_bytes(m, p.window_layers);
-  p.gpu = gpu;
-  p.gpu_resident_layers = std::min(gpu_resident_layers, p.n_layers);
   p.registered_bytes = gpu && p.gpu_resident_layers < p.n_layers ? p.window_bytes : 0;
   p.mem_available = in.mem_available_bytes;
   p.mem_source = in.mem_source;
@@ -195,10 +211,7 @@ HostPlan plan_host(const Manifest& m, const Config& c, const HostInputs& in, con
   p.memlock_limit = in.memlock_limit_bytes;
   p.window_locked = in.window_locked;
 
-  // Disk: the layers read per pass, counted among those the GPU streams (resident ones are read
-  // once at start); the layers kept on the GPU never come back to the window.
   const int64_t streamed = p.n_layers - p.gpu_resident_layers;
-  if (gpu) p.disk_layers_per_step = std::min(p.disk_layers_per_step, streamed);
   p.disk_bytes_per_step = static_cast<uint64_t>(p.disk_layers_per_step) * p.layer_bytes;
   p.pcie_layers_per_step = gpu ? streamed : 0;
   p.pcie_bytes_per_step = static_cast<uint64_t>(p.pcie_layers_per_step) * p.layer_bytes;
@@ -255,9 +268,9 @@ std::string HostPlan::table() const {
   };
   std::string wnote = fmt::format("globals {} + {} of {} layers x {}", gib(globals_bytes), window_layers, n_layers,
                                   gib(layer_bytes));
-  if (window_layers < n_layers)
-    wnote += fmt::format(" ({} pinned, {} slots cycle the other {})", pinned_layers, cycling_slots,
-                         n_layers - pinned_layers);
+  if (cycling_slots > 0)
+    wnote += fmt::format(" (the last {} pinned, {} slots cycle the {} before)", pinned_layers, cycling_slots,
+                         disk_layers_per_step);
   if (!window_why.empty()) wnote += "; " + window_why;
   line("window (segment)", window_bytes, wnote);
   line("registered with CUDA", registered_bytes,
@@ -284,6 +297,23 @@ std::string HostPlan::table() const {
                        bound, bound_tokens_per_s);
   if (!advice.empty()) out += advice + "\n";
   return out;
+}
+
+HostPlan host_plan_at_start(const Manifest& m, Config& c, const HostOverrides& o, bool window_locked, double h2d_gbps,
+                            const std::string& h2d_source, int64_t gpu_resident_layers, bool gpu) {
+  HostInputs in = read_host_inputs(o, window_locked);
+  std::string why;
+  c.cpu_cap_layers = resolve_cpu_cap_layers(m, c, in, &why);
+  if (in.disk_gbps == 0 && !c.store.empty()) {
+    try {
+      in.disk_gbps = measure_disk_gbps(c.store, c, uint64_t{256} << 20, &in.disk_source);
+    } catch (const std::exception& e) {
+      in.disk_source = fmt::format("not measured: {}", e.what());
+    }
+  }
+  in.h2d_gbps = h2d_gbps;
+  in.h2d_source = h2d_source;
+  return plan_host(m, c, in, why, gpu_resident_layers, gpu);
 }
 
 }  // namespace ringllama

@@ -13,6 +13,7 @@
 
 #include "common/config.h"
 #include "common/manifest.h"
+#include "common/window_policy.h"
 
 namespace CLI {
 class App;
@@ -63,6 +64,10 @@ int64_t resolve_cpu_cap_layers(const Manifest& m, const Config& c, const HostInp
 // plus back_margin; at most the model's layers.
 int64_t min_window_layers(const Manifest& m, const Config& c);
 
+// The window's parameters for this config: cpu_cap_layers resolved (auto: against this machine's
+// MemAvailable and memlock limit, `locked` where the window is mlock'ed) and the cycling slots.
+WindowParams window_params(const Manifest& m, const Config& c, bool locked, std::string* why = nullptr);
+
 struct HostPlan {
   int64_t n_layers = 0;
   int64_t window_layers = 0;     // slots: min(cpu_cap_layers, n_layers)
@@ -103,5 +108,12 @@ struct HostPlan {
 // GPU (n_layers where nothing streams over PCIe).
 HostPlan plan_host(const Manifest& m, const Config& c, const HostInputs& in, const std::string& window_why,
                    int64_t gpu_resident_layers, bool gpu);
+
+// What a binary does at start, before it allocates: this machine's figures (or the overrides),
+// c.cpu_cap_layers resolved in place, the disk measured on c.store unless --disk-gbps (a store
+// without its weights.bin, as --plan-only allows, leaves it unknown), the H2D rate from the caller
+// (0: no GPU). Throws ConfigError when the window cannot fit.
+HostPlan host_plan_at_start(const Manifest& m, Config& c, const HostOverrides& o, bool window_locked, double h2d_gbps,
+                            const std::string& h2d_source, int64_t gpu_resident_layers, bool gpu);
 
 }  // namespace ringllama

@@ -34,18 +34,38 @@ int64_t default_cycle_slots(int64_t cpu_cap_layers, int64_t back_margin) {
   return std::min(cpu_cap_layers, back_margin + 2);
 }
 
-int64_t layers_read_per_pass(const WindowParams& p) {
+namespace {
+
+// The first pinned layer: layers [first_layer, it) cycle. Everything read fits: all pinned.
+int64_t pinned_from(const WindowParams& p) {
   const int64_t cap = std::min(p.cpu_cap_layers, p.n_layers);
-  if (cap >= p.n_layers) return 0;
+  const int64_t first = std::clamp<int64_t>(p.first_layer, 0, p.n_layers);
+  if (cap >= p.n_layers - first) return first;
   const int64_t cycle = p.cycle_slots > 0 && p.cycle_slots < cap ? p.cycle_slots : cap;
   return p.n_layers - (cap - cycle);
+}
+
+}  // namespace
+
+int64_t layers_read_per_pass(const WindowParams& p) {
+  return pinned_from(p) - std::clamp<int64_t>(p.first_layer, 0, p.n_layers);
 }
 
 WindowPolicy::WindowPolicy(const WindowParams& p) : p_(p) {
   p_.validate();
   cap_ = std::min(p_.cpu_cap_layers, p_.n_layers);
-  pinned_ = p_.n_layers - layers_read_per_pass(p_);
-  if (pinned_ == p_.n_layers) pinned_ = 0;  // everything fits: a ring that never moves past a layer
+  size_parts();
+}
+
+void WindowPolicy::size_parts() {
+  p_.first_layer = std::clamp<int64_t>(p_.first_layer, 0, p_.n_layers);
+  pinned_from_ = pinned_from(p_);
+}
+
+void WindowPolicy::set_first_layer(int64_t first) {
+  p_.first_layer = first;
+  size_parts();
+  update();
 }
 
 WorkerView& WindowPolicy::get(WorkerId id, const char* what) {
@@ -133,7 +153,8 @@ void WindowPolicy::update() {
   start_ = std::max(start_, want);
 
   for (const auto& [id, w] : workers_) {
-    bool waits = w.active && w.next < w.pass_start + p_.n_layers && position_of_layer(w.next % p_.n_layers) < 0;
+    bool waits = w.active && w.next < w.pass_start + p_.n_layers && w.next % p_.n_layers >= p_.first_layer &&
+                 position_of_layer(w.next % p_.n_layers) < 0;
     bool& was = in_convoy_[id];
     if (waits && !was) ++convoy_events_;
     was = waits;
@@ -141,17 +162,17 @@ void WindowPolicy::update() {
 }
 
 int64_t WindowPolicy::position_of_layer(int64_t layer) const {
-  const int64_t n = p_.n_layers;
-  if (layer < 0 || layer >= n) return -1;
-  // A pinned layer serves its next position; the ring (pinned_ 0) is the cycling part alone.
-  if (layer < pinned_) return start_ + floor_mod(layer - start_, n);
-  // The cycling part: the first cycling_slots() positions of layers >= pinned_ from the window's
-  // start on, skipping the pinned layers of each step.
+  const int64_t n = p_.n_layers, lo = p_.first_layer, hi = pinned_from_;
+  if (layer < lo || layer >= n) return -1;
+  // A pinned layer serves its next position; the plain ring is the cycling part alone (hi = n).
+  if (layer >= hi) return start_ + floor_mod(layer - start_, n);
+  // The cycling part: the first cycling_slots() positions of layers in [lo, hi) from the window's
+  // start on, skipping the others of each step.
   const int64_t at = floor_mod(start_, n);
-  const int64_t first = at >= pinned_ ? start_ : start_ - at + pinned_;  // first cycling position
+  const int64_t first = at >= lo && at < hi ? start_ : start_ - at + (at < lo ? lo : n + lo);
   const int64_t a = first % n;
-  const int64_t index = layer >= a ? layer - a : (n - a) + (layer - pinned_);
-  if (index >= cap_ - pinned_) return -1;
+  const int64_t index = layer >= a ? layer - a : (hi - a) + (layer - lo);
+  if (index >= cycling_slots()) return -1;
   return first + floor_mod(layer - a, n);
 }
 

@@ -20,13 +20,16 @@
 // in the window for good: each is loaded once and never evicted.
 //
 // When the model does not fit (cap < n_layers), a ring of cap slots re-reads every layer on every
-// pass: a cyclic scan longer than the cache never hits. So the window pins layers
-// [0, cap - cycle_slots) for good and cycles the other n_layers - cap + cycle_slots layers through
-// cycle_slots slots: per pass the disk reads n_layers - cap + cycle_slots layers instead of
-// n_layers. The pinned layers are in the window at every position; the cycling part is the first
-// cycle_slots positions of cycling layers at or after the window's start, and follows the same
-// start rule as the ring (so every guarantee above holds for it). cycle_slots 0, or >= cap, is the
-// plain ring; default_cycle_slots() gives the daemon's and the local window's choice.
+// pass: a cyclic scan longer than the cache never hits. So the window pins the last
+// cap - cycle_slots layers for good and cycles the others through cycle_slots slots: per pass the
+// disk reads n_layers - cap + cycle_slots layers instead of n_layers. The pinned layers are in the
+// window at every position; the cycling part is the first cycle_slots positions of cycling layers
+// at or after the window's start, and follows the same start rule as the ring (so every guarantee
+// above holds for it). The last layers are the ones pinned because GPUs keep the first ones
+// resident, and because while a pass runs through them the cycling slots already fill with the
+// next pass's first layers. cycle_slots 0, or >= cap, is the plain ring; default_cycle_slots()
+// gives the daemon's and the local window's choice. Layers below first_layer are read by nobody
+// (resident on the only GPU the window feeds): they take no slot and are never in the window.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +45,7 @@ struct WindowParams {
   int64_t cpu_cap_layers = 0;  // slots
   int64_t back_margin = 0;     // positions kept behind p_min, < cpu_cap_layers
   int64_t cycle_slots = 0;     // cap < n_layers: slots that cycle the layers not pinned; 0 = a ring
+  int64_t first_layer = 0;     // layers below it are read by nobody
   void validate() const;       // throws ConfigError naming the rule
 };
 
@@ -89,8 +93,10 @@ class WindowPolicy {
 
   const WindowParams& params() const { return p_; }
   int64_t cap() const { return cap_; }  // slots in use: min(cpu_cap_layers, n_layers)
-  int64_t pinned_layers() const { return pinned_; }  // layers [0, pinned) stay for good
-  int64_t cycling_slots() const { return cap_ - pinned_; }
+  int64_t pinned_layers() const { return p_.n_layers - pinned_from_; }  // [pinned_from, n) stay for good
+  int64_t cycling_slots() const { return pinned_from_ > p_.first_layer ? cap_ - pinned_layers() : 0; }
+  // From now on layers below `first` are read by nobody (the only consumer keeps them resident).
+  void set_first_layer(int64_t first);
 
   // Workers. Unknown ids and impossible transitions throw Error (they come from a peer).
   void attach(WorkerId id);
@@ -128,7 +134,8 @@ class WindowPolicy {
 
   WindowParams p_;
   int64_t cap_ = 0;
-  int64_t pinned_ = 0;
+  void size_parts();  // pinned_from_ from cap, cycle_slots and first_layer
+  int64_t pinned_from_ = 0;  // layers [first_layer, pinned_from_) cycle, [pinned_from_, n) are pinned
   int64_t start_ = 0;
   std::map<WorkerId, WorkerView> workers_;
   std::map<WorkerId, bool> in_convoy_;

@@ -13,6 +13,7 @@
 #include <zmq_addon.hpp>
 
 #include "common/errors.h"
+#include "common/host_plan.h"
 #include "common/log.h"
 #include "daemon/loaderd_verify.h"
 
@@ -122,19 +123,19 @@ Loaderd::Loaderd(const Config& config, const LoaderdOptions& opt)
       store_dir_(fs::absolute(config.store).lexically_normal().string()),
       identity_(store_identity(store_)),
       instance_(opt.instance_id.empty() ? instance_id_for(config.control) : opt.instance_id),
-      segment_(Segment::create(
-          instance_, identity_,
-          SegmentLayout::for_manifest(store_.manifest(), std::min(config.cpu_cap_layers, store_.model().n_layers)),
-          segment_options(opt))),
-      policy_(WindowParams{store_.model().n_layers, config.cpu_cap_layers, config.back_margin}) {
+      policy_(window_params(store_.manifest(), config, opt.mlock != MlockMode::Off, &window_why_)),
+      segment_(Segment::create(instance_, identity_, SegmentLayout::for_manifest(store_.manifest(), policy_.cap()),
+                               segment_options(opt))) {
   started_ = Clock::now();
   const Manifest& m = store_.manifest();
   const int64_t slots = policy_.cap();
   io_ = std::make_unique<IoReader>(store_.weights_path(), io_options(config));
   verify_ = std::make_unique<ChecksumThread>(store_);
   views_.assign(static_cast<size_t>(slots), SlotView{});
-  spdlog::info("store {}: {} layers, {} bytes; window of {} slots (cpu_cap_layers {}), back_margin {}; reads {}",
-               store_dir_, m.model.n_layers, m.weights_size, slots, config.cpu_cap_layers, config.back_margin,
+  spdlog::info("store {}: {} layers, {} bytes; window of {} slots ({}; {} pinned, {} cycling), back_margin {}; "
+               "reads {}",
+               store_dir_, m.model.n_layers, m.weights_size, slots, window_why_, policy_.pinned_layers(),
+               slots < m.model.n_layers ? policy_.cycling_slots() : 0, config.back_margin,
                io_->direct() ? "O_DIRECT" : "buffered (the file system refuses O_DIRECT)");
 }
 
@@ -637,7 +638,12 @@ json Loaderd::stats() const {
               {"slot_misses", slot_misses_},
               {"stalls", slot_misses_},
               {"convoy_events", policy_.convoy_events()},
-              {"window", {{"start", policy_.window_start()}, {"end", policy_.window_end()}}},
+              {"window",
+               {{"start", policy_.window_start()},
+                {"end", policy_.window_end()},
+                {"slots", policy_.cap()},
+                {"pinned_layers", policy_.pinned_layers()},
+                {"cycling_slots", policy_.cycling_slots()}}},
               {"slots", slots},
               {"workers", workers},
               {"detached", detached},

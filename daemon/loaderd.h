@@ -128,8 +128,9 @@ class Loaderd {
   std::string store_dir_;        // absolute
   uint64_t identity_ = 0;
   std::string instance_;
+  std::string window_why_;  // how cpu_cap_layers was chosen, for the log
+  WindowPolicy policy_;     // before the segment: it sizes the segment's slots
   Segment segment_;
-  WindowPolicy policy_;
   std::unique_ptr<IoReader> io_;
   std::unique_ptr<ChecksumThread> verify_;
   std::vector<SlotView> views_;  // what each slot holds, as the daemon set it

@@ -20,6 +20,7 @@
 
 #include "common/config.h"
 #include "common/errors.h"
+#include "common/host_plan.h"
 #include "common/log.h"
 #include "common/protocol.h"
 #include "common/store.h"
@@ -92,7 +93,8 @@ int run(int argc, char** argv) {
   loader.add_flags(app);
   std::string mlock = "require";
   LoaderdOptions opt;
-  bool stats = false, bench = false, no_drop = false;
+  bool stats = false, bench = false, no_drop = false, plan_only = false;
+  HostOverrides host;
   int rounds = 1;
   app.add_option("--instance", opt.instance_id, "segment instance id (default: from the control endpoint)");
   app.add_option("--mlock", mlock, "lock the segment in memory: require, warn or off")->capture_default_str();
@@ -101,6 +103,8 @@ int run(int argc, char** argv) {
   app.add_flag("--bench", bench, "measure the window fill against a plain O_DIRECT read of weights.bin, and exit");
   app.add_option("--bench-rounds", rounds, "with --bench: rounds of both reads")->capture_default_str();
   app.add_flag("--bench-no-drop", no_drop, "with --bench: do not drop the page cache before each read");
+  app.add_flag("--plan-only", plan_only, "print the host plan (window, memory, the disk's bound) and exit");
+  host.add_flags(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -122,14 +126,18 @@ int run(int argc, char** argv) {
     }
     fail("no store: pass --store DIR (or set store in the config file or RINGLLAMA_STORE)");
   }
-  {
-    const Store store = Store::open(config.store);
-    loader.adapt_to_model(config, store.model());
-  }
+  const Manifest manifest = Manifest::load(config.store + "/" + kManifestFile);
+  loader.adapt_to_model(config, manifest.model);
   if (loader.print_requested()) {
     std::fputs(loader.describe(config).c_str(), stdout);
     return 0;
   }
+  // The host plan, before the segment exists: the window sized (auto) or checked (explicit)
+  // against MemAvailable and the memlock limit, and the disk's bound on a step.
+  const HostPlan plan =
+      host_plan_at_start(manifest, config, host, opt.mlock != MlockMode::Off, 0, "the workers' link", 0, false);
+  fmt::print(plan_only ? stdout : stderr, "{}", plan.table());
+  if (plan_only) return 0;
   if (bench) return run_loaderd_bench(config, opt, rounds, !no_drop);
 
   const int stop_fd = stop_signal_fd();

@@ -33,7 +33,8 @@ TEST(Config, DefaultsWithNoInput) {
   ConfigLoader l(kAllReaders);
   Config c = l.load_from(std::nullopt, "", {}, {});
   EXPECT_EQ(c.max_context, 4096);
-  EXPECT_EQ(c.cpu_cap_layers, 12);
+  EXPECT_EQ(c.cpu_cap_layers, kAuto) << "the host plan sizes the window";
+  EXPECT_DOUBLE_EQ(c.host_memory_fraction, 0.75);
   EXPECT_EQ(c.gpu_max_groups, kAuto);
   EXPECT_FALSE(c.verbose);
   EXPECT_EQ(l.source("max_context").text(), "default");
@@ -159,10 +160,10 @@ TEST(Config, AdaptToModelClampsDefaults) {
   ConfigLoader l(kAllReaders);
   Config c = l.load_from(std::nullopt, "", {}, {});
   l.adapt_to_model(c, model_with(3, 256));
-  EXPECT_EQ(c.cpu_cap_layers, 3);
-  EXPECT_EQ(l.source("cpu_cap_layers").kind, "model");
-  EXPECT_HAS(l.source("cpu_cap_layers").text(), "3 layers");
+  EXPECT_EQ(c.cpu_cap_layers, kAuto) << "auto stays auto until the host plan resolves it";
   EXPECT_EQ(c.gpu_ahead_layers, 3);
+  EXPECT_EQ(l.source("gpu_ahead_layers").kind, "model");
+  EXPECT_HAS(l.source("gpu_ahead_layers").text(), "3 layers");
   EXPECT_EQ(c.max_context, 256);
   EXPECT_EQ(l.source("max_context").kind, "model");
   EXPECT_EQ(c.prefill_chunk_tokens, 256);
@@ -171,7 +172,7 @@ TEST(Config, AdaptToModelClampsDefaults) {
   // A model larger than the defaults leaves them alone.
   Config d = l.load_from(std::nullopt, "", {}, {});
   l.adapt_to_model(d, model_with(80, 131072));
-  EXPECT_EQ(d.cpu_cap_layers, 12);
+  EXPECT_EQ(d.gpu_ahead_layers, 4);
   EXPECT_EQ(d.max_context, 4096);
   EXPECT_EQ(l.source("max_context").text(), "default");
 }
@@ -191,8 +192,11 @@ TEST(Config, AdaptToModelRefusesWhatCannotWork) {
              "config key 'max_context' = 512 from file (m.yaml:1): the model supports 256 positions");
   EXPECT_EQ(adapt_error("max_context: 256\n", model_with(2, 256)), "(no error)");
   EXPECT_HAS(adapt_error("resident_layers: 5\n", model_with(4, 256)), "the model has 4 layers");
-  // A margin that fitted the default window no longer fits the window clamped to the model.
-  EXPECT_HAS(adapt_error("back_margin: 3\n", model_with(2, 256)), "must be less than cpu_cap_layers (2)");
+  // A margin that fitted the window no longer fits the window clamped to the model.
+  EXPECT_HAS(adapt_error("cpu_cap_layers: 4\nback_margin: 3\n", model_with(2, 256)),
+             "must be less than cpu_cap_layers (2)");
+  // An auto window holds at most the model's layers.
+  EXPECT_HAS(adapt_error("back_margin: 3\n", model_with(2, 256)), "must be less than the model's 2 layers");
 
   // An explicit window deeper than the model is clamped, and the source says so.
   ConfigLoader l(kAllReaders);
@@ -219,10 +223,10 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
   for (const char* key : {"store", "control", "io_queue_depth", "io_block_kib", "gpu", "gpu_memory_limit",
                           "free_guard_mb", "gpu_ahead_layers", "gpu_max_groups", "resident_layers",
                           "h2d_backlog_max", "batch_size", "max_context", "prefill_chunk_tokens",
-                          "kv_block_tokens", "verbose"})
+                          "kv_block_tokens", "verbose", "cpu_cap_layers", "host_memory_fraction", "cycle_slots",
+                          "back_margin"})
     EXPECT_NE(line_with(d, key), "") << key;
-  for (const char* key : {"cpu_cap_layers", "back_margin", "heartbeat_ms", "queue_max", "listen",
-                          "max_request_bytes"})
+  for (const char* key : {"heartbeat_ms", "queue_max", "listen", "max_request_bytes", "drain_timeout_ms"})
     EXPECT_EQ(line_with(d, key), "") << key;
   auto line_of = [&](const std::string& key) { return line_with(d, key); };
   EXPECT_HAS(line_of("batch_size"), "file (g.yaml:1)");
@@ -232,7 +236,8 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
   EXPECT_HAS(line_of("max_context"), "4096");
   EXPECT_HAS(line_of("max_context"), "default");
   EXPECT_HAS(line_of("gpu_max_groups"), "auto");
-  EXPECT_EQ(ConfigLoader::all_keys().size(), 22u);
+  EXPECT_HAS(line_of("cpu_cap_layers"), "auto");
+  EXPECT_EQ(ConfigLoader::all_keys().size(), 25u);
 }
 
 // ---- --print-config of a real process ----

@@ -1,15 +1,19 @@
 // The YAML profiles under configs/ (DESIGN.md "Processes and folders"): each loads through
 // ConfigLoader, and for its card and its host's DRAM both Llama 3.1 70B and 8B fit:
 //   GPU:  the memory plan fits the card (gpu-<N>g: N GiB) at the profile's batch and context;
-//   DRAM: the loader daemon's window, cpu_cap_layers (clamped to the model) x the layer's bytes
-//         plus the globals, takes at most 75% of the host's DRAM (dram-<M>g: M GiB), leaving the
-//         rest to the OS, the page cache and the processes.
+//   DRAM: the host plan on a host of that DRAM (dram-<M>g: M GiB, 90% of it available when idle)
+//         sizes the loader daemon's window within 75% of the DRAM, leaving the rest to the OS, the
+//         page cache and the processes; the whole 8B fits (no disk reads per token), and 70B keeps
+//         at least what the prefetch needs, pinned layers reading fewer than all 80 per token.
 #include <gtest/gtest.h>
+
+#include <fmt/format.h>
 
 #include <filesystem>
 #include <iostream>
 
 #include "common/config.h"
+#include "common/host_plan.h"
 #include "daemon/random_model.h"
 #include "tests/test_util.h"
 #include "worker/planner.h"
@@ -67,9 +71,10 @@ TEST(Profiles, EachLoadsThroughConfigLoaderAndSaysWhatItIsFor) {
     ConfigLoader loader(kAllReaders);
     Config c;
     ASSERT_NO_THROW(c = loader.load_from(text, p.file, {}, {}));
-    for (const char* key : {"cpu_cap_layers", "gpu_ahead_layers", "batch_size", "max_context",
-                            "prefill_chunk_tokens", "kv_block_tokens"})
+    for (const char* key : {"cpu_cap_layers", "host_memory_fraction", "gpu_ahead_layers", "batch_size",
+                            "max_context", "prefill_chunk_tokens", "kv_block_tokens"})
       EXPECT_EQ(loader.source(key).kind, "file") << key << " is set by the profile";
+    EXPECT_EQ(c.cpu_cap_layers, kAuto) << "the window is sized per model from the host's memory";
   }
 }
 
@@ -92,14 +97,32 @@ TEST_P(ProfileFits, OnTheCardAndInTheDram) {
   const MemoryPlan real = plan_memory(man, c, estimated_inputs(uint64_t(p.card_gib) * GiB / 16 * 15));
   EXPECT_TRUE(real.fits) << real.table() << real.refusal();
 
-  const int64_t slots = std::min(c.cpu_cap_layers, man.model.n_layers);
-  const uint64_t window = uint64_t(slots) * man.max_layer_size() + man.globals().size;
   const uint64_t dram = uint64_t(p.dram_gib) * GiB;
-  std::cout << "  window " << slots << " layers + globals = " << format_bytes(window) << " of "
-            << format_bytes(dram) << " DRAM\n";
-  EXPECT_LE(double(window), kDramShare * double(dram))
-      << "cpu_cap_layers " << c.cpu_cap_layers << " x " << format_bytes(man.max_layer_size()) << " + globals "
+  HostInputs host;
+  host.mem_available_bytes = dram / 10 * 9;
+  host.mem_source = "MemAvailable";
+  host.window_locked = true;  // the daemon's segment; LimitMEMLOCK=infinity in its unit
+  host.disk_gbps = 2.0;
+  host.h2d_gbps = 25.0;
+  std::string why;
+  ASSERT_NO_THROW(c.cpu_cap_layers = resolve_cpu_cap_layers(man, c, host, &why));
+  const HostPlan hp = plan_host(man, c, host, why, 0, false);
+  std::cout << "  window " << hp.window_layers << " layers + globals = " << format_bytes(hp.window_bytes) << " of "
+            << format_bytes(dram) << " DRAM; " << hp.disk_layers_per_step << " layers per token from the disk; "
+            << why << "\n";
+  EXPECT_LE(double(hp.window_bytes), kDramShare * double(dram))
+      << hp.window_layers << " x " << format_bytes(man.max_layer_size()) << " + globals "
       << format_bytes(man.globals().size) << " is over " << kDramShare * 100 << "% of " << p.dram_gib << " GiB";
+  if (std::string(shape) == "llama-3.1-8b") {
+    EXPECT_EQ(hp.window_layers, man.model.n_layers) << "the whole 8B stays in DRAM";
+    EXPECT_EQ(hp.disk_layers_per_step, 0);
+  } else {
+    EXPECT_GE(hp.window_layers, min_window_layers(man, c));
+    EXPECT_EQ(hp.disk_layers_per_step, man.model.n_layers - hp.window_layers + 2) << "pinned layers are not re-read";
+    EXPECT_EQ(hp.bound, "disk");
+    EXPECT_NE(hp.table().find(fmt::format("{} layers per step", hp.disk_layers_per_step)), std::string::npos)
+        << hp.table();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllProfiles, ProfileFits,

@@ -33,7 +33,7 @@ class Sim {
     const std::vector<int64_t> window = policy.window_positions();
     EXPECT_EQ(static_cast<int64_t>(window.size()), std::min(policy.params().cpu_cap_layers, L));
     EXPECT_EQ(plan.end, window.back() + 1);
-    for (int64_t l = 0; l < policy.pinned_layers(); ++l)
+    for (int64_t l = L - policy.pinned_layers(); l < L; ++l)
       EXPECT_GE(policy.position_of_layer(l), 0) << "pinned layer " << l << " left the window";
     std::set<int64_t> layers;
     for (size_t s = 0; s < slots.size(); ++s) {
@@ -200,14 +200,14 @@ TEST(WindowPolicyProperty, PinnedWindowNeverEvictsWhatAnActiveWorkerHasNotCopied
   struct Case {
     int64_t L, cap, margin;
   };
-  const Case cases[] = {{12, 6, 0}, {12, 6, 1}, {80, 50, 0}, {80, 50, 2}, {8, 3, 0}, {5, 4, 1}, {7, 2, 0}};
+  const Case cases[] = {{12, 6, 0}, {12, 6, 1}, {40, 25, 0}, {40, 25, 2}, {8, 3, 0}, {5, 4, 1}, {7, 2, 0}};
   for (const Case& c : cases) {
     const int64_t cycle = default_cycle_slots(c.cap, c.margin);
     SCOPED_TRACE(::testing::Message() << "L " << c.L << " cap " << c.cap << " margin " << c.margin << " cycle "
                                       << cycle);
     for (uint64_t seed = 1; seed <= 4; ++seed) {
       int64_t passes = 0;
-      run_random(c.L, c.cap, c.margin, c.cap, seed * 104729 + static_cast<uint64_t>(c.L), 6000, &passes, nullptr,
+      run_random(c.L, c.cap, c.margin, c.cap, seed * 104729 + static_cast<uint64_t>(c.L), 12000, &passes, nullptr,
                  cycle);
       if (::testing::Test::HasFailure()) return;
       EXPECT_GT(passes, 0) << "no pass ever finished";
@@ -261,6 +261,41 @@ TEST(WindowPolicyProperty, PinnedWindowReadsNMinusCPlusKLayersPerPass) {
     EXPECT_EQ(layers_read_per_pass(WindowParams{c.L, c.cap, 0, 0}), c.L);
   }
   EXPECT_EQ(layers_read_per_pass(WindowParams{12, 12, 0, 2}), 0) << "a window that holds the model reads nothing";
+  // Layers the GPU keeps resident take no slot: 8 of 32 resident, 12 slots, 2 cycling: the last 10
+  // are pinned, 14 cycle.
+  EXPECT_EQ(layers_read_per_pass(WindowParams{32, 12, 0, 2, 8}), 14);
+  EXPECT_EQ(layers_read_per_pass(WindowParams{32, 24, 0, 2, 8}), 0) << "the 24 streamed layers fit";
+}
+
+TEST(WindowPolicy, PinsTheLastLayersAndCyclesTheFirstThroughTwoSlots) {
+  WindowPolicy p({12, 6, 0, 2});
+  EXPECT_EQ(p.pinned_layers(), 4);
+  EXPECT_EQ(p.cycling_slots(), 2);
+  p.attach(1);
+  // Idle: the pinned layers 8..11 and the next pass's layers 0 and 1.
+  EXPECT_EQ(p.window_positions(), (std::vector<int64_t>{0, 1, 8, 9, 10, 11}));
+  EXPECT_EQ(p.begin_pass(1), 0);
+  p.progress(1, 5);  // layers 0..4 copied: the cycling part is layers 5 and 6
+  EXPECT_EQ(p.window_positions(), (std::vector<int64_t>{5, 6, 8, 9, 10, 11}));
+  EXPECT_LT(p.position_of_layer(7), 0);
+  EXPECT_TRUE(p.in_window(6));
+  EXPECT_FALSE(p.in_window(7));
+  p.progress(1, 9);  // in the pinned layers: the cycling part wraps to the next step's layers 0, 1
+  EXPECT_EQ(p.window_positions(), (std::vector<int64_t>{9, 10, 11, 12, 13, 20}));
+  EXPECT_EQ(p.position_of_layer(8), 20) << "a pinned layer serves its next position";
+}
+
+TEST(WindowPolicy, LayersBelowTheFirstTakeNoSlot) {
+  WindowPolicy p({12, 6, 0, 2});
+  p.set_first_layer(3);
+  EXPECT_EQ(p.pinned_layers(), 4);
+  p.attach(1);
+  EXPECT_EQ(p.window_positions(), (std::vector<int64_t>{3, 4, 8, 9, 10, 11}));
+  EXPECT_LT(p.position_of_layer(0), 0);
+  p.set_first_layer(7);  // 5 layers read: all of them fit in 6 slots
+  EXPECT_EQ(p.pinned_layers(), 5);
+  EXPECT_EQ(p.cycling_slots(), 0);
+  EXPECT_EQ(p.window_positions(), (std::vector<int64_t>{7, 8, 9, 10, 11}));
 }
 
 TEST(WindowPolicyProperty, FullResidencyLoadsEachLayerOnce) {

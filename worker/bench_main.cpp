@@ -33,11 +33,13 @@
 #include "common/bf16.h"
 #include "common/store.h"
 #include "worker/planner.h"
+#include "common/host_plan.h"
 #include "kernels/check.h"
 #include "kernels/device_info.h"
 #include "kernels/gemm.h"
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
+#include "worker/cuda_memory.h"
 #include "worker/window_weights.h"
 
 namespace ringllama {
@@ -148,22 +150,6 @@ double prefill_rate(Backend& be, int64_t b, int64_t n) {
   return static_cast<double>(b * n) / t[t.size() / 2];
 }
 
-// Pinned host -> device: 1 GiB copies from cudaMallocHost memory, bytes per second (median of 7).
-double measure_h2d() {
-  const size_t bytes = size_t{1} << 30;
-  void* host = nullptr;
-  CUDA_CHECK(cudaMallocHost(&host, bytes));
-  std::memset(host, 1, bytes);
-  double rate = 0;
-  {
-    DeviceBuffer<char> d(bytes, "H2D destination");
-    const double ms = time_ms(7, nullptr, [&] { CUDA_CHECK(cudaMemcpyAsync(d.get(), host, bytes, cudaMemcpyHostToDevice, nullptr)); });
-    rate = bytes / (ms * 1e-3);
-  }
-  cudaFreeHost(host);
-  return rate;
-}
-
 struct StreamRow {
   std::string figure;
   double tok_s = 0;
@@ -223,7 +209,7 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
   CUDA_CHECK(cudaSetDevice(0));
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  const double h2d = measure_h2d();
+  const double h2d = measure_pinned_h2d(size_t{1} << 30, 7);
   const Store store = Store::open(store_dir);
   const ModelConfig& m = store.model();
   std::fprintf(stderr, "%s: pinned H2D %.1f GB/s (1 GiB copies); budget %.1f GiB; %lld layers, %.2f GB of weights\n",
@@ -237,6 +223,18 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
   // The budget is an explicit cap on everything the process uses; within it a small guard is enough.
   c.free_guard_mb = 64;
   c.kv_block_tokens = 16;
+  {
+    // The host part of the plan: the window holds every layer, so the disk is read once and PCIe
+    // alone bounds the streamed figures below.
+    Config hc = c;  // as the batch-1 decode below plans it
+    hc.batch_size = 1;
+    hc.prefill_chunk_tokens = decode_prompt;
+    hc.max_context = decode_prompt + steps + 8;
+    const HostPlan host = host_plan_at_start(store.manifest(), hc, HostOverrides{}, false, h2d / 1e9,
+                                             "measured: pinned, 1 GiB copies",
+                                             cuda_planned_resident_layers(store.manifest(), hc), true);
+    std::fprintf(stderr, "%s", host.table().c_str());
+  }
   auto t0 = Clock::now();
   std::unique_ptr<WindowWeights> ws = open_window_weights(store_dir, c);
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "common/log.h"
 #include "kernels/add_rms_norm.cuh"
 #include "kernels/argmax.cuh"
 #include "kernels/attention_paged.cuh"
@@ -200,8 +202,14 @@ class CudaBackend : public Backend {
     report_.planned_allocations = p.globals_bytes + p.resident_bytes + p.pool_bytes + p.kv_bytes +
                                   static_cast<uint64_t>(p.kv_blocks) * sizeof(int32_t) + p.activation_bytes +
                                   p.workspace_bytes;
-    const uint64_t used_after = device_memory().used();
-    report_.measured_bytes = report_.context_bytes + (used_after > used_before ? used_after - used_before : 0);
+    // This process's own use where NVML tells it: another worker on the same GPU allocating at the
+    // same time would otherwise count as ours.
+    if (const std::optional<uint64_t> own = process_device_bytes(device_)) {
+      report_.measured_bytes = *own;
+    } else {
+      const uint64_t used_after = device_memory().used();
+      report_.measured_bytes = report_.context_bytes + (used_after > used_before ? used_after - used_before : 0);
+    }
     report_.planned_bytes = p.total_bytes - p.guard_bytes;
     log_memory_report(device_, report_);
   }
@@ -238,6 +246,33 @@ class CudaBackend : public Backend {
 
  protected:
   void run_step(const StepLayout& L, const StepOutput& out) override {
+    // --verbose: which link held the step up, from the pool's own counters around it.
+    const bool trace = spdlog::should_log(spdlog::level::debug) && gw_->resident_layers() < m_.n_layers;
+    GpuWeightsStats before;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (trace) before = gw_->stats();
+    run_step_inner(L, out);
+    if (trace) log_step_bound(before, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                              L.rows());
+  }
+
+  // One line per step: the time waiting for host layers (the window's reads: disk), the copies'
+  // time on the copy stream (PCIe) and the rest (compute), and which of them bound the step.
+  void log_step_bound(const GpuWeightsStats& before, double wall, int64_t tokens) const {
+    const GpuWeightsStats now = gw_->stats();
+    const double wait = now.source_wait_seconds - before.source_wait_seconds;
+    const double copy = now.copy_seconds - before.copy_seconds;
+    const double bytes = static_cast<double>(now.bytes - before.bytes);
+    const char* bound = wait > 0.5 * wall ? "disk (waiting for host layers)"
+                        : copy > 0.8 * (wall - wait) ? "PCIe (copies back to back)"
+                                                     : "compute";
+    spdlog::debug("step {}: {} tokens in {:.1f} ms; host-layer waits {:.1f} ms, copies {:.1f} ms ({:.2f} GB, {:.1f} "
+                  "GB/s), other {:.1f} ms: bound by {}",
+                  ++traced_steps_, tokens, wall * 1e3, wait * 1e3, copy * 1e3, bytes * 1e-9,
+                  copy > 0 ? bytes / copy * 1e-9 : 0.0, std::max(0.0, wall - wait - copy) * 1e3, bound);
+  }
+
+  void run_step_inner(const StepLayout& L, const StepOutput& out) {
     CUDA_CHECK(cudaSetDevice(device_));
     cudaStream_t s = stream_.get();
     const int64_t R = L.rows(), I = L.items(), NL = static_cast<int64_t>(L.logit_rows.size());
@@ -570,6 +605,7 @@ class CudaBackend : public Backend {
   std::vector<double> layer_compute_;       // the last profiled step, seconds per layer
   double step_seconds_ = 0;                 // the last profiled step: first layer's start to last layer's end
   bool profiled_ = false;                   // the step in flight recorded the layer events
+  mutable int64_t traced_steps_ = 0;        // --verbose step lines so far
 
   // The paged cache: [layer][pool row][kv_dim], pool row = block * kv_block_tokens + offset; keys rotated.
   DeviceBuffer<bf16> k_cache_, v_cache_;

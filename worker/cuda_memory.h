@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "common/config.h"
@@ -20,10 +21,19 @@ struct DeviceMemory {
 };
 DeviceMemory device_memory();
 
+// The device memory this process holds on `device`, by NVML (the driver's libnvidia-ml, opened at
+// run time); nullopt where NVML is missing or does not list this process.
+std::optional<uint64_t> process_device_bytes(int device);
+
 // The device memory in use just after this process made its context on `device` (cudaFree(0)),
 // read the first time it is asked for and remembered: the context is the process's, one per
 // device, and later backends share it. It counts whatever other processes held at that moment too.
 uint64_t process_context_bytes(int device);
+
+// Pinned host -> device rate on the current device, bytes per second: `bytes` copies from
+// cudaMallocHost memory, the median of `reps` (events on the copy). The PCIe figure of the host
+// plan and of the benchmarks.
+double measure_pinned_h2d(size_t bytes, int reps);
 
 // What a CUDA backend planned and what it then measured.
 struct CudaMemoryReport {

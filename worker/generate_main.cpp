@@ -27,6 +27,7 @@
 
 #include "common/config.h"
 #include "common/errors.h"
+#include "common/host_plan.h"
 #include "common/log.h"
 #include "common/store.h"
 #include "worker/backend.h"
@@ -35,7 +36,9 @@
 #ifdef RINGLLAMA_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "kernels/check.h"
 #include "worker/cuda_backend.h"
+#include "worker/cuda_memory.h"
 #endif
 #include "worker/planner.h"
 #include "worker/sampler.h"
@@ -57,7 +60,23 @@ struct Options {
   std::string daemon;  // the loader daemon's control endpoint; "" = read the store directly
   bool plan_only = false;
   double device_memory_gb = 0;  // --plan-only: the card's memory, GiB; 0 = the GPU's own
+  HostOverrides host;           // --host-memory, --disk-gbps
 };
+
+// The pinned H2D rate for the host plan where a GPU is visible: a short measurement (256 MiB
+// copies), GB/s; 0 without one.
+double h2d_for_plan(const Config& config, std::string* source) {
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (cuda_device_count() > config.gpu) {
+    CUDA_CHECK(cudaSetDevice(static_cast<int>(config.gpu)));
+    *source = "measured: pinned, 256 MiB copies";
+    return measure_pinned_h2d(size_t{256} << 20, 5) / 1e9;
+  }
+#endif
+  (void)config;
+  *source = "no GPU here";
+  return 0;
+}
 
 // "1,2, 3" -> ids; each must be a decimal integer in [0, vocab).
 std::vector<int32_t> parse_ids(const std::string& text, const char* flag, int64_t vocab) {
@@ -129,6 +148,11 @@ int plan_only(ConfigLoader& loader, Config& config, const Options& o) {
   const MemoryPlan plan = plan_memory(manifest, config, plan_inputs(o, config));
   std::fputs(plan.table().c_str(), stdout);
   std::fputs(plan.refusal().c_str(), stdout);
+  std::string h2d_source;
+  const double h2d = o.device_memory_gb > 0 ? 0 : h2d_for_plan(config, &h2d_source);
+  if (o.device_memory_gb > 0) h2d_source = "not measured for another card";
+  const HostPlan host = host_plan_at_start(manifest, config, o.host, false, h2d, h2d_source, plan.resident_layers, true);
+  std::fputs(("\n" + host.table()).c_str(), stdout);
   return plan.fits ? 0 : 1;
 }
 
@@ -165,6 +189,7 @@ int run(int argc, char** argv) {
                  "read the weights from the loader daemon at this control endpoint (the store is the one it serves)");
   app.add_flag("--plan-only", o.plan_only, "print the device memory plan and exit: 0 if it fits, 1 if not");
   app.add_option("--device-memory", o.device_memory_gb, "with --plan-only: plan for a card of this many GiB");
+  o.host.add_flags(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -250,15 +275,34 @@ int run(int argc, char** argv) {
   auto tl = std::chrono::steady_clock::now();
   // Host weights: the daemon's segment with --daemon; else, when the CUDA backend will stream some
   // layers, this process's own pinned ring window (cpu_cap_layers slots); else the whole store.
+  // The host plan comes first, before anything is allocated: the window it sizes (or the whole store
+  // where nothing streams) and the bound each link sets.
   std::unique_ptr<WeightSource> weights = std::move(daemon_weights);
+  if (!weights) {
+    int64_t resident = m.n_layers;
+    double h2d = 0;
+    std::string h2d_source;
 #ifdef RINGLLAMA_HAVE_CUDA
-  if (!weights && o.backend == "cuda" && cuda_planned_resident_layers(store.manifest(), config) < m.n_layers) {
-    spdlog::info("the CUDA backend streams some layers: weights through a ring window of {} layers",
-                 std::min(config.cpu_cap_layers, m.n_layers));
-    weights = open_window_weights(config.store, config);
-  }
+    if (o.backend == "cuda") {
+      resident = cuda_planned_resident_layers(store.manifest(), config);
+      h2d = h2d_for_plan(config, &h2d_source);
+    }
 #endif
-  if (!weights) weights = open_store_weights(config.store);
+    const bool window = resident < m.n_layers;
+    if (!window) config.cpu_cap_layers = m.n_layers;  // the whole store is read into memory
+    const HostPlan host =
+        host_plan_at_start(store.manifest(), config, o.host, false, h2d, h2d_source, resident, o.backend == "cuda");
+    fmt::print(stderr, "{}", host.table());
+    if (window) {
+      spdlog::info("the CUDA backend streams {} of {} layers: weights through a window of {} layers", m.n_layers - resident,
+                   m.n_layers, config.cpu_cap_layers);
+      weights = open_window_weights(config.store, config);
+    } else {
+      weights = open_store_weights(config.store);
+    }
+  } else if (o.host.any()) {
+    fail("--host-memory and --disk-gbps plan the host part of this process's own window: not with --daemon");
+  }
   std::unique_ptr<Backend> backend = make_backend(o.backend, *weights, config);
   spdlog::debug("{}: {} bytes read and checked in {:.0f} ms; backend {}, max_context {}", config.store,
                 store.manifest().weights_size,

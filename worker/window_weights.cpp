@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "common/errors.h"
+#include "common/host_plan.h"
 #include "common/io_reader.h"
 #include "common/log.h"
 #include "common/store.h"
@@ -31,7 +32,7 @@ class WindowWeightsImpl final : public WindowWeights {
       : store_(Store::open(dir)),
         n_layers_(store_.model().n_layers),
         back_margin_(config.back_margin),
-        policy_(WindowParams{n_layers_, config.cpu_cap_layers, config.back_margin}) {
+        policy_(window_params(store_.manifest(), config, false, &window_why_)) {
     const Manifest& m = store_.manifest();
     auto io = std::make_unique<IoReader>(store_.weights_path(), io_options(config));
     // O_DIRECT wants the buffer aligned to the device's rule; groups are 4 KiB multiples anyway.
@@ -59,8 +60,9 @@ class WindowWeightsImpl final : public WindowWeights {
     stats_.slots = n_slots_;
     stats_.reads_per_layer.assign(static_cast<size_t>(n_layers_), 0);
     policy_.attach(kSelf);
-    spdlog::debug("window {}: {} slots of {} bytes (cpu_cap_layers {}, back_margin {}), reads {}", dir, n_slots_,
-                  slot_bytes_, config.cpu_cap_layers, config.back_margin, io->direct() ? "O_DIRECT" : "buffered");
+    spdlog::debug("window {}: {} slots of {} bytes ({}; {} pinned), back_margin {}, reads {}", dir, n_slots_,
+                  slot_bytes_, window_why_, policy_.pinned_layers(), config.back_margin,
+                  io->direct() ? "O_DIRECT" : "buffered");
     // The reader moves to the loader thread, which alone uses it from now on.
     io_ = std::move(io);
     loader_ = std::thread([this] { loader_main(); });
@@ -104,7 +106,7 @@ class WindowWeightsImpl final : public WindowWeights {
     advance_locked();
 
     const int64_t position = pass_start_ + layer;
-    if (position >= policy_.window_end()) {
+    if (!policy_.in_window(position)) {
       // Only this thread's releases move the window: waiting here would never end.
       fail("layer {} cannot be loaded while {} layer(s) from layer {} on are held: the window has {} slots "
            "(cpu_cap_layers, back_margin {}); release layers before acquiring more than {} at once",
@@ -153,7 +155,12 @@ class WindowWeightsImpl final : public WindowWeights {
 
   std::vector<HostRange> host_ranges() const override { return {HostRange{base_.get(), total_bytes_}}; }
 
-  int64_t max_held_layers() const override { return n_slots_ - back_margin_; }
+  // Held layers may all be cycling ones: at most the cycling slots less back_margin (the whole
+  // ring's when nothing is pinned).
+  int64_t max_held_layers() const override {
+    const int64_t cycling = policy_.cycling_slots() > 0 ? policy_.cycling_slots() : n_slots_;
+    return cycling - back_margin_;
+  }
 
   uint64_t slot_token(int64_t layer) const override {
     std::lock_guard<std::mutex> lk(mu_);
@@ -172,6 +179,8 @@ class WindowWeightsImpl final : public WindowWeights {
   void set_streamed_from(int64_t first) override {
     std::lock_guard<std::mutex> lk(mu_);
     streamed_from_ = std::clamp<int64_t>(first, 0, n_layers_);
+    // Resident layers take no slot: more of the streamed ones are pinned.
+    policy_.set_first_layer(streamed_from_);
     cv_.notify_all();
   }
 
@@ -313,6 +322,7 @@ class WindowWeightsImpl final : public WindowWeights {
   const Store store_;
   const int64_t n_layers_;
   const int64_t back_margin_;
+  std::string window_why_;  // how cpu_cap_layers was chosen
   WindowPolicy policy_;
   std::unique_ptr<IoReader> io_;  // the loader thread's
   uint64_t align_ = kGroupAlign;
