@@ -25,7 +25,9 @@ constexpr double kGiBd = 1024.0 * 1024.0 * 1024.0;
 
 std::string gib(uint64_t b) {
   if (b == kUnlimited) return "unlimited";
-  return fmt::format("{:.1f} GiB", static_cast<double>(b) / kGiBd);
+  if (b >= (uint64_t{1} << 30)) return fmt::format("{:.1f} GiB", static_cast<double>(b) / kGiBd);
+  if (b >= (uint64_t{1} << 20)) return fmt::format("{:.1f} MiB", static_cast<double>(b) / (1 << 20));
+  return fmt::format("{:.1f} KiB", static_cast<double>(b) / 1024);
 }
 
 // The most slots (<= n_layers) whose window fits in `limit` bytes; 0 when not even one does.
@@ -108,7 +110,7 @@ double measure_disk_gbps(const std::string& store_dir, const Config& config, uin
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double rate = static_cast<double>(len) / std::max(s, 1e-9) / 1e9;
   if (note)
-    *note = fmt::format("measured: {:.0f} MiB {} in {:.0f} ms", static_cast<double>(len) / (1 << 20),
+    *note = fmt::format("measured: {} {} in {:.0f} ms", gib(len),
                         io.direct() ? "O_DIRECT" : "buffered (no O_DIRECT here: the page cache may flatter it)",
                         s * 1e3);
   return rate;

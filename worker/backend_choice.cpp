@@ -1,12 +1,18 @@
 #include "worker/backend_choice.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 #include "common/errors.h"
 #include "common/log.h"
 #include "worker/window_weights.h"
 #ifdef RINGLLAMA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "kernels/check.h"
 #include "worker/cuda_backend.h"
+#include "worker/cuda_memory.h"
 #endif
 
 namespace ringllama {
@@ -39,21 +45,41 @@ std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& wei
   return make_cpu_backend(weights, config);
 }
 
-std::unique_ptr<WeightSource> open_local_weights(const Store& store, const std::string& backend, const Config& config) {
+double h2d_for_plan(const Config& config, std::string* source) {
 #ifdef RINGLLAMA_HAVE_CUDA
-  const int64_t L = store.model().n_layers;
-  if (backend == "cuda" && cuda_planned_resident_layers(store.manifest(), config) < L) {
-    // The window sizes itself: an auto cpu_cap_layers is resolved against this machine's memory
-    // (common/host_plan.h).
-    spdlog::info("the CUDA backend streams some layers: weights through a ring window (cpu_cap_layers {})",
-                 config.cpu_cap_layers == kAuto ? std::string("auto") : std::to_string(std::min(config.cpu_cap_layers, L)));
-    return open_window_weights(store.dir(), config);
+  if (cuda_device_count() > config.gpu) {
+    CUDA_CHECK(cudaSetDevice(static_cast<int>(config.gpu)));
+    *source = "measured: pinned, 256 MiB copies";
+    return measure_pinned_h2d(size_t{256} << 20, 5) / 1e9;
   }
-#else
-  (void)backend;
-  (void)config;
 #endif
-  return open_store_weights(store.dir());
+  (void)config;
+  *source = "no GPU here";
+  return 0;
+}
+
+std::unique_ptr<WeightSource> open_local_weights(const Store& store, const std::string& backend, Config& config,
+                                                 const HostOverrides& host) {
+  const ModelConfig& m = store.model();
+  int64_t resident = m.n_layers;
+  double h2d = 0;
+  std::string h2d_source;
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (backend == "cuda") {
+    resident = cuda_planned_resident_layers(store.manifest(), config);
+    h2d = h2d_for_plan(config, &h2d_source);
+  }
+#endif
+  const bool window = resident < m.n_layers;
+  if (!window) config.cpu_cap_layers = m.n_layers;  // the whole store is read into memory
+  HostPlan plan = host_plan_at_start(store.manifest(), config, host, false, h2d, h2d_source, resident,
+                                     backend == "cuda");
+  if (!window) plan.window_why = "nothing streams: the whole store is read into memory once";
+  fmt::print(stderr, "{}", plan.table());
+  if (!window) return open_store_weights(store.dir());
+  spdlog::info("the CUDA backend streams {} of {} layers: weights through a window of {} layers", m.n_layers - resident,
+               m.n_layers, config.cpu_cap_layers);
+  return open_window_weights(store.dir(), config);
 }
 
 }  // namespace ringllama

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/config.h"
+#include "common/host_plan.h"
 #include "common/store.h"
 #include "worker/backend.h"
 #include "worker/weights.h"
@@ -19,9 +20,14 @@ std::string default_backend();
 void require_backend(const std::string& name);
 std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& weights, const Config& config);
 
-// The host weights of `store` for a backend that reads them itself: when the CUDA backend will
-// stream some layers, a ring window in this process's memory (cpu_cap_layers slots; auto: what the
-// host plan fits); else the whole store.
-std::unique_ptr<WeightSource> open_local_weights(const Store& store, const std::string& backend, const Config& config);
+// The pinned H2D rate for a host plan where a GPU is visible (a short measurement: 256 MiB copies),
+// GB/s, and what it was; 0 and "no GPU here" without one.
+double h2d_for_plan(const Config& config, std::string* source);
+
+// The host weights of `store` for a backend that reads them itself, after the host plan (printed
+// to stderr before anything is allocated; config.cpu_cap_layers resolved in place): when the CUDA
+// backend will stream some layers, a window in this process's memory; else the whole store.
+std::unique_ptr<WeightSource> open_local_weights(const Store& store, const std::string& backend, Config& config,
+                                                 const HostOverrides& host = {});
 
 }  // namespace ringllama

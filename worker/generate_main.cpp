@@ -31,6 +31,7 @@
 #include "common/log.h"
 #include "common/store.h"
 #include "worker/backend.h"
+#include "worker/backend_choice.h"
 #include "worker/daemon_weights.h"
 #include "worker/generation.h"
 #ifdef RINGLLAMA_HAVE_CUDA
@@ -63,21 +64,6 @@ struct Options {
   HostOverrides host;           // --host-memory, --disk-gbps
 };
 
-// The pinned H2D rate for the host plan where a GPU is visible: a short measurement (256 MiB
-// copies), GB/s; 0 without one.
-double h2d_for_plan(const Config& config, std::string* source) {
-#ifdef RINGLLAMA_HAVE_CUDA
-  if (cuda_device_count() > config.gpu) {
-    CUDA_CHECK(cudaSetDevice(static_cast<int>(config.gpu)));
-    *source = "measured: pinned, 256 MiB copies";
-    return measure_pinned_h2d(size_t{256} << 20, 5) / 1e9;
-  }
-#endif
-  (void)config;
-  *source = "no GPU here";
-  return 0;
-}
-
 // "1,2, 3" -> ids; each must be a decimal integer in [0, vocab).
 std::vector<int32_t> parse_ids(const std::string& text, const char* flag, int64_t vocab) {
   std::vector<int32_t> ids;
@@ -98,28 +84,6 @@ std::vector<int32_t> parse_ids(const std::string& text, const char* flag, int64_
     at = comma + 1;
   }
   return ids;
-}
-
-// Checked before the weights are read, so that a wrong name fails at once.
-void require_backend(const std::string& name) {
-  if (name == "cpu") return;
-  if (name == "cuda") {
-#ifdef RINGLLAMA_HAVE_CUDA
-    if (cuda_device_count() == 0) fail("--backend cuda: no CUDA device is visible");
-    return;
-#else
-    fail("--backend cuda is not available in this build");
-#endif
-  }
-  fail("--backend '{}' is unknown (cpu, cuda)", name);
-}
-
-std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& ws, const Config& config) {
-  require_backend(name);
-#ifdef RINGLLAMA_HAVE_CUDA
-  if (name == "cuda") return make_cuda_backend(ws, config);
-#endif
-  return make_cpu_backend(ws, config);
 }
 
 // --device-memory plans for a card that need not be there and never touches CUDA; without it the
@@ -154,13 +118,6 @@ int plan_only(ConfigLoader& loader, Config& config, const Options& o) {
   const HostPlan host = host_plan_at_start(manifest, config, o.host, false, h2d, h2d_source, plan.resident_layers, true);
   std::fputs(("\n" + host.table()).c_str(), stdout);
   return plan.fits ? 0 : 1;
-}
-
-std::string default_backend() {
-#ifdef RINGLLAMA_HAVE_CUDA
-  if (cuda_device_count() > 0) return "cuda";
-#endif
-  return "cpu";
 }
 
 std::string join_ids(const std::vector<int32_t>& ids) { return fmt::format("{}", fmt::join(ids, " ")); }
@@ -279,27 +236,7 @@ int run(int argc, char** argv) {
   // where nothing streams) and the bound each link sets.
   std::unique_ptr<WeightSource> weights = std::move(daemon_weights);
   if (!weights) {
-    int64_t resident = m.n_layers;
-    double h2d = 0;
-    std::string h2d_source;
-#ifdef RINGLLAMA_HAVE_CUDA
-    if (o.backend == "cuda") {
-      resident = cuda_planned_resident_layers(store.manifest(), config);
-      h2d = h2d_for_plan(config, &h2d_source);
-    }
-#endif
-    const bool window = resident < m.n_layers;
-    if (!window) config.cpu_cap_layers = m.n_layers;  // the whole store is read into memory
-    const HostPlan host =
-        host_plan_at_start(store.manifest(), config, o.host, false, h2d, h2d_source, resident, o.backend == "cuda");
-    fmt::print(stderr, "{}", host.table());
-    if (window) {
-      spdlog::info("the CUDA backend streams {} of {} layers: weights through a window of {} layers", m.n_layers - resident,
-                   m.n_layers, config.cpu_cap_layers);
-      weights = open_window_weights(config.store, config);
-    } else {
-      weights = open_store_weights(config.store);
-    }
+    weights = open_local_weights(store, o.backend, config, o.host);
   } else if (o.host.any()) {
     fail("--host-memory and --disk-gbps plan the host part of this process's own window: not with --daemon");
   }
