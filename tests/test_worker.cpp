@@ -132,16 +132,28 @@ TEST_F(Worker, ConcurrentClientsGetSequentialTokens) {
   EXPECT_EQ(s["stats"]["kv_blocks"]["free"], s["stats"]["kv_blocks"]["total"]) << s.dump();
 }
 
-// A request that arrives while another is generating joins the running batch; neither's tokens change.
+// A request that arrives while another is generating joins the running batch, its long prompt in
+// chunks of prefill_chunk_tokens beside the other's decode tokens; neither's tokens change.
 TEST_F(Worker, ArrivalMidGenerationChangesNoTokens) {
-  const auto ref_a = reference(kPromptA, 400);
-  const auto ref_b = reference(kPromptB, 20);
-  auto w = start_worker();
-  WorkerClient a(listen_), b(listen_);
+  std::vector<int64_t> long_prompt;
+  for (int64_t i = 0; i < 300; ++i) long_prompt.push_back((i * 37 + 11) % 512);
+  const std::vector<std::string> chunk{"--prefill-chunk-tokens", "32"};
+  const auto ref_a = reference(kPromptA, 400, chunk);
+  const auto ref_b = reference(long_prompt, 20, chunk);
+  auto w = start_worker(chunk);
+  // One connection, so that the replies come in the order they were made.
+  WorkerClient c(listen_);
+  WorkerClient& a = c;
+  WorkerClient& b = c;
   a.generate("a", kPromptA, 400);
   ASSERT_TRUE(a.wait_tokens("a", 10));
-  b.generate("b", kPromptB, 20);
+  const size_t sent_at = c.replies().size();
+  b.generate("b", long_prompt, 20);
   ASSERT_TRUE(b.wait_end("b")) << w->log();
+  // a kept decoding while b's prompt went in over ten steps (one a token per step).
+  size_t a_tokens = 0;
+  for (size_t i = sent_at; i < c.replies().size() && c.replies()[i]["id"] != "b"; ++i) ++a_tokens;
+  EXPECT_GE(a_tokens, 9u);
   EXPECT_FALSE(a["a"].ended()) << "a finished before b joined: the test proves nothing";
   ASSERT_TRUE(a.wait_end("a")) << w->log();
   EXPECT_EQ(a["a"].tokens, ref_a);
