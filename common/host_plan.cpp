@@ -242,8 +242,11 @@ HostPlan plan_host(const Manifest& m, const Config& c, const HostInputs& in, con
     auto describe = [&](int64_t slots) {
       std::string b;
       const double t = ceiling_for(m, c, in, slots, gpu_resident_layers, gpu, &b);
-      return fmt::format("would make decode {}-bound: <= {:.2f} tokens/s instead of <= {:.2f}", b == "none" ? "compute" : b,
-                         t, p.bound_tokens_per_s);
+      if (b == "disk")
+        return fmt::format("would raise the disk's ceiling to <= {:.2f} tokens/s from <= {:.2f} (still disk-bound)", t,
+                           p.bound_tokens_per_s);
+      return fmt::format("would make decode {}-bound: <= {:.2f} tokens/s instead of <= {:.2f}",
+                         b == "none" ? "compute" : b, t, p.bound_tokens_per_s);
     };
     if (in_fraction > p.window_layers) {
       p.advice = fmt::format("the disk binds: cpu_cap_layers {} -> {} {} (it fits in {} of {})", p.window_layers,

@@ -10,11 +10,13 @@
 #   2. daemon-fed against local-window streaming: the same worker with --store (its own window);
 #   3. restart to first token: SIGTERM the worker, start it again, a client waiting the whole time;
 #      the worker's start phases from its log;
-#   4. two workers on one GPU from one daemon, each with half the budget: tokens/s each and in total.
+#   4. two workers on one GPU from one daemon, each with its own budget of BUDGET_GIB: tokens/s each
+#      and in total.
 #
 # Environment: BUILD_DIR (default build), BACKEND (cuda where nvidia-smi sees a GPU, else cpu),
 # BUDGET_GIB (4: the worker's device budget, as ringllama-bench --gpu-budget-gib), GPU (0),
-# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512). Everything it starts is stopped on exit, Ctrl-C
+# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512), REQUESTS_PER_SLOT (4: requests per level =
+# this x the batch size). Everything it starts is stopped on exit, Ctrl-C
 # included. Logs and bench_client's JSON/PNG go to OUTDIR; the summary to OUTDIR/summary.txt.
 set -euo pipefail
 
@@ -54,10 +56,8 @@ if [[ $BACKEND == cuda ]]; then
   total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$gpu")
   frac() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1024 / float(sys.argv[2]):.5f}')" "$1" "$total_mib"; }
   limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64)
-  half_args=(--gpu-memory-limit "$(frac "$(python3 -c "print($budget / 2)")")" --free-guard-mb 64)
-else
-  half_args=()
 fi
+reqs=${REQUESTS_PER_SLOT:-4}
 
 wait_log() {  # wait_log FILE TEXT PID: until FILE has TEXT, or PID is gone
   for _ in $(seq 1200); do
@@ -103,10 +103,10 @@ say "store $store, backend $BACKEND, budget ${BUDGET_GIB:-4} GiB, prompt $plen, 
 # 1 + 2. Saturation, daemon-fed and local window, at batch 8 and 64.
 for b in 8 64; do
   start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}"
-  bench "daemon-b$b" "ipc://$run/daemon-b$b.sock" "$b,$((2 * b))" "$((4 * b))"
+  bench "daemon-b$b" "ipc://$run/daemon-b$b.sock" "$b,$((2 * b))" "$((reqs * b))"
   stop_worker "$wpid"
   start_worker "local-b$b" "$b" --store "$store" "${limit_args[@]}"
-  bench "local-b$b" "ipc://$run/local-b$b.sock" "$b" "$((4 * b))"
+  bench "local-b$b" "ipc://$run/local-b$b.sock" "$b" "$((reqs * b))"
   stop_worker "$wpid"
   d=$(tok_s "$out/daemon-b$b.json" "$b") l=$(tok_s "$out/local-b$b.json" "$b")
   say "$(python3 -c "import sys; d, l = map(float, sys.argv[1:3]); print(f'b{sys.argv[3]}: daemon-fed {d:.1f} tok/s, local window {l:.1f} tok/s: ratio {d / l:.3f}')" "$d" "$l" "$b")"
@@ -136,14 +136,14 @@ say "$(python3 -c "import sys; print(f'restart to first token: {(float(sys.argv[
 say "  worker start: $(grep -o 'started in.*' "$out/restart.log")"
 stop_worker "$wpid"
 
-# 4. Two workers on one GPU, one daemon, half the budget each.
-start_worker shared-a 8 --daemon "$control" "${half_args[@]}"
+# 4. Two workers on one GPU, one daemon, a budget each.
+start_worker shared-a 8 --daemon "$control" "${limit_args[@]}"
 wa=$wpid
-start_worker shared-b 8 --daemon "$control" "${half_args[@]}"
+start_worker shared-b 8 --daemon "$control" "${limit_args[@]}"
 wb=$wpid
-bench shared-a "ipc://$run/shared-a.sock" 8 64 >/dev/null &
+bench shared-a "ipc://$run/shared-a.sock" 8 "$((reqs * 8))" >/dev/null &
 ba=$!
-bench shared-b "ipc://$run/shared-b.sock" 8 64 >/dev/null &
+bench shared-b "ipc://$run/shared-b.sock" 8 "$((reqs * 8))" >/dev/null &
 bb=$!
 wait "$ba" "$bb"
 a=$(tok_s "$out/shared-a.json" 8) b=$(tok_s "$out/shared-b.json" 8)
