@@ -55,7 +55,8 @@ limit_args=()
 if [[ $BACKEND == cuda ]]; then
   total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$gpu")
   frac() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1024 / float(sys.argv[2]):.5f}')" "$1" "$total_mib"; }
-  limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64)
+  # As ringllama-bench plans inside its budget: a 64 MiB guard, two layers of prefetch.
+  limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64 --gpu-ahead-layers 2)
 fi
 reqs=${REQUESTS_PER_SLOT:-4}
 

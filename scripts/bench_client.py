@@ -145,8 +145,9 @@ def run_level(client, args, level, vocab, rng):
     for g in errors:
         rec["errors"][g.error.code] = rec["errors"].get(g.error.code, 0) + 1
     if "bytes" in after:
-        streamed = after["bytes"] - before["bytes"]
-        copy_s = after["copy_seconds"] - before["copy_seconds"]
+        # A worker that has not run a step yet reports no stream figures: they start at zero.
+        streamed = after["bytes"] - before.get("bytes", 0)
+        copy_s = after["copy_seconds"] - before.get("copy_seconds", 0.0)
         rec["bytes_per_step"] = streamed / rec["steps"] if rec["steps"] else 0
         rec["achieved_gb_per_s"] = streamed / wall * 1e-9 if wall > 0 else 0.0
         rec["worker_h2d_gb_per_s"] = streamed / copy_s * 1e-9 if copy_s > 0 else 0.0
