@@ -248,7 +248,9 @@ std::string encode(const ControlRequest& m) {
   return dump(std::visit(overloaded{
                              [](const Hello& h) { return json{{"op", "hello"}, {"pid", h.pid}, {"worker", h.worker}}; },
                              [](const Progress& p) {
-                               return json{{"op", "progress"}, {"pass", p.pass}, {"copied", p.copied}};
+                               json j{{"op", "progress"}, {"pass", p.pass}, {"copied", p.copied}};
+                               if (p.held > p.copied) j["held"] = p.held;
+                               return j;
                              },
                              [](const Heartbeat&) { return json{{"op", "heartbeat"}}; },
                              [](const Bye&) { return json{{"op", "bye"}}; },
@@ -270,7 +272,8 @@ std::string encode(const ControlReply& m) {
                                            {"n_slots", w.n_slots},
                                            {"heartbeat_ms", w.heartbeat_ms},
                                            {"pub", w.pub},
-                                           {"worker_id", w.worker_id}};
+                                           {"worker_id", w.worker_id},
+                                           {"hold_max", w.hold_max}};
                              },
                              [](const StatsReply& s) { return json{{"type", "stats"}, {"stats", s.stats}}; },
                              [](const ControlError& e) { return json{{"type", "error"}, {"message", e.message}}; },
@@ -348,8 +351,10 @@ ControlRequest parse_control_request(std::string_view frame) {
     return Hello{f.integer("pid", 1, std::numeric_limits<int32_t>::max()), f.opt_str("worker", "")};
   }
   if (op == "progress") {
-    f.allow({"op", "pass", "copied"});
-    return Progress{f.integer("pass", 0, kI64Max), f.integer("copied", 0, 1 << 24)};
+    f.allow({"op", "pass", "copied", "held"});
+    Progress p{f.integer("pass", 0, kI64Max), f.integer("copied", 0, 1 << 24), 0};
+    p.held = f.find("held") ? f.integer("held", 0, 1 << 24) : p.copied;
+    return p;
   }
   if (op == "heartbeat") {
     f.allow({"op"});
@@ -373,7 +378,7 @@ ControlReply parse_control_reply(std::string_view frame) {
   Fields f(j, type);
   if (type == "welcome") {
     f.allow({"type", "segment", "layout_version", "instance_id", "store", "store_identity", "n_layers", "n_slots",
-             "heartbeat_ms", "pub", "worker_id"});
+             "heartbeat_ms", "pub", "worker_id", "hold_max"});
     Welcome w;
     w.segment = f.str("segment");
     w.layout_version = static_cast<uint32_t>(f.integer("layout_version", 0, std::numeric_limits<uint32_t>::max()));
@@ -385,6 +390,7 @@ ControlReply parse_control_reply(std::string_view frame) {
     w.heartbeat_ms = f.integer("heartbeat_ms", 1, kI64Max);
     w.pub = f.opt_str("pub", "");
     w.worker_id = f.find("worker_id") ? f.integer("worker_id", -1, 1 << 24) : -1;
+    w.hold_max = f.find("hold_max") ? f.integer("hold_max", 1, 1 << 24) : 1;
     return w;
   }
   if (type == "stats") {

@@ -57,6 +57,7 @@ struct Hello {
 struct Progress {
   int64_t pass = 0;              // the worker's pass counter, >= 0, increasing
   int64_t copied = 0;            // layers [0, copied) of the pass are copied
+  int64_t held = 0;              // layers [copied, held) are being read (a copy in flight); <= copied: none
 };
 struct Heartbeat {};
 struct Bye {};
@@ -74,6 +75,7 @@ struct Welcome {
   int64_t heartbeat_ms = 0;
   std::string pub;               // the daemon's PUB endpoint for slot_ready / slot_error ("" = none)
   int64_t worker_id = -1;        // the worker's entry in the segment's worker table (-1 = none)
+  int64_t hold_max = 1;          // layers a worker may hold at once (copies in flight) without stalling the window
 };
 struct StatsReply {
   nlohmann::json stats = nlohmann::json::object();

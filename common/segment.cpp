@@ -258,6 +258,7 @@ Segment Segment::create(const std::string& instance_id, uint64_t identity, const
   for (int64_t i = 0; i < kMaxWorkers; ++i) {
     s.worker_entry_rw(i).pid.store(0);
     s.worker_entry_rw(i).position.store(-1);
+    s.worker_entry_rw(i).held.store(-1);
   }
   h->magic.store(kSegmentMagic, std::memory_order_release);
   spdlog::info("shared memory segment {}: {} bytes ({}), {} slots of {} bytes, globals {} bytes{}", s.name_, bytes,

@@ -30,7 +30,7 @@ namespace ringllama {
 class Store;
 
 inline constexpr uint64_t kSegmentMagic = 0x31474553474c4c52ull;  // "RLLGSEG1"
-inline constexpr uint32_t kSegmentLayoutVersion = 1;
+inline constexpr uint32_t kSegmentLayoutVersion = 2;
 inline constexpr uint64_t kSlotAlign = 4096;                 // slot stride and globals alignment
 inline constexpr uint64_t kSlotRegionAlign = 2ull << 20;     // start of the slots: a huge page
 inline constexpr int64_t kMaxWorkers = 64;
@@ -63,6 +63,7 @@ struct WorkerEntry {
   std::atomic<int32_t> pid;          // 0: free
   uint32_t reserved;
   std::atomic<int64_t> position;     // lowest position not yet copied; -1 idle
+  std::atomic<int64_t> held;         // positions [position, held) are protected for the worker's reads
 };
 
 static_assert(std::atomic<uint32_t>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free &&

@@ -247,9 +247,11 @@ void Loaderd::replan() {
   const int64_t n = store_.model().n_layers;
   for (const auto& [id, p] : peers_) {
     if (!p.active || p.copied >= n) continue;
-    const int64_t layer = (p.pass_start + p.copied) % n;
-    for (SlotView& v : views)
-      if (v.layer == layer && v.fill == SlotFill::Ready) v.fill = SlotFill::Loading;
+    for (int64_t l = p.copied; l < std::max(p.held, p.copied + 1) && l < n; ++l) {
+      const int64_t layer = (p.pass_start + l) % n;
+      for (SlotView& v : views)
+        if (v.layer == layer && v.fill == SlotFill::Ready) v.fill = SlotFill::Loading;
+    }
   }
   const WindowPlan plan = policy_.plan(views);
   for (const SlotLoad& l : plan.loads) start_load(l.slot, l.layer);
@@ -442,6 +444,7 @@ void Loaderd::on_hello(const std::string& routing_id, const Hello& h) {
     spdlog::debug("pidfd_open({}): {}; watching it with kill(pid, 0)", h.pid, errno_text(errno));
   }
   segment_.worker_entry_rw(entry).position.store(-1);
+  segment_.worker_entry_rw(entry).held.store(-1);
   segment_.worker_entry_rw(entry).pid.store(static_cast<int32_t>(h.pid));
   policy_.attach(p.id);
   spdlog::info("worker {} attached: pid {}{}{}", p.id, p.pid, p.name.empty() ? "" : ", ", p.name);
@@ -456,9 +459,17 @@ void Loaderd::on_hello(const std::string& routing_id, const Hello& h) {
   w.heartbeat_ms = config_.heartbeat_ms;
   w.pub = pub_endpoint_;
   w.worker_id = entry;
+  w.hold_max = hold_max();
   peers_.emplace(p.id, p);
   reply(routing_id, w);
   replan();
+}
+
+int64_t Loaderd::hold_max() const {
+  // Each held layer must stay in the window while the slowest worker's next one does: no more than
+  // the cycling slots (the whole ring's) less back_margin; 2 copies in flight keep a PCIe link busy.
+  const int64_t cycling = policy_.cycling_slots() > 0 ? policy_.cycling_slots() : policy_.cap();
+  return std::clamp<int64_t>(cycling - config_.back_margin, 1, 2);
 }
 
 void Loaderd::on_progress(Peer& p, const Progress& m) {
@@ -484,15 +495,21 @@ void Loaderd::on_progress(Peer& p, const Progress& m) {
     if (m.copied < p.copied) fail("copied {} goes back from {}", m.copied, p.copied);
     p.copied = m.copied;
   }
+  // Layers being read beyond the next one: protected from reuse by replan() like the next one.
+  if (m.held > p.copied + hold_max())
+    fail("held {} is more than {} layers past copied {}", m.held, hold_max(), p.copied);
+  p.held = std::clamp<int64_t>(m.held, p.copied, n);
   if (p.copied >= n) {
     policy_.end_pass(p.id);
     p.active = false;
     e.position.store(-1);
+    e.held.store(-1);
     return;
   }
   const int64_t next = p.pass_start + p.copied;
   if (p.copied > 0) policy_.progress(p.id, next);
   e.position.store(next);
+  e.held.store(p.pass_start + p.held);
   // A hit: the layer the worker needs next is in a slot and ready as it asks.
   const int64_t layer = next % n;
   const bool hit = std::any_of(views_.begin(), views_.end(), [&](const SlotView& v) {
@@ -518,6 +535,7 @@ void Loaderd::detach(WorkerId id, const std::string& reason) {
   Peer& p = it->second;
   if (p.pidfd >= 0) ::close(p.pidfd);
   segment_.worker_entry_rw(p.entry).position.store(-1);
+  segment_.worker_entry_rw(p.entry).held.store(-1);
   segment_.worker_entry_rw(p.entry).pid.store(0);
   policy_.detach(id);
   spdlog::info("worker {} (pid {}) detached: {}", id, p.pid, reason);

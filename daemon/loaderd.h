@@ -93,6 +93,7 @@ class Loaderd {
     int64_t pass = -1;         // the worker's pass counter of the pass in flight (or the last)
     int64_t pass_start = 0;    // its first position
     int64_t copied = 0;        // layers of the pass copied
+    int64_t held = 0;          // layers [copied, held) of the pass are being read (copies in flight)
     std::chrono::steady_clock::time_point last_seen;
     bool silent_logged = false;
   };
@@ -120,6 +121,7 @@ class Loaderd {
   void publish(const Notice& n);
   void check_peers();
   void republish_error(int64_t layer);
+  int64_t hold_max() const;  // layers a worker may hold at once (the welcome's hold_max)
   Peer* peer_by_routing(const std::string& routing_id);
 
   Config config_;

@@ -55,8 +55,9 @@ limit_args=()
 if [[ $BACKEND == cuda ]]; then
   total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$gpu")
   frac() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1024 / float(sys.argv[2]):.5f}')" "$1" "$total_mib"; }
-  # As ringllama-bench plans inside its budget: a 64 MiB guard, two layers of prefetch.
-  limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64 --gpu-ahead-layers 2)
+  # As ringllama-bench plans inside its budget: a 64 MiB guard, and the deepest prefetch that fits
+  # (AHEAD_B8, AHEAD_B64: what ringllama-bench picks for a 4 GiB budget on an 8B store).
+  limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64)
 fi
 reqs=${REQUESTS_PER_SLOT:-4}
 
@@ -102,20 +103,47 @@ wait_log "$out/loaderd.log" "info: ready" "$dpid"
 say "store $store, backend $BACKEND, budget ${BUDGET_GIB:-4} GiB, prompt $plen, output $olen tokens"
 
 # 1 + 2. Saturation, daemon-fed and local window, at batch 8 and 64.
-for b in 8 64; do
-  start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}"
-  bench "daemon-b$b" "ipc://$run/daemon-b$b.sock" "$b,$((2 * b))" "$((reqs * b))"
+ahead() {  # ahead BATCH: the prefetch flag for that batch size (CUDA)
+  [[ $BACKEND == cuda ]] || return 0
+  if [[ $1 -ge 64 ]]; then echo "--gpu-ahead-layers ${AHEAD_B64:-1}"; else echo "--gpu-ahead-layers ${AHEAD_B8:-2}"; fi
+}
+for b in 1 8 64; do
+  # shellcheck disable=SC2046
+  start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}" $(ahead "$b")
+  levels=$b
+  [[ $b -gt 1 ]] && levels="$b,$((2 * b))"  # twice the batch: the queue in front of a full batch
+  bench "daemon-b$b" "ipc://$run/daemon-b$b.sock" "$levels" "$((reqs * b))"
   stop_worker "$wpid"
-  start_worker "local-b$b" "$b" --store "$store" "${limit_args[@]}"
+  # shellcheck disable=SC2046
+  start_worker "local-b$b" "$b" --store "$store" "${limit_args[@]}" $(ahead "$b")
   bench "local-b$b" "ipc://$run/local-b$b.sock" "$b" "$((reqs * b))"
   stop_worker "$wpid"
   d=$(tok_s "$out/daemon-b$b.json" "$b") l=$(tok_s "$out/local-b$b.json" "$b")
   say "$(python3 -c "import sys; d, l = map(float, sys.argv[1:3]); print(f'b{sys.argv[3]}: daemon-fed {d:.1f} tok/s, local window {l:.1f} tok/s: ratio {d / l:.3f}')" "$d" "$l" "$b")"
 done
+# Prefill: one prompt of PREFILL_LEN tokens in one chunk, its first token's latency, daemon-fed and
+# local window.
+pl=${PREFILL_LEN:-512}
+for src in daemon local; do
+  if [[ $src == daemon ]]; then wargs=(--daemon "$control"); else wargs=(--store "$store"); fi
+  # shellcheck disable=SC2046
+  "$bin/ringllama-worker" --backend "$BACKEND" --gpu "$gpu" --listen "ipc://$run/prefill-$src.sock" --name "prefill-$src" \
+    --batch-size 1 --queue-max 8 --max-context $((pl + 16)) --prefill-chunk-tokens "$pl" "${wargs[@]}" \
+    "${limit_args[@]}" $(ahead 1) >"$out/prefill-$src.log" 2>&1 &
+  wpid=$!
+  pids+=("$wpid")
+  wait_log "$out/prefill-$src.log" "info: ready" "$wpid"
+  python3 "$root/scripts/bench_client.py" --endpoint "ipc://$run/prefill-$src.sock" --concurrency 1 --requests 3 \
+    --prompt-len "$pl" --output-len 1 --out "$out/prefill-$src" >"$out/prefill-$src.txt" 2>&1
+  stop_worker "$wpid"
+done
+ttft() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['levels'][0]['ttft_ms_p50'])" "$1"; }
+say "$(python3 -c "import sys; d, l, n = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]); print(f'prefill {n} tokens: daemon-fed {n / d * 1e3:.0f} tok/s (TTFT {d:.0f} ms), local window {n / l * 1e3:.0f} tok/s (TTFT {l:.0f} ms): ratio {l / d:.3f}')" "$(ttft "$out/prefill-daemon.json")" "$(ttft "$out/prefill-local.json")" "$pl")"
+
 if [[ $BACKEND == cuda && -x $bin/ringllama-bench ]]; then
-  "$bin/ringllama-bench" --store "$store" --gpu-budget-gib "$budget" --batches 8,64 --decode-steps 16 \
-    >"$out/ringllama-bench.log" 2>&1
-  for b in 8 64; do
+  "$bin/ringllama-bench" --store "$store" --gpu-budget-gib "$budget" --batches 1,8,64 --decode-steps 16 \
+    --prompt-tokens "$pl" >"$out/ringllama-bench.log" 2>&1
+  for b in 1 8 64; do
     ref=$(awk -v f="b$b" '$1 == "decode" && $2 == f {print $3; exit}' "$out/ringllama-bench.log")
     [[ -n $ref ]] && say "$(python3 -c "import sys; w, r = map(float, sys.argv[1:3]); print(f'b{sys.argv[3]}: bench_client at saturation {w:.1f} tok/s, ringllama-bench {r:.1f} tok/s: ratio {w / r:.3f}')" "$(tok_s "$out/daemon-b$b.json" "$b")" "$ref" "$b")"
   done
@@ -123,24 +151,29 @@ fi
 
 # 3. Restart to first token: a client waits through SIGTERM, exit and start; its request sits in
 #    its socket until the new worker listens.
-start_worker restart 8 --daemon "$control" "${limit_args[@]}"
+# shellcheck disable=SC2046
+start_worker restart 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 t0=$(date +%s.%N)
 stop_worker "$wpid"
 python3 "$root/scripts/ringllama_client.py" --endpoint "ipc://$run/restart.sock" --prompt-ids 1,2,3 --max-tokens 4 \
   --timing --timeout 120 >"$out/restart-client.log" 2>&1 &
 cpid=$!
 cp "$out/restart.log" "$out/restart-before.log"
-start_worker restart 8 --daemon "$control" "${limit_args[@]}"
+# shellcheck disable=SC2046
+start_worker restart 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wait "$cpid"
 first=$(sed -n 's/^first token at \([0-9.]*\).*/\1/p' "$out/restart-client.log")
 say "$(python3 -c "import sys; print(f'restart to first token: {(float(sys.argv[1]) - float(sys.argv[2])) * 1e3:.0f} ms from SIGTERM')" "$first" "$t0")"
 say "  worker start: $(grep -o 'started in.*' "$out/restart.log")"
+say "  $(grep -o 'CUDA backend start phases:.*' "$out/restart.log" || true)"
 stop_worker "$wpid"
 
 # 4. Two workers on one GPU, one daemon, a budget each.
-start_worker shared-a 8 --daemon "$control" "${limit_args[@]}"
+# shellcheck disable=SC2046
+start_worker shared-a 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wa=$wpid
-start_worker shared-b 8 --daemon "$control" "${limit_args[@]}"
+# shellcheck disable=SC2046
+start_worker shared-b 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wb=$wpid
 bench shared-a "ipc://$run/shared-a.sock" 8 "$((reqs * 8))" >/dev/null &
 ba=$!

@@ -72,6 +72,47 @@ TEST(DaemonWeights, LogitsBitIdenticalToStore) {
   }
 }
 
+// Two layers held at once (a copy in flight behind another): the daemon protects [copied, held),
+// the bytes are the store's, out-of-order releases and a third hold are refused.
+TEST(DaemonWeights, HoldsTwoLayersAheadInOrder) {
+  test::TempDir tmp;
+  const std::string store = tmp / "store";
+  ASSERT_EQ(test::run_bin("ringllama-pack", {"--random", "tiny", "--layers", "8", "--out", store, "--quiet"}, 60)
+                .status,
+            0);
+  const std::string control = "ipc://" + (tmp / "ctl.sock");
+  // 4 slots for 8 layers: the last 2 pinned, 2 cycling, so at most 2 held.
+  Proc d("ringllama-loaderd", {"--store", store, "--control", control, "--cpu-cap-layers", "4", "--mlock", "warn"},
+         tmp / "daemon.log");
+  ASSERT_TRUE(test::wait_daemon_ready(d, control)) << d.log();
+  Config c;
+  auto w = open_daemon_weights(control, c);
+  auto ref = open_store_weights(store);
+  const Manifest& m = w->manifest();
+  ASSERT_EQ(w->layers_held_at_once(), 2);
+  auto bytes = [&](const LayerWeights& lw, int64_t l) {
+    return std::string(reinterpret_cast<const char*>(lw.attn_norm), m.layer_size(l));
+  };
+  for (int pass = 0; pass < 3; ++pass) {
+    w->begin_pass();
+    EXPECT_EQ(bytes(w->acquire_layer(0), 0), bytes(ref->acquire_layer(0), 0));
+    for (int64_t l = 1; l < 8; ++l) {
+      EXPECT_EQ(bytes(w->acquire_layer(l), l), bytes(ref->acquire_layer(l), l)) << "pass " << pass << " layer " << l;
+      if (l == 3 && pass == 0) {
+        EXPECT_THROW(w->acquire_layer(4), Error) << "a third layer held";
+        EXPECT_THROW(w->release_layer(l), Error) << "released before the older one";
+      }
+      w->release_layer(l - 1);
+    }
+    w->release_layer(7);
+    w->end_pass();
+  }
+  const std::string stats = test::run_bin("ringllama-loaderd", {"--control", control, "--stats"}, 30).out;
+  EXPECT_NE(stats.find("\"pinned_layers\": 2"), std::string::npos) << stats;
+  d.signal(SIGTERM);
+  EXPECT_EQ(d.wait(10000), 0) << d.log();
+}
+
 TEST(DaemonWeights, OtherStoreIsRefused) {
   test::TempDir tmp;
   const std::string a = tmp / "a", b = tmp / "b";

@@ -42,6 +42,11 @@ TEST(Protocol, ControlRoundTrips) {
   const Progress p = as<Progress>(parse_control_request(R"({"op":"progress","pass":3,"copied":80})"));
   EXPECT_EQ(p.pass, 3);
   EXPECT_EQ(p.copied, 80);
+  EXPECT_EQ(p.held, 80) << "no held: nothing beyond the next layer";
+  // A hold ahead of the copies: sent only when there is one.
+  const Progress h = as<Progress>(parse_control_request(encode(ControlRequest{Progress{4, 6, 8}})));
+  EXPECT_EQ(h.held, 8);
+  EXPECT_EQ(encode(ControlRequest{Progress{4, 6, 6}}), R"({"copied":6,"op":"progress","pass":4})");
 
   Welcome w;
   w.segment = "/ringllama-main";

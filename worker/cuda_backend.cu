@@ -174,9 +174,21 @@ class CudaBackend : public Backend {
         host_params_(static_cast<size_t>(limits_.max_items)) {
     RL_REQUIRE(m_.head_dim % 2 == 0 && m_.head_dim <= 256, "the CUDA backend supports even head_dim up to 256, not {}",
                m_.head_dim);
+    // Each start phase timed: a worker restart is these plus the process's own start.
+    using PhaseClock = std::chrono::steady_clock;
+    auto mark = PhaseClock::now();
+    std::string phases;
+    auto phase = [&](const char* what) {
+      const auto now = PhaseClock::now();
+      phases += fmt::format("{}{} {:.0f} ms", phases.empty() ? "" : ", ", what,
+                            std::chrono::duration<double, std::milli>(now - mark).count());
+      mark = now;
+    };
     report_.context_bytes = process_context_bytes(device_);
+    phase("CUDA context");
     const uint64_t used_before = device_memory().used();
     gemm_ = std::make_unique<Gemm>();
+    phase("cuBLAS");
     const DeviceMemory after_cublas = device_memory();
     report_.cublas_bytes = after_cublas.used() > used_before ? after_cublas.used() - used_before : 0;
 
@@ -184,12 +196,16 @@ class CudaBackend : public Backend {
     Config planned = config;
     planned.prefill_chunk_tokens = limits_.max_item_tokens;
     report_.plan = plan_backend(ws.manifest(), planned, after_cublas, report_.context_bytes, report_.cublas_bytes);
+    phase("plan");
 
     upload_weights(ws, config);
+    phase("weights (globals, resident layers, pool)");
     allocate_state();
+    phase("KV cache and activations");
     // One decode step run eagerly first: cuBLAS and the kernels are loaded (their memory counted
     // below) before any graph is captured, and no capture ever has to load one.
     warm_up();
+    phase("warm-up step");
     // A streamed step reads each layer from whichever pool buffer the pass gave it, and the copies
     // are enqueued from the host as the pass goes: a captured step could not follow. Graphs only
     // when every layer is resident.
@@ -197,6 +213,8 @@ class CudaBackend : public Backend {
       for (int64_t n = 1; n <= limits_.max_items; ++n) graphs_.push_back(capture(decode_layout(n)));
     }
     CUDA_CHECK(cudaDeviceSynchronize());
+    phase("graphs");
+    spdlog::info("CUDA backend start phases: {}", phases);
 
     const MemoryPlan& p = report_.plan;
     report_.planned_allocations = p.globals_bytes + p.resident_bytes + p.pool_bytes + p.kv_bytes +

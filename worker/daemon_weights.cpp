@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <map>
+#include <deque>
 #include <optional>
 #include <thread>
 #include <zmq.hpp>
@@ -145,7 +146,7 @@ class DaemonWeights : public WeightSource {
   void end_pass() override {
     if (!in_pass_) return;
     in_pass_ = false;
-    hold_.reset();
+    holds_.clear();
     if (copied_ < n_layers_) send(ControlRequest{Progress{pass_, n_layers_}});
     if (pass_start_ >= 0) {
       floor_ = pass_start_ + n_layers_;
@@ -170,17 +171,31 @@ class DaemonWeights : public WeightSource {
     if (layer < 0 || layer >= n_layers_)
       throw Error(fmt::format("layer {} does not exist (the model has {})", layer, n_layers_));
     if (!in_pass_) begin_pass();
-    if (layer != copied_)
+    const int64_t expected = copied_ + static_cast<int64_t>(holds_.size());
+    if (layer != expected)
       throw Error(fmt::format("layer {} asked for while layer {} is next: a pass reads the layers in order", layer,
-                              copied_));
-    // 1. The daemon has applied our progress up to this layer: from then on it keeps the slot
-    //    holding it, even if we run ahead of the window.
-    wait_for(fmt::format("the loader daemon to apply progress to layer {}", layer).c_str(), [&] {
-      const int64_t p = entry().position.load();
-      if (p < 0 || p < floor_ || p % n_layers_ != layer) return false;
-      if (layer == 0) pass_start_ = p;
-      return p == pass_start_ + layer;
-    });
+                              expected));
+    if (static_cast<int64_t>(holds_.size()) >= welcome_.hold_max)
+      throw Error(fmt::format("layer {} asked for while {} layers are held, the most the daemon allows (hold_max); "
+                              "release one first",
+                              layer, holds_.size()));
+    if (holds_.empty()) {
+      // 1. The daemon has applied our progress up to this layer: from then on it keeps the slot
+      //    holding it, even if we run ahead of the window.
+      wait_for(fmt::format("the loader daemon to apply progress to layer {}", layer).c_str(), [&] {
+        const int64_t p = entry().position.load();
+        if (p < 0 || p < floor_ || p % n_layers_ != layer) return false;
+        if (layer == 0) pass_start_ = p;
+        return p == pass_start_ + layer;
+      });
+    } else {
+      // 1'. A layer ahead of the one still being copied: the daemon protects [copied, held) once
+      //     it has applied the hold, so the copy of this layer can go out behind the other.
+      send(ControlRequest{Progress{pass_, copied_, layer + 1}});
+      wait_for(fmt::format("the loader daemon to apply the hold of layer {}", layer).c_str(), [&] {
+        return entry().position.load() == pass_start_ + copied_ && entry().held.load() >= pass_start_ + layer + 1;
+      });
+    }
     // 2. A slot holds the layer, ready.
     std::optional<Hold> got;
     wait_for(fmt::format("layer {}", layer).c_str(), [&] {
@@ -196,14 +211,18 @@ class DaemonWeights : public WeightSource {
       error_seen_ = Clock::time_point{};
       return false;
     });
-    hold_ = got;
+    holds_.push_back(*got);
     return layer_view(store_->manifest(), layer, segment_->slot_data(got->slot));
   }
 
+  int64_t layers_held_at_once() const override { return welcome_.hold_max; }
+
+  // In the order they were acquired.
   void release_layer(int64_t layer) override {
-    if (!hold_ || hold_->layer != layer) throw Error(fmt::format("release of layer {}, which is not held", layer));
-    const Hold h = *hold_;
-    hold_.reset();
+    if (holds_.empty() || holds_.front().layer != layer)
+      throw Error(fmt::format("release of layer {}, which is not the oldest held", layer));
+    const Hold h = holds_.front();
+    holds_.pop_front();
     if (!segment_->slot(h.slot).unchanged(h.snap)) {
       const SlotSnapshot now = segment_->slot(h.slot).snapshot();
       throw Error(fmt::format("slot {} changed while layer {} was read from it (generation {} -> {}, now layer {} {}): "
@@ -211,7 +230,7 @@ class DaemonWeights : public WeightSource {
                               h.slot, layer, h.snap.generation, now.generation, now.layer, slot_state_name(now.state)));
     }
     copied_ = layer + 1;
-    send(ControlRequest{Progress{pass_, copied_}});
+    send(ControlRequest{Progress{pass_, copied_, copied_ + static_cast<int64_t>(holds_.size())}});
     if (copied_ == n_layers_) {
       in_pass_ = false;
       floor_ = pass_start_ + n_layers_;
@@ -341,7 +360,7 @@ class DaemonWeights : public WeightSource {
   int64_t copied_ = 0;
   int64_t pass_start_ = -1;
   int64_t floor_ = 0;            // the next pass starts at or after this position
-  std::optional<Hold> hold_;
+  std::deque<Hold> holds_;  // acquired and not released, oldest first (at most welcome_.hold_max)
 };
 
 }  // namespace

@@ -218,7 +218,7 @@ struct GpuWeights::Impl {
       n_attn = plan.attn_buffers > 0 ? plan.attn_buffers : ahead + 1;
       n_ffn = plan.ffn_buffers > 0 ? plan.ffn_buffers : ahead + 1;
     }
-    int64_t held = slots ? slots->max_held_layers() : 1;
+    int64_t held = slots ? slots->max_held_layers() : source.layers_held_at_once();
     if (plan.source_held_max > 0) held = slots ? std::min(held, plan.source_held_max) : plan.source_held_max;
     limit = std::max<int64_t>(1, std::min(plan.h2d_backlog_max, held));
     // Sources without HostSlots expect every layer of a pass in order (the daemon's does); with

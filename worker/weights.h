@@ -61,6 +61,9 @@ class WeightSource {
   // ~100 ms): keeps the source's peers informed (heartbeats) and throws Error once the source can
   // no longer serve (its daemon died), so that an idle worker finds out too.
   virtual void keep_alive() {}
+  // Layers the consumer may hold at once (acquired, not released) without waiting on itself: the
+  // copies it may have in flight. Sources with HostSlots say so there instead.
+  virtual int64_t layers_held_at_once() const { return 1; }
   // The host memory the views point into, for the GPU side to page-lock (cudaHostRegister) so
   // that its copies are true async DMA; empty when the source does not know (copies from pageable
   // memory are staged by the driver: correct, slower). Every page has been written once.
