@@ -15,7 +15,7 @@
 #
 # Environment: BUILD_DIR (default build), BACKEND (cuda where nvidia-smi sees a GPU, else cpu),
 # BUDGET_GIB (4: the worker's device budget, as ringllama-bench --gpu-budget-gib), GPU (0),
-# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512), REQUESTS_PER_SLOT (4: requests per level =
+# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512), BATCHES ("1 8 64"), PREFILL_LEN (512), REQUESTS_PER_SLOT (4: requests per level =
 # this x the batch size). Everything it starts is stopped on exit, Ctrl-C
 # included. Logs and bench_client's JSON/PNG go to OUTDIR; the summary to OUTDIR/summary.txt.
 set -euo pipefail
@@ -107,7 +107,7 @@ ahead() {  # ahead BATCH: the prefetch flag for that batch size (CUDA)
   [[ $BACKEND == cuda ]] || return 0
   if [[ $1 -ge 64 ]]; then echo "--gpu-ahead-layers ${AHEAD_B64:-1}"; else echo "--gpu-ahead-layers ${AHEAD_B8:-2}"; fi
 }
-for b in 1 8 64; do
+for b in ${BATCHES:-1 8 64}; do
   # shellcheck disable=SC2046
   start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}" $(ahead "$b")
   levels=$b
@@ -141,9 +141,9 @@ ttft() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['level
 say "$(python3 -c "import sys; d, l, n = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]); print(f'prefill {n} tokens: daemon-fed {n / d * 1e3:.0f} tok/s (TTFT {d:.0f} ms), local window {n / l * 1e3:.0f} tok/s (TTFT {l:.0f} ms): ratio {l / d:.3f}')" "$(ttft "$out/prefill-daemon.json")" "$(ttft "$out/prefill-local.json")" "$pl")"
 
 if [[ $BACKEND == cuda && -x $bin/ringllama-bench ]]; then
-  "$bin/ringllama-bench" --store "$store" --gpu-budget-gib "$budget" --batches 1,8,64 --decode-steps 16 \
-    --prompt-tokens "$pl" >"$out/ringllama-bench.log" 2>&1
-  for b in 1 8 64; do
+  "$bin/ringllama-bench" --store "$store" --gpu-budget-gib "$budget" --batches "$(echo ${BATCHES:-1 8 64} | tr ' ' ,)" \
+    --decode-steps 16 --decode-prompt "$plen" --prompt-tokens "$pl" >"$out/ringllama-bench.log" 2>&1
+  for b in ${BATCHES:-1 8 64}; do
     ref=$(awk -v f="b$b" '$1 == "decode" && $2 == f {print $3; exit}' "$out/ringllama-bench.log")
     [[ -n $ref ]] && say "$(python3 -c "import sys; w, r = map(float, sys.argv[1:3]); print(f'b{sys.argv[3]}: bench_client at saturation {w:.1f} tok/s, ringllama-bench {r:.1f} tok/s: ratio {w / r:.3f}')" "$(tok_s "$out/daemon-b$b.json" "$b")" "$ref" "$b")"
   done

@@ -331,6 +331,8 @@ int run(int argc, char** argv) {
   app.add_option("--decode-steps", steps, "timed decode steps per batch size")->capture_default_str();
   app.add_option("--batches", batches_text, "decode batch sizes, comma separated")->capture_default_str();
   app.add_option("--prompt-tokens", prompt_tokens, "prefill prompt length")->capture_default_str();
+  app.add_option("--decode-prompt", decode_prompt, "prompt tokens of each sequence before the timed decode steps")
+      ->capture_default_str();
   double budget_gib = 0;
   app.add_option("--gpu-budget-gib", budget_gib,
                  "plan for this many GiB of device memory: the layers that do not fit are streamed (0: resident run)");
