@@ -123,7 +123,7 @@ Loaderd::Loaderd(const Config& config, const LoaderdOptions& opt)
       store_dir_(fs::absolute(config.store).lexically_normal().string()),
       identity_(store_identity(store_)),
       instance_(opt.instance_id.empty() ? instance_id_for(config.control) : opt.instance_id),
-      policy_(window_params(store_.manifest(), config, opt.mlock != MlockMode::Off, &window_why_)),
+      policy_(window_params(store_.manifest(), config, opt.mlock == MlockMode::Require, &window_why_)),
       segment_(Segment::create(instance_, identity_, SegmentLayout::for_manifest(store_.manifest(), policy_.cap()),
                                segment_options(opt))) {
   started_ = Clock::now();

@@ -133,9 +133,10 @@ int run(int argc, char** argv) {
     return 0;
   }
   // The host plan, before the segment exists: the window sized (auto) or checked (explicit)
+  // (RLIMIT_MEMLOCK counts with --mlock require only: warn goes on unlocked, off never locks)
   // against MemAvailable and the memlock limit, and the disk's bound on a step.
   const HostPlan plan =
-      host_plan_at_start(manifest, config, host, opt.mlock != MlockMode::Off, 0, "the workers' link", 0, false);
+      host_plan_at_start(manifest, config, host, opt.mlock == MlockMode::Require, 0, "the workers' link", 0, false);
   fmt::print(plan_only ? stdout : stderr, "{}", plan.table());
   if (plan_only) return 0;
   if (bench) return run_loaderd_bench(config, opt, rounds, !no_drop);

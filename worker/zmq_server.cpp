@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -50,6 +51,11 @@ ClientServer::~ClientServer() {
   if (router_) router_->set(zmq::sockopt::linger, 2000);  // the last replies go out
   router_.reset();
   ctx_.reset();
+  // A socket file left behind would make a client wait for a worker that is gone instead of
+  // failing at once; remove it, unless another process has bound the path since.
+  struct stat st {};
+  if (!ipc_file_.empty() && ::stat(ipc_file_.c_str(), &st) == 0 && static_cast<uint64_t>(st.st_ino) == ipc_inode_)
+    ::unlink(ipc_file_.c_str());
 }
 
 void ClientServer::bind() {
@@ -72,6 +78,14 @@ void ClientServer::bind() {
     router_->bind(opt_.listen);
   } catch (const zmq::error_t& e) {
     fail("listen {}: {}", opt_.listen, e.what());
+  }
+  struct stat st {};
+  if (opt_.listen.compare(0, ipc.size(), ipc) == 0 && opt_.listen[ipc.size()] != '@') {
+    const std::string file = opt_.listen.substr(ipc.size());
+    if (::stat(file.c_str(), &st) == 0) {
+      ipc_file_ = file;
+      ipc_inode_ = static_cast<uint64_t>(st.st_ino);
+    }
   }
 }
 

@@ -77,6 +77,8 @@ class ClientServer {
   ServerOptions opt_;
   std::unique_ptr<zmq::context_t> ctx_;
   std::unique_ptr<zmq::socket_t> router_;
+  std::string ipc_file_;   // the ipc socket file this server made ("" = none)
+  uint64_t ipc_inode_ = 0; // its inode: only that file is removed on exit
   std::map<std::string, std::set<std::string>> in_flight_;  // client -> request ids submitted, not ended
   int64_t n_in_flight_ = 0;
   bool draining_ = false;
