@@ -15,7 +15,8 @@
 #
 # Environment: BUILD_DIR (default build), BACKEND (cuda where nvidia-smi sees a GPU, else cpu),
 # BUDGET_GIB (4: the worker's device budget, as ringllama-bench --gpu-budget-gib), GPU (0),
-# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512), BATCHES ("1 8 64"), PREFILL_LEN (512), REQUESTS_PER_SLOT (4: requests per level =
+# OUTPUT_LEN (128), PROMPT_LEN (16), CONTEXT (512), BATCHES ("1 8 64"), PREFILL_LEN (512), PARTS
+# ("batches prefill restart shared"), REQUESTS_PER_SLOT (4: requests per level =
 # this x the batch size). Everything it starts is stopped on exit, Ctrl-C
 # included. Logs and bench_client's JSON/PNG go to OUTDIR; the summary to OUTDIR/summary.txt.
 set -euo pipefail
@@ -107,7 +108,9 @@ ahead() {  # ahead BATCH: the prefetch flag for that batch size (CUDA)
   [[ $BACKEND == cuda ]] || return 0
   if [[ $1 -ge 64 ]]; then echo "--gpu-ahead-layers ${AHEAD_B64:-1}"; else echo "--gpu-ahead-layers ${AHEAD_B8:-2}"; fi
 }
+parts=" ${PARTS:-batches prefill restart shared} "
 for b in ${BATCHES:-1 8 64}; do
+  [[ $parts == *" batches "* ]] || break
   # shellcheck disable=SC2046
   start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}" $(ahead "$b")
   levels=$b
@@ -124,6 +127,7 @@ done
 # Prefill: one prompt of PREFILL_LEN tokens in one chunk, its first token's latency, daemon-fed and
 # local window.
 pl=${PREFILL_LEN:-512}
+if [[ $parts == *" prefill "* ]]; then
 for src in daemon local; do
   if [[ $src == daemon ]]; then wargs=(--daemon "$control"); else wargs=(--store "$store"); fi
   # shellcheck disable=SC2046
@@ -139,8 +143,9 @@ for src in daemon local; do
 done
 ttft() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['levels'][0]['ttft_ms_p50'])" "$1"; }
 say "$(python3 -c "import sys; d, l, n = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]); print(f'prefill {n} tokens: daemon-fed {n / d * 1e3:.0f} tok/s (TTFT {d:.0f} ms), local window {n / l * 1e3:.0f} tok/s (TTFT {l:.0f} ms): ratio {l / d:.3f}')" "$(ttft "$out/prefill-daemon.json")" "$(ttft "$out/prefill-local.json")" "$pl")"
+fi
 
-if [[ $BACKEND == cuda && -x $bin/ringllama-bench ]]; then
+if [[ $parts == *" batches "* && $BACKEND == cuda && -x $bin/ringllama-bench ]]; then
   "$bin/ringllama-bench" --store "$store" --gpu-budget-gib "$budget" --batches "$(echo ${BATCHES:-1 8 64} | tr ' ' ,)" \
     --decode-steps 16 --decode-prompt "$plen" --prompt-tokens "$pl" >"$out/ringllama-bench.log" 2>&1
   for b in ${BATCHES:-1 8 64}; do
@@ -151,6 +156,7 @@ fi
 
 # 3. Restart to first token: a client waits through SIGTERM, exit and start; its request sits in
 #    its socket until the new worker listens.
+if [[ $parts == *" restart "* ]]; then
 # shellcheck disable=SC2046
 start_worker restart 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 t0=$(date +%s.%N)
@@ -167,8 +173,10 @@ say "$(python3 -c "import sys; print(f'restart to first token: {(float(sys.argv[
 say "  worker start: $(grep -o 'started in.*' "$out/restart.log")"
 say "  $(grep -o 'CUDA backend start phases:.*' "$out/restart.log" || true)"
 stop_worker "$wpid"
+fi
 
 # 4. Two workers on one GPU, one daemon, a budget each.
+if [[ $parts == *" shared "* ]]; then
 # shellcheck disable=SC2046
 start_worker shared-a 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wa=$wpid
@@ -184,4 +192,5 @@ a=$(tok_s "$out/shared-a.json" 8) b=$(tok_s "$out/shared-b.json" 8)
 say "$(python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'two workers on one GPU, b8 each: {a:.1f} + {b:.1f} = {a + b:.1f} tok/s')" "$a" "$b")"
 stop_worker "$wa"
 stop_worker "$wb"
+fi
 echo "summary in $summary; bench_client tables, JSON and plots in $out"
