@@ -371,6 +371,19 @@ std::string ConfigLoader::describe(const Config& c) const {
   return out;
 }
 
+std::optional<int> parse_command_line(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    throw ConfigError(e.what());
+  }
+  return std::nullopt;
+}
+
 std::string expand_listen(const Config& c) {
   std::string s = c.listen;
   const std::string tag = "<gpu>";

@@ -108,6 +108,10 @@ class ConfigLoader {
   std::map<std::string, std::string> flag_values_;  // filled by CLI11
 };
 
+// Parses a binary's command line: --help prints the usage and gives its exit code (0); a bad option
+// throws ConfigError (the binary's one-line error, exit 1); nullopt: go on.
+std::optional<int> parse_command_line(CLI::App& app, int argc, char** argv);
+
 // The `listen` endpoint with <gpu> replaced by the device index.
 std::string expand_listen(const Config& c);
 

@@ -8,21 +8,18 @@
 // socket files are removed, exit 0. Under systemd (Type=notify) it says READY=1 once the globals and
 // the first window are loaded and pings the watchdog at half of WatchdogSec.
 #include <signal.h>
-#include <sys/signalfd.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <zmq.hpp>
-#ifdef RINGLLAMA_HAVE_SYSTEMD
-#include <systemd/sd-daemon.h>
-#endif
 
 #include "common/config.h"
 #include "common/errors.h"
 #include "common/host_plan.h"
 #include "common/log.h"
 #include "common/protocol.h"
+#include "common/service.h"
 #include "common/store.h"
 #include "daemon/loaderd.h"
 #include "daemon/loaderd_bench.h"
@@ -30,41 +27,11 @@
 namespace ringllama {
 namespace {
 
-void notify(const char* state) {
-#ifdef RINGLLAMA_HAVE_SYSTEMD
-  ::sd_notify(0, state);
-#else
-  (void)state;
-#endif
-}
-
-// The watchdog period systemd asks for, in microseconds; 0 = none.
-uint64_t watchdog_usec() {
-#ifdef RINGLLAMA_HAVE_SYSTEMD
-  uint64_t usec = 0;
-  if (::sd_watchdog_enabled(0, &usec) > 0) return usec;
-#endif
-  return 0;
-}
-
 MlockMode parse_mlock(const std::string& s) {
   if (s == "require") return MlockMode::Require;
   if (s == "warn") return MlockMode::Warn;
   if (s == "off") return MlockMode::Off;
   fail("--mlock '{}' is unknown (require, warn, off)", s);
-}
-
-// SIGTERM and SIGINT as a readable fd, blocked before any thread starts so that none of them
-// takes the signal instead.
-int stop_signal_fd() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  if (::pthread_sigmask(SIG_BLOCK, &set, nullptr) != 0) fail("cannot block SIGTERM/SIGINT");
-  int fd = ::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
-  if (fd < 0) fail("signalfd: {}", errno_text(errno));
-  return fd;
 }
 
 int query_stats(const std::string& control) {
@@ -105,15 +72,7 @@ int run(int argc, char** argv) {
   app.add_flag("--bench-no-drop", no_drop, "with --bench: do not drop the page cache before each read");
   app.add_flag("--plan-only", plan_only, "print the host plan (window, memory, the disk's bound) and exit");
   host.add_flags(app);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    fail("{}", e.what());
-  }
+  if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
   opt.mlock = parse_mlock(mlock);
 
   Config config = loader.load();
@@ -144,19 +103,19 @@ int run(int argc, char** argv) {
   const int stop_fd = stop_signal_fd();
   Loaderd d(config, opt);
   if (!d.fill(stop_fd)) {
-    notify("STOPPING=1");
+    service_notify("STOPPING=1");
     return 0;
   }
   d.bind();
-  const uint64_t wd = watchdog_usec();
+  const uint64_t wd = service_watchdog_usec();
   const int64_t tick_ms = wd ? std::max<int64_t>(1, static_cast<int64_t>(wd / 2000)) : 1000;
-  notify("READY=1\nSTATUS=serving");
-  if (wd) notify("WATCHDOG=1");
+  service_notify("READY=1\nSTATUS=serving");
+  if (wd) service_notify("WATCHDOG=1");
   spdlog::info("ready{}", wd ? fmt::format(" (watchdog every {} ms)", tick_ms) : std::string());
   d.run(stop_fd, tick_ms, [wd] {
-    if (wd) notify("WATCHDOG=1");
+    if (wd) service_notify("WATCHDOG=1");
   });
-  notify("STOPPING=1");
+  service_notify("STOPPING=1");
   spdlog::info("stopped: {} bytes read", d.stats().value("bytes_read", uint64_t(0)));
   return 0;
 }

@@ -147,15 +147,7 @@ int run(int argc, char** argv) {
   app.add_flag("--plan-only", o.plan_only, "print the device memory plan and exit: 0 if it fits, 1 if not");
   app.add_option("--device-memory", o.device_memory_gb, "with --plan-only: plan for a card of this many GiB");
   o.host.add_flags(app);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    fail("{}", e.what());
-  }
+  if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
 
   Config config = loader.load();
   init_logging("ringllama-generate", config.verbose);

@@ -26,7 +26,7 @@
 #include "worker/backend_choice.h"
 #include "worker/daemon_weights.h"
 #include "worker/scheduler.h"
-#include "worker/service.h"
+#include "common/service.h"
 #include "worker/zmq_server.h"
 #ifdef RINGLLAMA_HAVE_CUDA
 #include "worker/cuda_backend.h"
@@ -74,15 +74,7 @@ int run(int argc, char** argv) {
                  "the `control` key)");
   app.add_option("--backend", backend_name, "cpu or cuda (default: cuda where a GPU is visible, else cpu)");
   app.add_option("--name", name, "this worker's name in the daemon's stats (default: worker-<gpu>-<pid>)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    fail("{}", e.what());
-  }
+  if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
   Config config = loader.load();
   init_logging("ringllama-worker", config.verbose);
   // One config file serves the daemon and its workers, so a `store` key there does not make a

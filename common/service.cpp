@@ -1,4 +1,4 @@
-#include "worker/service.h"
+#include "common/service.h"
 
 #include <signal.h>
 #include <sys/signalfd.h>
