@@ -9,9 +9,11 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <sstream>
 
 #include "common/errors.h"
+#include "common/store.h"
 
 extern char** environ;
 
@@ -34,6 +36,9 @@ struct KeyDef {
   std::function<std::string(const Config&)> get;
 };
 
+
+// A config file is a few dozen lines; anything near this is not one.
+constexpr uint64_t kMaxConfigFileBytes = 1ull << 20;
 
 std::string bool_text(bool b) { return b ? "true" : "false"; }
 
@@ -238,11 +243,11 @@ Config ConfigLoader::load() {
   if (path.empty() && env.count("RINGLLAMA_CONFIG")) path = env["RINGLLAMA_CONFIG"];
   std::optional<std::string> text;
   if (!path.empty()) {
-    std::ifstream in(path);
-    if (!in) throw ConfigError(fmt::format("config file {}: cannot open: {}", path, errno_text(errno)));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    text = ss.str();
+    try {
+      text = read_regular_file(path, kMaxConfigFileBytes);
+    } catch (const StoreError& e) {
+      throw ConfigError(fmt::format("config file {}", e.what()));
+    }
   }
   std::map<std::string, std::string> flags;
   for (const auto& [key, value] : flag_values_)
@@ -259,15 +264,25 @@ Config ConfigLoader::load_from(const std::optional<std::string>& yaml_text, cons
   if (yaml_text) {
     YAML::Node root;
     try {
-      root = YAML::Load(*yaml_text);
+      std::vector<YAML::Node> docs = YAML::LoadAll(*yaml_text);
+      // A second document would be silently ignored by a reader of the first.
+      if (docs.size() > 1)
+        throw ConfigError(fmt::format("config file {}: holds {} YAML documents; a config file is one", yaml_name,
+                                      docs.size()));
+      if (!docs.empty()) root = docs[0];
     } catch (const YAML::Exception& e) {
       throw ConfigError(fmt::format("config file {}: not valid YAML: {}", yaml_name, e.what()));
     }
     if (root.IsDefined() && !root.IsNull()) {
       if (!root.IsMap()) throw ConfigError(fmt::format("config file {}: expected a mapping of key: value", yaml_name));
+      std::set<std::string> seen;
       for (const auto& kv : root) {
         std::string key = kv.first.as<std::string>();
         ValueSource src{"file", fmt::format("{}:{}", yaml_name, kv.first.Mark().line + 1)};
+        // yaml-cpp keeps both entries of a repeated key; which one wins would be a guess.
+        if (!seen.insert(key).second)
+          throw ConfigError(fmt::format("config key '{}' from {}: appears twice in the file; keys must be unique",
+                                        key, src.text()));
         if (!find_key(key))
           throw ConfigError(fmt::format("unknown config key '{}' from {}{}", key, src.text(), near_miss(key)));
         if (!kv.second.IsScalar())

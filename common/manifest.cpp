@@ -4,9 +4,10 @@
 #include <yaml-cpp/yaml.h>
 
 #include <fstream>
-#include <sstream>
+#include <set>
 
 #include "common/errors.h"
+#include "common/store.h"
 
 namespace ringllama {
 
@@ -42,7 +43,9 @@ const char* group_kind_name(GroupKind k) {
 
 int64_t TensorEntry::numel() const {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n))
+      throw StoreError(fmt::format("tensor '{}': shape {} overflows", name, fmt::join(shape, "x")));
   return n;
 }
 
@@ -97,8 +100,9 @@ static GroupEntry plan_group(const ModelConfig& m, GroupKind kind, int64_t layer
     t.dtype = DType::BF16;
     t.shape = spec.shape;
     t.offset = align_up(at, kTensorAlign);
-    t.size = static_cast<uint64_t>(t.numel()) * dtype_bytes(t.dtype);
-    at = t.offset + t.size;
+    if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), dtype_bytes(t.dtype), &t.size) ||
+        __builtin_add_overflow(t.offset, t.size, &at))
+      throw StoreError(fmt::format("tensor '{}': shape {} overflows", t.name, fmt::join(t.shape, "x")));
     g.tensors.push_back(std::move(t));
   }
   g.size = align_up(at, kGroupAlign);
@@ -111,12 +115,14 @@ Manifest Manifest::plan(const ModelConfig& m, const std::string& source) {
   man.model = m;
   man.source = source;
   uint64_t at = 0;
+  man.groups.reserve(1 + 2 * static_cast<size_t>(m.n_layers));
   man.groups.push_back(plan_group(m, GroupKind::Globals, -1, at));
   at += man.groups.back().size;
   for (int64_t l = 0; l < m.n_layers; ++l) {
     for (GroupKind k : {GroupKind::Attn, GroupKind::Ffn}) {
       man.groups.push_back(plan_group(m, k, l, at));
-      at += man.groups.back().size;
+      if (__builtin_add_overflow(at, man.groups.back().size, &at))
+        throw StoreError("model config: the layout overflows 64 bits");
     }
   }
   man.weights_size = at;
@@ -133,10 +139,13 @@ void Manifest::validate() const {
   if (format != kManifestFormat)
     throw StoreError(fmt::format("manifest format {} is not supported (this build reads {})", format, kManifestFormat));
   model.validate();
+  // Counts before the layout: building the expected layout for a lying n_layers would cost its memory first.
+  const uint64_t need_groups = 1 + 2 * static_cast<uint64_t>(model.n_layers);
+  if (groups.size() != need_groups)
+    throw StoreError(fmt::format("manifest has {} groups, n_layers {} needs {}", groups.size(), model.n_layers,
+                                 need_groups));
   // The layout is a pure function of the model config: anything else was edited or corrupted.
   Manifest expect = plan(model, source);
-  if (groups.size() != expect.groups.size())
-    throw StoreError(fmt::format("manifest has {} groups, the model needs {}", groups.size(), expect.groups.size()));
   for (size_t i = 0; i < groups.size(); ++i) {
     const GroupEntry& g = groups[i];
     const GroupEntry& e = expect.groups[i];
@@ -176,6 +185,23 @@ T get(const YAML::Node& parent, const char* key, const std::string& what) {
     return n.as<T>();
   } catch (const YAML::Exception&) {
     throw StoreError(fmt::format("{}: key '{}' has the wrong type", where_of(n, what), key));
+  }
+}
+
+// yaml-cpp keeps both entries of a repeated key and lookups see only the first: refuse them, at
+// every depth, so that what the reader sees is what an editor of the file sees.
+void check_unique_keys(const YAML::Node& n, const std::string& what) {
+  if (n.IsSequence()) {
+    for (const YAML::Node& c : n) check_unique_keys(c, what);
+  } else if (n.IsMap()) {
+    std::set<std::string> seen;
+    for (const auto& kv : n) {
+      const std::string key = kv.first.IsScalar() ? kv.first.Scalar() : std::string("?");
+      if (!seen.insert(key).second)
+        throw StoreError(fmt::format("{}: key '{}' appears twice in one mapping (line {}); keys must be unique", what,
+                                     key, kv.first.Mark().line + 1));
+      check_unique_keys(kv.second, what);
+    }
   }
 }
 
@@ -241,11 +267,15 @@ std::string Manifest::to_yaml() const {
 Manifest Manifest::from_yaml(const std::string& text, const std::string& what) {
   YAML::Node root;
   try {
-    root = YAML::Load(text);
+    std::vector<YAML::Node> docs = YAML::LoadAll(text);
+    if (docs.size() > 1)
+      throw StoreError(fmt::format("{}: holds {} YAML documents; a manifest is one", what, docs.size()));
+    if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {
     throw StoreError(fmt::format("{}: not valid YAML: {}", what, e.what()));
   }
   if (!root.IsMap()) throw StoreError(fmt::format("{}: expected a mapping at the top", what));
+  check_unique_keys(root, what);
   Manifest man;
   man.format = get<int>(root, "format", what);
   if (man.format != kManifestFormat)
@@ -323,11 +353,7 @@ Manifest Manifest::from_yaml(const std::string& text, const std::string& what) {
 }
 
 Manifest Manifest::load(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw StoreError(fmt::format("{}: cannot open: {}", path, errno_text(errno)));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return from_yaml(ss.str(), path);
+  return from_yaml(read_regular_file(path, kMaxManifestBytes), path);
 }
 
 void Manifest::save(const std::string& path) const {

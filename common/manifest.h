@@ -17,6 +17,8 @@ namespace ringllama {
 inline constexpr uint64_t kGroupAlign = 4096;
 inline constexpr uint64_t kTensorAlign = 256;
 inline constexpr int kManifestFormat = 1;
+// A manifest of kMaxLayers layers is a few MiB; anything near this limit is not a manifest.
+inline constexpr uint64_t kMaxManifestBytes = 64ull << 20;
 
 // The element type of a stored tensor. Only bf16 is written today; the field is open to fp8 and
 // int4-with-scales later.

@@ -2,36 +2,54 @@
 
 #include <cmath>
 
+#include <fmt/format.h>
+
 #include "common/errors.h"
 
 namespace ringllama {
 
 void ModelConfig::validate() const {
-  auto need = [](bool ok, const char* what) {
-    if (!ok) throw StoreError(std::string("model config: ") + what);
+  auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw StoreError("model config: " + what);
+  };
+  auto in_range = [&](int64_t v, const char* key, int64_t lo, int64_t hi) {
+    need(v >= lo && v <= hi, fmt::format("{} = {}: must be between {} and {}", key, v, lo, hi));
+  };
+  // Finite and inside [lo, hi]; NaN fails every comparison and so is refused too.
+  auto real = [&](double v, const char* key, double lo, double hi) {
+    need(std::isfinite(v) && v >= lo && v <= hi, fmt::format("{} = {}: must be a finite number between {} and {}",
+                                                             key, v, lo, hi));
   };
   need(architecture == "llama", "architecture must be llama");
-  need(dim > 0, "dim must be > 0");
-  need(n_layers > 0, "n_layers must be > 0");
-  need(n_heads > 0, "n_heads must be > 0");
-  need(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
-  need(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even and > 0");
-  need(ffn_dim > 0, "ffn_dim must be > 0");
-  need(vocab_size > 0, "vocab_size must be > 0");
-  need(max_position_embeddings > 0, "max_position_embeddings must be > 0");
-  need(norm_eps > 0, "norm_eps must be > 0");
-  need(rope_theta > 0, "rope_theta must be > 0");
+  in_range(dim, "dim", 1, kMaxDim);
+  in_range(n_layers, "n_layers", 1, kMaxLayers);
+  in_range(n_heads, "n_heads", 1, kMaxHeads);
+  in_range(n_kv_heads, "n_kv_heads", 1, n_heads);
+  need(n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+  in_range(head_dim, "head_dim", 2, kMaxHeadDim);
+  need(head_dim % 2 == 0, "head_dim must be even");
+  need(q_dim() <= kMaxQDim, fmt::format("n_heads * head_dim = {}: must be at most {}", q_dim(), kMaxQDim));
+  in_range(ffn_dim, "ffn_dim", 1, kMaxFfnDim);
+  in_range(vocab_size, "vocab_size", 1, kMaxVocab);
+  in_range(max_position_embeddings, "max_position_embeddings", 1, kMaxPositions);
+  real(norm_eps, "norm_eps", 1e-12, 0.1);
+  real(rope_theta, "rope_theta", 1.0, 1e12);
   need(rope_scaling.type == "none" || rope_scaling.type == "llama3",
        "rope_scaling.type must be none or llama3");
   if (rope_scaling.type == "llama3") {
-    need(rope_scaling.factor >= 1, "rope_scaling.factor must be >= 1");
-    need(rope_scaling.low_freq_factor > 0 && rope_scaling.high_freq_factor > rope_scaling.low_freq_factor,
+    real(rope_scaling.factor, "rope_scaling.factor", 1.0, 1024.0);
+    real(rope_scaling.low_freq_factor, "rope_scaling.low_freq_factor", 1e-6, 1024.0);
+    real(rope_scaling.high_freq_factor, "rope_scaling.high_freq_factor", 1e-6, 1024.0);
+    need(rope_scaling.high_freq_factor > rope_scaling.low_freq_factor,
          "rope_scaling needs 0 < low_freq_factor < high_freq_factor");
-    need(rope_scaling.original_max_position_embeddings > 0,
-         "rope_scaling.original_max_position_embeddings must be > 0");
+    in_range(rope_scaling.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings", 1,
+             kMaxPositions);
   }
-  need(bos_id < vocab_size, "bos_id must be < vocab_size");
-  for (int64_t e : eos_ids) need(e >= 0 && e < vocab_size, "eos ids must be in [0, vocab_size)");
+  need(bos_id == -1 || (bos_id >= 0 && bos_id < vocab_size),
+       fmt::format("bos_id = {}: must be -1 (none) or in [0, vocab_size {})", bos_id, vocab_size));
+  need(eos_ids.size() <= kMaxEosIds, fmt::format("eos_ids: at most {} ids", kMaxEosIds));
+  for (int64_t e : eos_ids)
+    need(e >= 0 && e < vocab_size, fmt::format("eos id {}: must be in [0, vocab_size {})", e, vocab_size));
 }
 
 std::vector<double> rope_inv_freq(const ModelConfig& m) {

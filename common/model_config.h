@@ -7,6 +7,19 @@
 
 namespace ringllama {
 
+// Bounds on what a manifest or config.json may claim. They sit far above any Llama published so
+// far, yet keep every product of them (tensor sizes, the whole layout) well inside 63 bits, so that
+// a lie is refused before anything is sized from it.
+inline constexpr int64_t kMaxLayers = 4096;
+inline constexpr int64_t kMaxDim = 1 << 17;           // hidden size
+inline constexpr int64_t kMaxHeads = 1 << 12;
+inline constexpr int64_t kMaxHeadDim = 1 << 12;
+inline constexpr int64_t kMaxQDim = 1 << 17;          // n_heads * head_dim
+inline constexpr int64_t kMaxFfnDim = 1 << 20;
+inline constexpr int64_t kMaxVocab = 1 << 24;
+inline constexpr int64_t kMaxPositions = 1 << 24;
+inline constexpr size_t kMaxEosIds = 64;
+
 // Llama 3 "llama3" rope scaling (Llama 3.1/3.2); type "none" leaves the frequencies alone.
 struct RopeScaling {
   std::string type = "none";               // "none" | "llama3"

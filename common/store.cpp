@@ -5,6 +5,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -22,6 +23,37 @@ struct Fd {
   }
 };
 }  // namespace
+
+std::string read_regular_file(const std::string& path, uint64_t max_bytes) {
+  Fd f;
+  f.fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (f.fd < 0) throw StoreError(fmt::format("{}: cannot open: {}", path, errno_text(errno)));
+  struct stat st {};
+  if (::fstat(f.fd, &st) != 0) throw StoreError(fmt::format("{}: cannot stat: {}", path, errno_text(errno)));
+  if (S_ISDIR(st.st_mode)) throw StoreError(fmt::format("{}: is a directory, not a file", path));
+  if (!S_ISREG(st.st_mode)) throw StoreError(fmt::format("{}: not a regular file (a FIFO, socket or device)", path));
+  if (static_cast<uint64_t>(st.st_size) > max_bytes)
+    throw StoreError(fmt::format("{}: {} bytes, over the {} byte limit for this file", path,
+                                 static_cast<uint64_t>(st.st_size), max_bytes));
+  std::string text;
+  text.resize(static_cast<size_t>(st.st_size));
+  size_t done = 0;
+  for (;;) {
+    // One byte past the size seen: the file may have grown since fstat, and must stay under the limit.
+    if (done == text.size()) {
+      if (done > max_bytes)
+        throw StoreError(fmt::format("{}: over the {} byte limit for this file", path, max_bytes));
+      text.resize(std::min<uint64_t>(max_bytes + 1, done + 65536));
+    }
+    ssize_t n = ::read(f.fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw StoreError(fmt::format("{}: read error: {}", path, errno_text(errno)));
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  text.resize(done);
+  return text;
+}
 
 Store Store::open(const std::string& dir) {
   Store s;

@@ -14,6 +14,11 @@ inline constexpr const char* kWeightsFile = "weights.bin";
 
 uint64_t checksum(const void* data, uint64_t size);  // XXH3-64, the store's group checksum
 
+// The whole of a small file that must be a regular file of at most max_bytes: a FIFO, a device
+// or a directory is refused (opened non-blocking, so a FIFO without a writer cannot hang us).
+// Throws StoreError naming the path and the rule.
+std::string read_regular_file(const std::string& path, uint64_t max_bytes);
+
 class Store {
  public:
   // Reads and validates the manifest and checks weights.bin's size. Throws StoreError.

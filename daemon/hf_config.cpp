@@ -4,17 +4,21 @@
 
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 #include <optional>
-#include <sstream>
+#include <set>
+#include <vector>
 
 #include "common/errors.h"
+#include "common/store.h"
 
 namespace ringllama {
 
 namespace {
 
 using nlohmann::json;
+
+// A config.json is a few KiB; anything near this is not one.
+constexpr uint64_t kMaxHfConfigBytes = 16ull << 20;
 
 class Reader {
  public:
@@ -130,8 +134,24 @@ std::vector<int64_t> read_ids(const Reader& r, const std::string& key) {
 }  // namespace
 
 ModelConfig parse_hf_config(const std::string& json_text, const std::string& what) {
-  json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  // nlohmann keeps the last of a repeated key and other readers the first: refuse the file instead.
+  std::vector<std::set<std::string>> keys_seen;  // one set per object being parsed
+  std::string duplicate;
+  json::parser_callback_t on_event = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) {
+      keys_seen.emplace_back();
+    } else if (event == json::parse_event_t::object_end) {
+      if (!keys_seen.empty()) keys_seen.pop_back();
+    } else if (event == json::parse_event_t::key && !keys_seen.empty() && duplicate.empty()) {
+      const std::string key = parsed.get<std::string>();
+      if (!keys_seen.back().insert(key).second) duplicate = key;
+    }
+    return true;
+  };
+  json j = json::parse(json_text, on_event, /*allow_exceptions=*/false);
   if (j.is_discarded()) throw StoreError(fmt::format("{}: not valid JSON", what));
+  if (!duplicate.empty())
+    throw StoreError(fmt::format("{}: key '{}' appears twice in one object; keys must be unique", what, duplicate));
   if (!j.is_object()) throw StoreError(fmt::format("{}: expected a JSON object", what));
   Reader r(j, what);
   read_architecture(r);
@@ -177,12 +197,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& wha
 
 ModelConfig load_hf_config(const std::string& dir) {
   const std::string path = dir + "/config.json";
-  std::ifstream in(path);
-  if (!in) throw StoreError(fmt::format("{}: cannot open: {}", path, errno_text(errno)));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw StoreError(fmt::format("{}: read error", path));
-  return parse_hf_config(ss.str(), path);
+  return parse_hf_config(read_regular_file(path, kMaxHfConfigBytes), path);
 }
 
 }  // namespace ringllama

@@ -74,10 +74,12 @@ StTensor parse_entry(const std::string& name, const nlohmann::json& e, uint64_t 
 
   auto sh = e.find("shape");
   if (sh == e.end() || !sh->is_array()) throw bad("missing array 'shape'");
+  if (sh->size() > kMaxStRank) throw bad(fmt::format("shape has {} dimensions, at most {} are read", sh->size(), kMaxStRank));
   uint64_t numel = 1;
   for (const auto& d : *sh) {
     uint64_t v = 0;
-    if (!as_u64(d, &v) || v > (1ull << 62)) throw bad("shape holds something other than a non-negative integer");
+    if (!as_u64(d, &v)) throw bad("shape holds something other than a non-negative integer");
+    if (v > kMaxStDim) throw bad(fmt::format("shape dimension {} is over the {} limit", v, kMaxStDim));
     t.shape.push_back(static_cast<int64_t>(v));
     if (__builtin_mul_overflow(numel, v, &numel)) throw bad(fmt::format("shape {} overflows", shape_text(t.shape)));
   }

@@ -39,6 +39,10 @@ struct StHeader {
 
 // The largest header accepted; the format's own reader refuses more than 100 MB as well.
 inline constexpr uint64_t kMaxStHeaderBytes = 100ull << 20;
+// Bounds on a tensor's shape: no weight has more dimensions or a longer one (2^40 elements is
+// 2 TiB of bf16), and within them every element count and byte size is checked for overflow.
+inline constexpr size_t kMaxStRank = 8;
+inline constexpr uint64_t kMaxStDim = 1ull << 40;
 
 // Parses and checks a header. `prefix` holds the file's first bytes (at least the 8-byte length and
 // the JSON when the file is that long), `file_size` the whole file's size, `path` names the file in

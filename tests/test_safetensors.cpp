@@ -129,7 +129,7 @@ TEST(Safetensors, RejectsEveryKindOfBadHeader) {
        "hold 12 bytes, but F32 [2, 2] needs 16"},
       {"offsets beyond the file", with_header("{" + good_tensor + "}", 12), "run beyond the end of the file"},
       {"shape overflow",
-       with_header(R"({"w":{"dtype":"F64","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,8]}})", 8),
+       with_header(R"({"w":{"dtype":"F64","shape":[1099511627776,1099511627776,1099511627776],"data_offsets":[0,8]}})", 8),
        "overflows"},
       {"metadata not an object", with_header(R"({"__metadata__": 5})", 0), "__metadata__"},
   };
