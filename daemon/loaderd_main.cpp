@@ -77,6 +77,10 @@ int run(int argc, char** argv) {
 
   Config config = loader.load();
   init_logging("ringllama-loaderd", config.verbose);
+  // inproc:// lives inside one process: no worker could ever reach the daemon there.
+  if (config.control.rfind("inproc://", 0) == 0)
+    fail("control {}: an inproc endpoint cannot be reached from another process; use ipc:// or tcp://",
+         config.control);
   if (stats) return query_stats(config.control);
   if (config.store.empty()) {
     if (loader.print_requested()) {

@@ -327,8 +327,20 @@ void check_output(const std::string& out_arg, bool force) {
   const std::string out = normal_out(out_arg);
   if (out.empty()) throw StoreError("the output path is empty");
   std::error_code ec;
-  if (fs::symlink_status(out, ec).type() != fs::file_type::not_found && !ec && !force)
-    throw StoreError(fmt::format("{}: already exists (--force replaces it)", out));
+  const fs::file_type type = fs::symlink_status(out, ec).type();
+  if (type != fs::file_type::not_found && !ec) {
+    if (!force) throw StoreError(fmt::format("{}: already exists (--force replaces it)", out));
+    // --force replaces a store or an empty directory, never whatever else happens to be there.
+    const bool store = type == fs::file_type::directory && fs::is_regular_file(fs::path(out) / kManifestFile, ec);
+    const bool empty = type == fs::file_type::directory && fs::is_empty(out, ec) && !ec;
+    if (!store && !empty)
+      throw StoreError(fmt::format("{}: --force replaces only a store (a directory with {}) or an empty directory; "
+                                   "this is {}",
+                                   out, kManifestFile,
+                                   type == fs::file_type::directory ? "a directory of other files"
+                                   : type == fs::file_type::symlink ? "a symbolic link"
+                                                                    : "not a directory"));
+  }
   fs::path parent = fs::path(out).parent_path();
   if (parent.empty()) parent = ".";
   if (!fs::is_directory(parent, ec))
@@ -372,7 +384,7 @@ WriteResult write_store(Manifest plan, const PackSource& src, const WriteOptions
   // Commit: the new store appears under its name in one rename; a replaced one goes away after.
   std::string old;
   if (fs::symlink_status(out, ec).type() != fs::file_type::not_found) {
-    if (!opts.force) throw StoreError(fmt::format("{}: already exists (--force replaces it)", out));
+    check_output(out, opts.force);  // still a store or an empty directory, as at the start
     old = fmt::format("{}.old-{}", out, ::getpid());
     if (::rename(out.c_str(), old.c_str()) != 0) io_fail(out, "rename", errno);
   }

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cstdlib>
+#include <sys/wait.h>
 #include <filesystem>
 #include <fstream>
 #include <regex>
@@ -219,7 +221,7 @@ TEST_F(GenerateCli, BadInputIsOneErrorLine) {
       {{"--store", s, "--prompt-ids", "1,512", "--max-tokens", "4"}, "token id 512 is outside the vocabulary [0, 512)"},
       {{"--store", s, "--prompt-ids", "-1", "--max-tokens", "4"}, "outside the vocabulary"},
       {{"--store", s, "--prompt-ids", "1,2,3", "--max-tokens", "6", "--max-context", "8", "--kv-block-tokens", "8"},
-       "is 9 tokens, over max_context (8)"},
+       "plus --max-tokens (6) is over max_context (8)"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "0"}, "--max-tokens must be >= 1"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--backend", "tpu"}, "--backend 'tpu' is unknown"},
       {{"--store", missing, "--prompt-ids", "1", "--max-tokens", "4"}, "cannot open store"},
@@ -282,6 +284,35 @@ TEST_F(GenerateCli, BatchPromptsGiveEachLineWhatItGetsAlone) {
   auto bad = run_bin("ringllama-generate", {"--store", store(), "--batch-prompts", path("bad.txt")});
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.err.find("line 2: 'x' is not a token id"), std::string::npos) << bad.err;
+}
+
+// Every output is checked: a full device is an error, never exit 0 with nothing written.
+TEST_F(GenerateCli, FullOutputsFailInsteadOfExitingZero) {
+  ASSERT_TRUE(fs::exists("/dev/full"));
+  for (const char* flag : {"--logits-out", "--tokens-out"}) {
+    auto r = run_bin("ringllama-generate",
+                     {"--store", store(), "--backend", "cpu", "--prompt-ids", "1,2", "--max-tokens", "2", flag, "/dev/full"});
+    EXPECT_EQ(r.status, 1) << flag;
+    EXPECT_NE(r.err.find(std::string(flag) + " /dev/full: "), std::string::npos) << r.err;
+  }
+  // stdout itself on a full device.
+  const std::string cmd = test::bin_dir() + "/ringllama-generate --store " + store() +
+                          " --backend cpu --prompt-ids 1,2 --max-tokens 2 >/dev/full 2>/dev/null";
+  const int st = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 1) << "ids lost on a full stdout";
+}
+
+// Numbers that would wrap: refused up front, not run.
+TEST_F(GenerateCli, HugeAndNegativeNumbersAreRefused) {
+  auto r = run_bin("ringllama-generate", {"--store", store(), "--backend", "cpu", "--prompt-ids", "1,2",
+                                          "--max-tokens", "9223372036854775807"}, 30);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("over max_context"), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+  r = run_bin("ringllama-generate", {"--store", store(), "--backend", "cpu", "--prompt-ids", "1,2", "--seed", "-5"}, 30);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--seed"), std::string::npos) << r.err;
 }
 
 TEST_F(GenerateCli, HelpExitsZero) {

@@ -287,6 +287,11 @@ TEST_F(Loaderd, PrintConfigAndClearStartErrors) {
   EXPECT_NE(r.out.find("cpu_cap_layers"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("clamped"), std::string::npos) << r.out;
 
+  // An inproc endpoint lives inside one process: no worker could reach it.
+  r = test::run_bin("ringllama-loaderd", {"--store", store_, "--control", "inproc://x", "--mlock", "warn"}, 30);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("an inproc endpoint cannot be reached"), std::string::npos) << r.err;
+
   // An ipc endpoint whose folder cannot be made.
   test::write_file(tmp_ / "file", "x");
   r = test::run_bin("ringllama-loaderd", {"--store", store_, "--control", "ipc://" + (tmp_ / "file/sub/ctl.sock"),

@@ -338,6 +338,26 @@ TEST(Pack, ExistingOutputNeedsForce) {
   EXPECT_EQ(names, (std::vector<std::string>{"hf", "store"}));
 }
 
+// --force replaces a store or an empty directory, never a folder of other files or a file.
+TEST(Pack, ForceReplacesOnlyAStoreOrAnEmptyDirectory) {
+  TempDir d;
+  fs::create_directory(d / "photos");
+  test::write_file(d / "photos/cat.jpg", "not a store");
+  test::write_file(d / "notes.txt", "keep me");
+  for (const std::string& out : {d / "photos", d / "notes.txt"}) {
+    const test::RunResult r =
+        test::run_bin("ringllama-pack", {"--random", "tiny", "--out", out, "--force", "--quiet"});
+    EXPECT_EQ(r.status, 1) << out;
+    EXPECT_NE(error_line(r).find("--force replaces only a store"), std::string::npos) << r.err;
+  }
+  EXPECT_EQ(test::read_file(d / "photos/cat.jpg"), "not a store");
+  EXPECT_EQ(test::read_file(d / "notes.txt"), "keep me");
+  fs::create_directory(d / "empty");
+  EXPECT_EQ(test::run_bin("ringllama-pack", {"--random", "tiny", "--out", d / "empty", "--force", "--quiet"}).status,
+            0);
+  EXPECT_TRUE(fs::exists(d / "empty/manifest.yaml"));
+}
+
 class Verify : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -23,6 +23,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -345,9 +346,16 @@ int run(int argc, char** argv) {
   for (size_t at = 0; at < batches_text.size();) {
     size_t c = batches_text.find(',', at);
     if (c == std::string::npos) c = batches_text.size();
-    batches.push_back(std::stoll(batches_text.substr(at, c - at)));
+    const std::string item = batches_text.substr(at, c - at);
+    char* end = nullptr;
+    errno = 0;
+    const long long b = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || errno == ERANGE || b < 1 || b > 65536)
+      fail("--batches '{}': '{}' is not a batch size (1 to 65536, comma separated)", batches_text, item);
+    batches.push_back(b);
     at = c + 1;
   }
+  if (batches.empty()) fail("--batches is empty");
   RL_REQUIRE(cuda_device_count() > 0, "ringllama-bench needs a CUDA GPU");
   if (budget_gib > 0) return run_streamed(store_dir, budget_gib, batches, steps, prompt_tokens, decode_prompt);
   const int64_t max_batch = std::max<int64_t>(8, *std::max_element(batches.begin(), batches.end()));

@@ -24,6 +24,7 @@
 #include <fstream>
 #include <memory>
 #include <set>
+#include <tuple>
 
 #include "common/config.h"
 #include "common/errors.h"
@@ -133,7 +134,9 @@ int run(int argc, char** argv) {
   app.add_option("--temperature", o.sampling.temperature, "0 = greedy")->capture_default_str();
   app.add_option("--top-k", o.sampling.top_k, "keep the k most likely tokens; 0 = off")->capture_default_str();
   app.add_option("--top-p", o.sampling.top_p, "nucleus mass; 1 = off")->capture_default_str();
-  app.add_option("--seed", o.sampling.seed, "sampling seed")->capture_default_str();
+  app.add_option("--seed", o.sampling.seed, "sampling seed (0 to 2^64 - 1)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--stop-ids", o.stop_ids, "stop after any of these ids (comma separated; kept in the output)");
   app.add_flag("--ignore-eos", o.ignore_eos, "do not stop at the model's eos ids");
   app.add_option("--tokens-out", o.tokens_out, "write the generated ids to this file (one line)");
@@ -197,10 +200,11 @@ int run(int argc, char** argv) {
   if (o.max_tokens < 1) fail("--max-tokens must be >= 1 (got {})", o.max_tokens);
   std::vector<GenRequest> requests;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    const int64_t need = static_cast<int64_t>(prompts[i].size()) + o.max_tokens;
-    if (need > config.max_context)
-      fail("{}the prompt ({} tokens) plus --max-tokens ({}) is {} tokens, over max_context ({})",
-           batch ? fmt::format("line {}: ", i + 1) : "", prompts[i].size(), o.max_tokens, need, config.max_context);
+    // Compared without the sum, which a huge --max-tokens would overflow.
+    const int64_t prompt_len = static_cast<int64_t>(prompts[i].size());
+    if (prompt_len > config.max_context || o.max_tokens > config.max_context - prompt_len)
+      fail("{}the prompt ({} tokens) plus --max-tokens ({}) is over max_context ({})",
+           batch ? fmt::format("line {}: ", i + 1) : "", prompt_len, o.max_tokens, config.max_context);
     requests.push_back(GenRequest{prompts[i], o.max_tokens, o.sampling, stop});
   }
   o.sampling.validate();
@@ -241,10 +245,15 @@ int run(int argc, char** argv) {
   // Rows are written as they come; the host is little-endian (x86-64, aarch64), so the floats go
   // out as they are.
   static_assert(sizeof(float) == 4, "float32 rows");
+  // Every write is checked (a full disk or /dev/full must not end in exit 0 with nothing written).
+  auto checked = [&](std::ofstream& f, const std::string& flag, const std::string& name) {
+    if (f.is_open() && !f.good()) fail("{} {}: write failed: {}", flag, name, errno_text(errno));
+  };
   auto sink = [&](size_t i, int32_t, const std::vector<float>& row) {
-    if (logits_files[i])
-      logits_files[i].write(reinterpret_cast<const char*>(row.data()),
-                            static_cast<std::streamsize>(row.size() * sizeof(float)));
+    if (!logits_files[i].is_open()) return;
+    logits_files[i].write(reinterpret_cast<const char*>(row.data()),
+                          static_cast<std::streamsize>(row.size() * sizeof(float)));
+    checked(logits_files[i], "--logits-out", out_name(o.logits_out, i));
   };
   GenStats st;
   const std::vector<GenResult> results = generate_all(*backend, requests, !o.logits_out.empty(), sink, &st);
@@ -254,11 +263,18 @@ int run(int argc, char** argv) {
     std::printf("%s\n", line.c_str());
     spdlog::debug("sequence {}: prompt {} tokens, generated {} ({})", i, prompts[i].size(), results[i].tokens.size(),
                   results[i].reason);
-    if (tokens_files[i]) tokens_files[i] << line << "\n";
-    if (logits_files[i] && !logits_files[i].flush()) fail("--logits-out {}: write failed", out_name(o.logits_out, i));
-    if (tokens_files[i] && !tokens_files[i].flush()) fail("--tokens-out {}: write failed", out_name(o.tokens_out, i));
+    if (tokens_files[i].is_open()) tokens_files[i] << line << "\n";
+    for (auto [f, flag, name] : {std::tuple{&logits_files[i], "--logits-out", out_name(o.logits_out, i)},
+                                 std::tuple{&tokens_files[i], "--tokens-out", out_name(o.tokens_out, i)}}) {
+      if (!f->is_open()) continue;
+      f->flush();
+      checked(*f, flag, name);
+      f->close();
+      if (f->fail()) fail("{} {}: close failed: {}", flag, name, errno_text(errno));
+    }
   }
-  std::fflush(stdout);
+  // The ids on stdout are the output too: a full or closed stdout is an error, not exit 0.
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) fail("stdout: write failed: {}", errno_text(errno));
 
   const std::string stop_text = batch ? fmt::format("{} sequences in {} steps", results.size(), st.steps)
                                       : fmt::format("stop: {}", results[0].reason);
@@ -277,6 +293,7 @@ int run(int argc, char** argv) {
                sr.copy_seconds * 1e3, sr.gb_per_s(), sr.source_stalls, sr.source_wait_seconds * 1e3, sr.event_syncs);
   }
 #endif
+  if (std::fclose(stdout) != 0) fail("stdout: close failed: {}", errno_text(errno));
   return 0;
 }
 

@@ -77,6 +77,9 @@ int run(int argc, char** argv) {
   if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
   Config config = loader.load();
   init_logging("ringllama-worker", config.verbose);
+  for (const std::string& ep : {config.control, config.listen})
+    if (ep.rfind("inproc://", 0) == 0)
+      fail("{}: an inproc endpoint cannot be reached from another process; use ipc:// or tcp://", ep);
   // One config file serves the daemon and its workers, so a `store` key there does not make a
   // worker read the store itself: only --store on the command line does (without --daemon).
   // Otherwise the weights come from the daemon at `control`, and a `store` must be its store.
