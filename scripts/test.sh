@@ -11,4 +11,4 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   echo "test.sh: no CUDA GPU visible: the GPU suites (ctest label gpu) will report Skipped;"
   echo "test.sh: run scripts/gpu-check.sh OUTDIR on a GPU machine for them."
 fi
-ctest --test-dir build --output-on-failure -j "$(nproc)" "$@"
+ctest --test-dir "${BUILD_DIR:-build}" --output-on-failure -j "$(nproc)" "$@"
