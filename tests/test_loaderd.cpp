@@ -240,14 +240,8 @@ TEST_F(Loaderd, DaemonDeathFailsTheClient) {
 // (f) sd_notify: READY=1 once the window is loaded, then WATCHDOG=1 at half of WATCHDOG_USEC.
 TEST_F(Loaderd, NotifiesReadyAndWatchdog) {
   const std::string sock = tmp_ / "notify.sock";
-  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sock.c_str());
-  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  timeval tv{0, 100000};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  int fd = test::bind_notify_socket(sock);
+  ASSERT_GE(fd, 0) << "cannot bind " << sock;
 
   auto d = std::make_unique<Proc>("ringllama-loaderd",
                                   std::vector<std::string>{"--store", store_, "--control", control_,

@@ -41,6 +41,10 @@ struct RunResult {
 RunResult run_bin(const std::string& binary, const std::vector<std::string>& args, int timeout_s = 300);
 
 std::string read_file(const std::string& path);
+
+// A datagram socket bound at `path` for a service's sd_notify messages (NOTIFY_SOCKET), reads
+// timing out after 100 ms; -1 when it cannot be made.
+int bind_notify_socket(const std::string& path);
 void write_file(const std::string& path, const std::string& text);
 
 }  // namespace ringllama::test

@@ -412,14 +412,8 @@ TEST_F(Worker, DaemonDeathFailsRequestsAndStopsWorkers) {
 // sd_notify: READY=1 once serving, WATCHDOG=1 while the engine runs, STOPPING=1 on SIGTERM.
 TEST_F(Worker, NotifiesSystemd) {
   const std::string sock = tmp_ / "notify.sock";
-  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sock.c_str());
-  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  timeval tv{0, 100000};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  const int fd = test::bind_notify_socket(sock);
+  ASSERT_GE(fd, 0) << "cannot bind " << sock;
   Proc w("ringllama-worker", {"--backend", "cpu", "--listen", listen_, "--store", store_}, tmp_ / "worker.log",
          {"NOTIFY_SOCKET=" + sock, "WATCHDOG_USEC=200000", "WATCHDOG_PID=self"});
   bool ready = false, stopping = false;
