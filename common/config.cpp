@@ -216,9 +216,9 @@ void ConfigLoader::add_flags(CLI::App& app) {
     std::string& slot = flag_values_[k.name];
     const std::string help = fmt::format("{} (config key {}, env {})", k.help, k.name, env_of(k.name));
     if (k.kind == Kind::Bool) {
-      app.add_option(flag_of(k.name), slot, help)->expected(0, 1)->default_str("true");
+      flag_options_[k.name] = app.add_option(flag_of(k.name), slot, help)->expected(0, 1)->default_str("true");
     } else {
-      app.add_option(flag_of(k.name), slot, help);
+      flag_options_[k.name] = app.add_option(flag_of(k.name), slot, help);
     }
   }
 }
@@ -250,8 +250,17 @@ Config ConfigLoader::load() {
     }
   }
   std::map<std::string, std::string> flags;
-  for (const auto& [key, value] : flag_values_)
-    if (!value.empty()) flags[key] = value;
+  for (const auto& [key, value] : flag_values_) {
+    const CLI::Option* opt = flag_options_.count(key) ? flag_options_.at(key) : nullptr;
+    if (!value.empty()) {
+      flags[key] = value;
+    } else if (opt && opt->count() > 0) {
+      // Given on the command line with nothing after it (--batch-size ""): refused by the key's
+      // rule rather than silently ignored; a bare boolean flag means true.
+      const KeyDef* k = find_key(key);
+      flags[key] = k && k->kind == Kind::Bool ? "true" : value;
+    }
+  }
   return load_from(text, path, env, flags);
 }
 

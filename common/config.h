@@ -14,6 +14,7 @@
 
 namespace CLI {
 class App;
+class Option;
 }
 
 namespace ringllama {
@@ -106,6 +107,7 @@ class ConfigLoader {
   bool print_requested_ = false;
   std::string config_path_;
   std::map<std::string, std::string> flag_values_;  // filled by CLI11
+  std::map<std::string, CLI::Option*> flag_options_;  // given or not: an empty value given is an error
 };
 
 // Parses a binary's command line: --help prints the usage and gives its exit code (0); a bad option

@@ -223,6 +223,8 @@ TEST_F(GenerateCli, BadInputIsOneErrorLine) {
       {{"--store", s, "--prompt-ids", "1,2,3", "--max-tokens", "6", "--max-context", "8", "--kv-block-tokens", "8"},
        "plus --max-tokens (6) is over max_context (8)"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "0"}, "--max-tokens must be >= 1"},
+      {{"--store", s, "--prompt-ids", "1", "--batch-size", ""},
+       "config key 'batch_size' = '' from flag (--batch-size): must be an integer"},
       {{"--store", s, "--prompt-ids", "1", "--max-tokens", "4", "--backend", "tpu"}, "--backend 'tpu' is unknown"},
       {{"--store", missing, "--prompt-ids", "1", "--max-tokens", "4"}, "cannot open store"},
       {{"--prompt-ids", "1", "--max-tokens", "4"}, "no store"},
