@@ -309,15 +309,17 @@ HostPlan host_plan_at_start(const Manifest& m, Config& c, const HostOverrides& o
   HostInputs in = read_host_inputs(o, window_locked);
   std::string why;
   c.cpu_cap_layers = resolve_cpu_cap_layers(m, c, in, &why);
-  if (in.disk_gbps == 0 && !c.store.empty()) {
-    try {
-      in.disk_gbps = measure_disk_gbps(c.store, c, uint64_t{256} << 20, &in.disk_source);
-    } catch (const std::exception& e) {
-      in.disk_source = fmt::format("not measured: {}", e.what());
-    }
-  }
   in.h2d_gbps = h2d_gbps;
   in.h2d_source = h2d_source;
+  const HostPlan plan = plan_host(m, c, in, why, gpu_resident_layers, gpu);
+  // The disk is read at start only where a step reads it: a window that holds every streamed
+  // layer needs no rate, and its start-up no extra 256 MiB read.
+  if (in.disk_gbps > 0 || c.store.empty() || plan.disk_bytes_per_step == 0) return plan;
+  try {
+    in.disk_gbps = measure_disk_gbps(c.store, c, uint64_t{256} << 20, &in.disk_source);
+  } catch (const std::exception& e) {
+    in.disk_source = fmt::format("not measured: {}", e.what());
+  }
   return plan_host(m, c, in, why, gpu_resident_layers, gpu);
 }
 

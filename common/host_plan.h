@@ -110,9 +110,9 @@ HostPlan plan_host(const Manifest& m, const Config& c, const HostInputs& in, con
                    int64_t gpu_resident_layers, bool gpu);
 
 // What a binary does at start, before it allocates: this machine's figures (or the overrides),
-// c.cpu_cap_layers resolved in place, the disk measured on c.store unless --disk-gbps (a store
-// without its weights.bin, as --plan-only allows, leaves it unknown), the H2D rate from the caller
-// (0: no GPU). Throws ConfigError when the window cannot fit.
+// c.cpu_cap_layers resolved in place, the disk measured on c.store where a step reads it, unless
+// --disk-gbps (a store without its weights.bin, as --plan-only allows, leaves it unknown), the H2D
+// rate from the caller (0: no GPU). Throws ConfigError when the window cannot fit.
 HostPlan host_plan_at_start(const Manifest& m, Config& c, const HostOverrides& o, bool window_locked, double h2d_gbps,
                             const std::string& h2d_source, int64_t gpu_resident_layers, bool gpu);
 
