@@ -9,10 +9,11 @@ packages=(
   libboost-dev libzmq3-dev cppzmq-dev liburing-dev libyaml-cpp-dev
   libgtest-dev libgmock-dev nlohmann-json3-dev libxxhash-dev libcli11-dev
   libspdlog-dev libfmt-dev libsystemd-dev
+  libpcre2-dev libsentencepiece-dev  # the tokenizer: pre-tokenizer regexes, tokenizer.model
   python3 python3-pip
   systemd  # systemd-analyze: the install test verifies the rendered units
 )
-python_packages=(pyzmq numpy matplotlib tokenizers)
+python_packages=(pyzmq numpy matplotlib tokenizers gguf)
 
 sudo=""
 if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
