@@ -8,6 +8,9 @@
 //       JSON string and writes its ids; --decode reads a JSON list of ids and writes a JSON string,
 //       or with --stream the JSON list of the pieces a streaming decode returns.
 //   --time: encoding's seconds, bytes and tokens on stderr (the load not counted).
+//   ringllama-tokenize --store DIR --chat [--chat-template NAME]
+//       messages (a JSON list, or {"messages": [...], "add_generation_prompt": true}) → the prompt
+//       text the store's chat template renders (common/chat_template.h); no tokenizer needed.
 //
 // A store without tokenizer.json or tokenizer.model is refused with a message that says to give
 // token ids. Errors: one line, exit 1.
@@ -22,6 +25,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "common/chat_template.h"
 #include "common/errors.h"
 #include "common/tokenizer.h"
 
@@ -29,7 +33,8 @@ namespace ringllama {
 namespace {
 
 struct Options {
-  std::string store, tokenizer, file;
+  std::string store, tokenizer, file, chat_template;
+  bool chat = false;
   bool add_special = false, decode = false, skip_special = false, lines = false, stream = false, time = false;
 };
 
@@ -79,6 +84,9 @@ int run(int argc, char** argv) {
   app.add_flag("--lines", o.lines, "one JSON item per line (a string to encode, a list of ids to decode)");
   app.add_flag("--stream", o.stream, "with --decode --lines: the streaming decode's pieces");
   app.add_flag("--time", o.time, "encoding time, bytes and tokens on stderr");
+  app.add_flag("--chat", o.chat, "messages JSON in, the prompt the store's chat template renders out");
+  app.add_option("--chat-template", o.chat_template,
+                 std::string("with --chat: the template family instead of the store's (") + chat_template_names() + ")");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -86,6 +94,14 @@ int run(int argc, char** argv) {
   }
   RL_REQUIRE(!o.store.empty() || !o.tokenizer.empty(), "give --store DIR or --tokenizer FILE");
   RL_REQUIRE(!o.stream || (o.decode && o.lines), "--stream goes with --decode --lines");
+  RL_REQUIRE(o.chat_template.empty() || o.chat, "--chat-template goes with --chat");
+  if (o.chat) {
+    RL_REQUIRE(!o.store.empty() && !o.decode && !o.lines, "--chat takes --store and neither --decode nor --lines");
+    const std::string prompt = render_chat_json(load_chat_template(o.store, o.chat_template), read_input(o.file));
+    RL_REQUIRE(fwrite(prompt.data(), 1, prompt.size(), stdout) == prompt.size() && fflush(stdout) == 0,
+               "writing the output failed: {}", errno_text(errno));
+    return 0;
+  }
   std::unique_ptr<Tokenizer> tok =
       o.store.empty() ? Tokenizer::from_file(o.tokenizer) : Tokenizer::require_store(o.store);
   const std::string input = read_input(o.file);
