@@ -12,6 +12,9 @@
 
 #include "common/errors.h"
 #include "common/store.h"
+#include "common/gguf.h"
+#include "daemon/gguf_model.h"
+#include "daemon/gguf_tokenizer.h"
 #include "daemon/hf_config.h"
 #include "daemon/random_model.h"
 
@@ -178,6 +181,22 @@ WriteResult pack_hf(const std::string& hf_dir, const PackOptions& opts) {
   for (const std::string& name : tokenizer_file_names())
     if (fs::is_regular_file(hf_dir + "/" + name, ec)) w.copy_files.push_back(hf_dir + "/" + name);
   spdlog::info("packing {} ({} layers, {}) into {}", hf_dir, m.n_layers, human_bytes(plan.weights_size), opts.out);
+  return write_store(std::move(plan), src, w);
+}
+
+WriteResult pack_gguf(const std::string& gguf_path, const PackOptions& opts) {
+  check_output(opts.out, opts.force);
+  const GgufFile f = GgufFile::open(gguf_path);
+  ModelConfig m = gguf_model_config(f);
+  Manifest plan = Manifest::plan(m, "gguf:" + fs::absolute(gguf_path).lexically_normal().string());
+  GgufSource src(f, plan);
+
+  WriteOptions w = write_options(opts);
+  if (auto files = gguf_tokenizer_files(f, m))
+    w.write_files = std::move(*files);
+  else
+    spdlog::warn("{}: no tokenizer in the file (tokenizer.ggml.model): the store takes token ids only", gguf_path);
+  spdlog::info("packing {} ({} layers, {}) into {}", gguf_path, m.n_layers, human_bytes(plan.weights_size), opts.out);
   return write_store(std::move(plan), src, w);
 }
 

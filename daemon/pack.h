@@ -52,6 +52,9 @@ struct PackOptions {
 
 // Both throw Error/StoreError; on failure no output and no temporary directory remain.
 WriteResult pack_hf(const std::string& hf_dir, const PackOptions& opts);
+// A llama.cpp GGUF file (daemon/gguf_model.h); its tokenizer becomes tokenizer.json and
+// tokenizer_config.json in the store.
+WriteResult pack_gguf(const std::string& gguf_path, const PackOptions& opts);
 // layers > 0 overrides the shape's layer count.
 WriteResult pack_random(const std::string& shape, uint64_t seed, int64_t layers, const PackOptions& opts);
 

@@ -1,6 +1,7 @@
-// ringllama-pack: Hugging Face Llama folder or built-in random shape -> packed store; --verify.
+// ringllama-pack: Hugging Face Llama folder, GGUF file or built-in random shape -> packed store; --verify.
 //
 //   ringllama-pack --hf DIR --out STORE [--force]
+//   ringllama-pack --gguf FILE --out STORE [--force]
 //   ringllama-pack --random SHAPE --out STORE [--seed N] [--layers N] [--force]
 //   ringllama-pack --verify STORE
 #include <CLI/CLI.hpp>
@@ -31,7 +32,7 @@ void on_signal(int sig) {
 
 int run(int argc, char** argv) {
   CLI::App app{"Packs a Llama model into a ringllama store, or checks one."};
-  std::string hf, shape, verify, out;
+  std::string hf, gguf, shape, verify, out;
   uint64_t seed = 0;
   int64_t layers = 0;
   int threads = 0;
@@ -39,6 +40,8 @@ int run(int argc, char** argv) {
   ringllama::ConfigLoader config_loader(ringllama::kPack);
 
   auto* o_hf = app.add_option("--hf", hf, "Hugging Face Llama folder (config.json, *.safetensors)");
+  auto* o_gguf = app.add_option("--gguf", gguf, "llama.cpp GGUF file of a Llama model (F32, F16, BF16, Q8_0, Q4_x, "
+                                                "Q5_x, Q4_K, Q6_K tensors)");
   auto* o_random = app.add_option("--random", shape, fmt::format("built-in shape with random weights: {}",
                                                                  fmt::join(ringllama::random_shape_names(), ", ")));
   auto* o_verify = app.add_option("--verify", verify, "check every group checksum of STORE");
@@ -51,7 +54,8 @@ int run(int argc, char** argv) {
   app.add_flag("--force", force, "replace an existing STORE");
   app.add_flag("--quiet", quiet, "no progress on stderr");
   config_loader.add_flags(app);  // --config, --print-config, --verbose
-  o_hf->excludes(o_random)->excludes(o_verify);
+  o_hf->excludes(o_random)->excludes(o_verify)->excludes(o_gguf);
+  o_gguf->excludes(o_random)->excludes(o_verify);
   o_random->excludes(o_verify);
   o_verify->excludes(o_out);
   o_seed->needs(o_random);
@@ -76,8 +80,9 @@ int run(int argc, char** argv) {
     size_t bad = ringllama::verify_store(verify, std::cout, std::cerr);
     return bad == 0 ? 0 : 1;
   }
-  if (hf.empty() && shape.empty()) RL_REQUIRE(false, "give one of --hf DIR, --random SHAPE or --verify STORE");
-  RL_REQUIRE(!out.empty(), "--out STORE is required with --hf and --random");
+  if (hf.empty() && gguf.empty() && shape.empty())
+    RL_REQUIRE(false, "give one of --hf DIR, --gguf FILE, --random SHAPE or --verify STORE");
+  RL_REQUIRE(!out.empty(), "--out STORE is required with --hf, --gguf and --random");
 
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
@@ -87,8 +92,9 @@ int run(int argc, char** argv) {
   opts.threads = threads;
   opts.progress = !quiet;
   opts.cancel = &g_interrupted;
-  ringllama::WriteResult r =
-      hf.empty() ? ringllama::pack_random(shape, seed, layers, opts) : ringllama::pack_hf(hf, opts);
+  ringllama::WriteResult r = !hf.empty()     ? ringllama::pack_hf(hf, opts)
+                              : !gguf.empty() ? ringllama::pack_gguf(gguf, opts)
+                                              : ringllama::pack_random(shape, seed, layers, opts);
   std::cout << ringllama::pack_summary(r, out) << std::flush;
   return 0;
 }

@@ -378,6 +378,10 @@ WriteResult write_store(Manifest plan, const PackSource& src, const WriteOptions
     copy_file_checked(f, tmp.dir + "/" + name);
     plan.tokenizer_files.push_back(name);
   }
+  for (const auto& [name, text] : opts.write_files) {
+    write_small_file(tmp.dir + "/" + name, text);
+    plan.tokenizer_files.push_back(name);
+  }
   write_small_file(tmp.dir + "/" + kManifestFile, plan.to_yaml());
   fsync_dir(tmp.dir);
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/bf16.h"
@@ -36,6 +37,8 @@ struct WriteOptions {
   int threads = 0;                       // threads filling chunks; 0 = one per core
   uint64_t chunk_bytes = 64ull << 20;    // bytes per chunk, a multiple of kGroupAlign
   std::vector<std::string> copy_files;   // files copied beside the manifest (tokenizer); listed in it
+  // Files made by the packer (a tokenizer converted from GGUF metadata): name, contents; listed too.
+  std::vector<std::pair<std::string, std::string>> write_files;
   const std::atomic<bool>* cancel = nullptr;  // set (by a signal handler) to stop with an error
   bool progress = true;                  // progress on stderr: a bar on a tty, else log lines
 };
