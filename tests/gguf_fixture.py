@@ -14,7 +14,7 @@
       so that the K-quants (Q4_K, Q6_K) are exercised as well.
 
   gguf_fixture.py tokenizer PACK_BIN TMP_DIR
-      For each pre-tokenizer kind (smollm, llama-bpe, gpt2): trains a byte-level BPE, writes a tiny
+      For each pre-tokenizer kind (smollm, llama-bpe, gpt2, default): trains a byte-level BPE, writes a tiny
       model GGUF with it, packs it with PACK_BIN --gguf, loads the store's tokenizer.json with HF
       tokenizers and checks that it encodes a corpus as the reference tokenizer does. Prints one
       line per kind; exits 1 on any difference.
@@ -142,6 +142,9 @@ CORPUS = [
 
 LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
                 "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+LLAMA_CPP_DEFAULT = ["[\\p{P}\\$\\+<=>\\^~\\|]+",
+                     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+                     "\\p{N}+", "[0-9][0-9][0-9]"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -155,6 +158,9 @@ def reference_pre_tokenizer(pre):
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre == "gpt2":
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "default":  # llama-vocab.cpp's regexes for it, each splitting the pieces of the last
+        return pt.Sequence([pt.Split(Regex(r), behavior="isolated", invert=False) for r in LLAMA_CPP_DEFAULT]
+                           + [pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise SystemExit(f"no reference pre-tokenizer for {pre}")
 
 
@@ -314,7 +320,7 @@ def check_tokenizers(pack_bin, tmp):
            "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True}
     encodings = {}
     samples = CORPUS + ["Completely new text 98765 with ÜNÏCÖDÉ and\n\n\nmany   spaces.", "a", "", "42"]
-    for pre in ["smollm", "llama-bpe", "gpt2"]:
+    for pre in ["smollm", "llama-bpe", "gpt2", "default"]:
         ref, tokens, _, merges = train_tokenizer(pre, cfg["vocab_size"])
         gpath = os.path.join(tmp, f"tok-{pre}.gguf")
         store = os.path.join(tmp, f"store-{pre}")
