@@ -206,6 +206,8 @@ ErrorCode parse_code(const Fields& f, const std::string& s) {
 }
 
 constexpr int64_t kI64Max = std::numeric_limits<int64_t>::max();
+// Text fields: the frame's own limit (max_request_bytes) is what bounds them.
+constexpr size_t kMaxTextBytes = size_t{1} << 30;
 
 }  // namespace
 
@@ -302,11 +304,19 @@ std::string encode(const Notice& m) {
 std::string encode(const ClientRequest& m) {
   return dump(std::visit(overloaded{
                              [](const GenerateRequest& g) {
-                               return json{{"op", "generate"},          {"id", g.id},
-                                           {"prompt_ids", g.prompt_ids}, {"max_tokens", g.max_tokens},
-                                           {"temperature", g.temperature}, {"top_k", g.top_k},
-                                           {"top_p", g.top_p},           {"seed", g.seed},
-                                           {"stop_ids", g.stop_ids},     {"ignore_eos", g.ignore_eos}};
+                               json j{{"op", "generate"},           {"id", g.id},
+                                      {"max_tokens", g.max_tokens}, {"temperature", g.temperature},
+                                      {"top_k", g.top_k},           {"top_p", g.top_p},
+                                      {"seed", g.seed},             {"stop_ids", g.stop_ids},
+                                      {"ignore_eos", g.ignore_eos}};
+                               if (g.form == GenerateRequest::Form::Ids) j["prompt_ids"] = g.prompt_ids;
+                               if (g.form == GenerateRequest::Form::Text) j["prompt"] = g.prompt;
+                               if (g.form == GenerateRequest::Form::Chat) {
+                                 j["messages"] = json::array();
+                                 for (const ChatMessage& m : g.messages)
+                                   j["messages"].push_back({{"role", m.role}, {"content", m.content}});
+                               }
+                               return j;
                              },
                              [](const CancelRequest& c) { return json{{"op", "cancel"}, {"id", c.id}}; },
                              [](const ClientStatsRequest&) { return json{{"op", "stats"}}; },
@@ -319,14 +329,18 @@ std::string encode(const ClientReply& m) {
   return dump(std::visit(
       overloaded{
           [](const TokenReply& t) {
-            return json{{"type", "token"}, {"id", t.id}, {"index", t.index}, {"token", t.token}};
+            json j{{"type", "token"}, {"id", t.id}, {"index", t.index}, {"token", t.token}};
+            if (t.text) j["text"] = *t.text;
+            return j;
           },
           [](const DoneReply& d) {
-            return json{{"type", "done"},
-                        {"id", d.id},
-                        {"reason", done_reason_name(d.reason)},
-                        {"usage", {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}}},
-                        {"timing", {{"ttft_ms", d.ttft_ms}, {"tpot_ms", d.tpot_ms}}}};
+            json j{{"type", "done"},
+                   {"id", d.id},
+                   {"reason", done_reason_name(d.reason)},
+                   {"usage", {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}}},
+                   {"timing", {{"ttft_ms", d.ttft_ms}, {"tpot_ms", d.tpot_ms}}}};
+            if (d.text) j["text"] = *d.text;
+            return j;
           },
           [](const ErrorReply& e) {
             return json{{"type", "error"},
@@ -446,11 +460,29 @@ ClientRequest parse_client_request(std::string_view frame, size_t max_bytes) {
     return s;
   };
   if (op == "generate") {
-    f.allow({"op", "id", "prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop_ids",
-             "ignore_eos"});
+    f.allow({"op", "id", "prompt_ids", "prompt", "messages", "max_tokens", "temperature", "top_k", "top_p", "seed",
+             "stop_ids", "ignore_eos"});
     GenerateRequest g;
     g.id = need_id();
-    g.prompt_ids = f.ints(f.need("prompt_ids"), "prompt_ids", 0, kMaxTokenId, true);
+    const int forms = (f.find("prompt_ids") ? 1 : 0) + (f.find("prompt") ? 1 : 0) + (f.find("messages") ? 1 : 0);
+    if (forms != 1)
+      f.bad("exactly one of 'prompt_ids', 'prompt' (text) or 'messages' (a chat) is required, got {}", forms);
+    if (f.find("prompt_ids")) {
+      g.prompt_ids = f.ints(f.need("prompt_ids"), "prompt_ids", 0, kMaxTokenId, true);
+    } else if (f.find("prompt")) {
+      g.form = GenerateRequest::Form::Text;
+      g.prompt = f.str("prompt", kMaxTextBytes);
+      if (g.prompt.empty()) f.bad("'prompt' must not be empty");
+    } else {
+      g.form = GenerateRequest::Form::Chat;
+      try {
+        g.messages = parse_chat_messages(f.need("messages"), "'messages'");
+      } catch (const ProtocolError&) {
+        throw;
+      } catch (const Error& e) {
+        f.bad("{}", e.what());
+      }
+    }
     g.max_tokens = f.integer("max_tokens", 1, 1 << 24);
     g.temperature = f.opt_number("temperature", 0.0, 100.0, false, 0.0);
     g.top_k = f.opt_integer("top_k", 0, kMaxTokenId, 0);
@@ -480,11 +512,13 @@ ClientReply parse_client_reply(std::string_view frame) {
   const std::string type = tag_of(j, "type", "reply");
   Fields f(j, type);
   if (type == "token") {
-    f.allow({"type", "id", "index", "token"});
-    return TokenReply{f.str("id", kMaxIdBytes), f.integer("index", 0, kI64Max), f.integer("token", 0, kMaxTokenId)};
+    f.allow({"type", "id", "index", "token", "text"});
+    TokenReply t{f.str("id", kMaxIdBytes), f.integer("index", 0, kI64Max), f.integer("token", 0, kMaxTokenId), {}};
+    if (f.find("text")) t.text = f.str("text", kMaxTextBytes);
+    return t;
   }
   if (type == "done") {
-    f.allow({"type", "id", "reason", "usage", "timing"});
+    f.allow({"type", "id", "reason", "usage", "timing", "text"});
     DoneReply d;
     d.id = f.str("id", kMaxIdBytes);
     d.reason = parse_reason(f, f.str("reason"));
@@ -496,6 +530,7 @@ ClientReply parse_client_reply(std::string_view frame) {
     timing.allow({"ttft_ms", "tpot_ms"});
     d.ttft_ms = timing.number(timing.need("ttft_ms"), "ttft_ms", 0, 1e300, false);
     d.tpot_ms = timing.number(timing.need("tpot_ms"), "tpot_ms", 0, 1e300, false);
+    if (f.find("text")) d.text = f.str("text", kMaxTextBytes);
     return d;
   }
   if (type == "error") {

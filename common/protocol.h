@@ -11,8 +11,10 @@
 //   client <-> worker, DEALER -> ROUTER on `listen`:
 //     {"op":"generate","id":"r1","prompt_ids":[1,2,3],"max_tokens":16, optional "temperature",
 //      "top_k", "top_p", "seed", "stop_ids", "ignore_eos"}   {"op":"cancel","id":"r1"}
+//     instead of "prompt_ids" (exactly one): "prompt":"text" or "messages":[{"role","content"}, ...]
 //     {"op":"stats"}  {"op":"health"}
 //     <- token | done | error | stats | health
+//   token and done carry "text" (the token's piece, the whole reply) where the model has a tokenizer.
 //   A generate gets its tokens, then one done (reason length, stop, eos, or cancelled after a
 //   cancel) or one error. A cancel of an id not in flight (already done, never sent) is ignored.
 //
@@ -24,11 +26,13 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
 #include <vector>
 
+#include "common/chat_template.h"
 #include "common/errors.h"
 
 namespace ringllama {
@@ -100,8 +104,14 @@ using Notice = std::variant<SlotReady, SlotErrorNotice>;
 // ---- client <-> worker ----
 
 struct GenerateRequest {
+  // The prompt comes in one of three forms: ids used as they are, text the worker tokenizes, or a
+  // chat the worker renders with the model's chat template and tokenizes.
+  enum class Form { Ids, Text, Chat };
   std::string id;
-  std::vector<int64_t> prompt_ids;   // non-empty token ids
+  Form form = Form::Ids;
+  std::vector<int64_t> prompt_ids;   // Ids: non-empty token ids
+  std::string prompt;                // Text: non-empty
+  std::vector<ChatMessage> messages; // Chat: non-empty, roles system/user/assistant
   int64_t max_tokens = 0;            // >= 1
   double temperature = 0.0;          // 0 = greedy; [0, 100]
   int64_t top_k = 0;                 // 0 = off
@@ -124,6 +134,7 @@ struct TokenReply {
   std::string id;
   int64_t index = 0;                 // 0, 1, ... within the request
   int64_t token = 0;
+  std::optional<std::string> text;   // the text this token completes (never half a UTF-8 character)
 };
 enum class DoneReason { Length, Stop, Eos, Cancelled };
 const char* done_reason_name(DoneReason r);
@@ -134,6 +145,7 @@ struct DoneReply {
   int64_t completion_tokens = 0;
   double ttft_ms = 0;                // time to first token
   double tpot_ms = 0;                // mean time per output token after the first
+  std::optional<std::string> text;   // the whole generated text (special tokens left out)
 };
 enum class ErrorCode { BadRequest, Overloaded, Internal, Unavailable };
 const char* error_code_name(ErrorCode c);

@@ -113,7 +113,8 @@ TEST(ChatTemplate, RulesOfTheTemplates) {
 TEST(ChatTemplate, PythonStrip) {
   EXPECT_EQ(python_strip(" \t\n a b \r\v\f"), "a b");
   EXPECT_EQ(python_strip("\u3000\u00a0日本\u2028\u205f"), "日本");
-  EXPECT_EQ(python_strip("\x1c\x1f x \x85"), "x");  // \x85 alone is not UTF-8: kept
+  EXPECT_EQ(python_strip("\x1c\x1f x \x85"), "x \x85");  // a lone \x85 byte is not UTF-8: kept
+  EXPECT_EQ(python_strip("\xc2\x85x\xc2\x85"), "x");     // U+0085 (NEL) is whitespace
   EXPECT_EQ(python_strip("\u200b x \u200b"), "\u200b x \u200b");  // zero-width space is not whitespace
   EXPECT_EQ(python_strip("   "), "");
   EXPECT_EQ(python_strip(""), "");

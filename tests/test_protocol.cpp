@@ -106,7 +106,21 @@ TEST(Protocol, ClientRoundTrips) {
                 .temperature,
             1.0);
 
-  for (const ClientRequest& m : std::vector<ClientRequest>{full, CancelRequest{"r1"}, ClientStatsRequest{},
+  // Text and chat prompts.
+  const GenerateRequest text = as<GenerateRequest>(
+      parse_client_request(R"({"op":"generate","id":"t","prompt":"Hello \u00e9\ud83d\ude00","max_tokens":4})"));
+  EXPECT_EQ(text.form, GenerateRequest::Form::Text);
+  EXPECT_EQ(text.prompt, "Hello \xc3\xa9\xf0\x9f\x98\x80");
+  EXPECT_TRUE(text.prompt_ids.empty());
+  const GenerateRequest chat = as<GenerateRequest>(parse_client_request(
+      R"({"op":"generate","id":"c","messages":[{"role":"system","content":""},{"role":"user","content":"hi"}],)"
+      R"("max_tokens":4})"));
+  EXPECT_EQ(chat.form, GenerateRequest::Form::Chat);
+  ASSERT_EQ(chat.messages.size(), 2u);
+  EXPECT_EQ(chat.messages[1].role, "user");
+  EXPECT_EQ(chat.messages[1].content, "hi");
+
+  for (const ClientRequest& m : std::vector<ClientRequest>{full, text, chat, CancelRequest{"r1"}, ClientStatsRequest{},
                                                            HealthRequest{}}) {
     const std::string frame = encode(m);
     ClientRequest back = parse_client_request(frame);
@@ -118,7 +132,10 @@ TEST(Protocol, ClientRoundTrips) {
   EXPECT_NE(encode(ClientReply{d}).find(R"("usage":{"completion_tokens":16,"prompt_tokens":3})"), std::string::npos);
   HealthReply h;
   h.detail = {{"daemon", "up"}};
-  const std::vector<ClientReply> replies = {TokenReply{"r1", 0, 523}, d, DoneReply{"r2", DoneReason::Cancelled, 3, 2, 1, 0},
+  DoneReply with_text = d;
+  with_text.text = "caf\xc3\xa9";
+  const std::vector<ClientReply> replies = {TokenReply{"r1", 0, 523, {}}, TokenReply{"r1", 1, 7, "\xc3\xa9"}, with_text,
+                                            d, DoneReply{"r2", DoneReason::Cancelled, 3, 2, 1, 0, {}},
                                             ErrorReply{"r1", ErrorCode::Overloaded, "queue full (64 waiting)"},
                                             ErrorReply{"", ErrorCode::BadRequest, "not valid JSON"},
                                             StatsReply{{{"queued", 2}}}, h};
@@ -129,6 +146,8 @@ TEST(Protocol, ClientRoundTrips) {
     EXPECT_EQ(encode(back), frame);
   }
   EXPECT_NE(encode(ClientReply{ErrorReply{"", ErrorCode::Internal, "x"}}).find(R"("id":null)"), std::string::npos);
+  EXPECT_EQ(encode(ClientReply{d}).find("\"text\""), std::string::npos);  // no tokenizer: no text key
+  EXPECT_EQ(as<TokenReply>(parse_client_reply(encode(ClientReply{TokenReply{"r1", 1, 7, "\xc3\xa9"}}))).text, "\xc3\xa9");
 }
 
 TEST(Protocol, MalformedRequestsSayWhatIsWrong) {
@@ -147,7 +166,14 @@ TEST(Protocol, MalformedRequestsSayWhatIsWrong) {
       {R"({"op":"generate","prompt_ids":[1],"max_tokens":1})", "'id' is required"},
       {R"({"op":"generate","id":"","prompt_ids":[1],"max_tokens":1})", "'id' must not be empty"},
       {R"({"op":"generate","id":5,"prompt_ids":[1],"max_tokens":1})", "'id' must be a string"},
-      {R"({"op":"generate","id":"r","max_tokens":1})", "'prompt_ids' is required"},
+      {R"({"op":"generate","id":"r","max_tokens":1})", "exactly one of 'prompt_ids', 'prompt' (text) or 'messages'"},
+      {R"({"op":"generate","id":"r","prompt_ids":[1],"prompt":"x","max_tokens":1})", "exactly one of"},
+      {R"({"op":"generate","id":"r","prompt":"","max_tokens":1})", "'prompt' must not be empty"},
+      {R"({"op":"generate","id":"r","prompt":["x"],"max_tokens":1})", "'prompt' must be a string"},
+      {R"({"op":"generate","id":"r","messages":[],"max_tokens":1})", "'messages' is empty"},
+      {R"({"op":"generate","id":"r","messages":"hi","max_tokens":1})", "'messages' must be a list"},
+      {R"({"op":"generate","id":"r","messages":[{"role":"tool","content":"x"}],"max_tokens":1})", "role 'tool'"},
+      {R"({"op":"generate","id":"r","messages":[{"role":"user"}],"max_tokens":1})", "'content' must be a string"},
       {R"({"op":"generate","id":"r","prompt_ids":[],"max_tokens":1})", "'prompt_ids' must not be empty"},
       {R"({"op":"generate","id":"r","prompt_ids":"1,2","max_tokens":1})", "'prompt_ids' must be an array"},
       {R"({"op":"generate","id":"r","prompt_ids":[1,2.5],"max_tokens":1})", "'prompt_ids'[1] must be an integer"},
