@@ -24,78 +24,11 @@ set -euo pipefail
 store=${1:?usage: bench-worker.sh STORE OUTDIR}
 out=${2:?usage: bench-worker.sh STORE OUTDIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${BUILD_DIR:-$root/build}/bin
-budget=${BUDGET_GIB:-4}
 gpu=${GPU:-0}
-olen=${OUTPUT_LEN:-128} plen=${PROMPT_LEN:-16} ctx=${CONTEXT:-512}
-if [[ -z ${BACKEND:-} ]]; then
-  BACKEND=cpu
-  command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && BACKEND=cuda
-fi
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-run=$(mktemp -d /tmp/ringllama-bench-worker.XXXXXX)
-control="ipc://$run/loaderd.sock"
-summary=$out/summary.txt
-: >"$summary"
-
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$run"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-say() { echo "$*" | tee -a "$summary"; }
-
-# The device budget as a fraction of the card, as ringllama-bench --gpu-budget-gib plans it.
-limit_args=()
-if [[ $BACKEND == cuda ]]; then
-  total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$gpu")
-  frac() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1024 / float(sys.argv[2]):.5f}')" "$1" "$total_mib"; }
-  # As ringllama-bench plans inside its budget: a 64 MiB guard, and the deepest prefetch that fits
-  # (AHEAD_B8, AHEAD_B64: what ringllama-bench picks for a 4 GiB budget on an 8B store).
-  limit_args=(--gpu-memory-limit "$(frac "$budget")" --free-guard-mb 64)
-fi
+# shellcheck source=scripts/bench-common.sh
+source "$root/scripts/bench-common.sh"
+read -r -a limit_args <<<"$(budget_args "$gpu")"
 reqs=${REQUESTS_PER_SLOT:-4}
-
-wait_log() {  # wait_log FILE TEXT PID: until FILE has TEXT, or PID is gone
-  for _ in $(seq 1200); do
-    grep -q "$2" "$1" 2>/dev/null && return 0
-    kill -0 "$3" 2>/dev/null || { echo "process $3 exited:"; tail -20 "$1"; return 1; }
-    sleep 0.1
-  done
-  echo "timed out waiting for '$2' in $1"
-  return 1
-}
-
-start_worker() {  # start_worker NAME BATCH [ARGS...]; sets $wpid, listens on ipc://$run/NAME.sock
-  local name=$1 batch=$2
-  shift 2
-  "$bin/ringllama-worker" --backend "$BACKEND" --gpu "$gpu" --listen "ipc://$run/$name.sock" --name "$name" \
-    --batch-size "$batch" --queue-max 1024 --max-context "$ctx" --prefill-chunk-tokens "$plen" "$@" \
-    >"$out/$name.log" 2>&1 &
-  wpid=$!
-  pids+=("$wpid")
-  wait_log "$out/$name.log" "info: ready" "$wpid"
-}
-
-stop_worker() {  # stop_worker PID
-  kill -TERM "$1"
-  wait "$1" || true
-}
-
-bench() {  # bench OUTNAME ENDPOINT LEVELS REQUESTS
-  python3 "$root/scripts/bench_client.py" --endpoint "$2" --concurrency "$3" --requests "$4" \
-    --prompt-len "$plen" --output-len "$olen" --out "$out/$1" | tee "$out/$1.txt"
-}
-
-tok_s() {  # tok_s JSON LEVEL: tokens/s of that level
-  python3 -c "import json, sys; print(next(l['tokens_per_s'] for l in json.load(open(sys.argv[1]))['levels'] if l['level'] == int(sys.argv[2])))" "$1" "$2"
-}
 
 "$bin/ringllama-loaderd" --store "$store" --control "$control" --mlock warn >"$out/loaderd.log" 2>&1 &
 dpid=$!
@@ -104,21 +37,17 @@ wait_log "$out/loaderd.log" "info: ready" "$dpid"
 say "store $store, backend $BACKEND, budget ${BUDGET_GIB:-4} GiB, prompt $plen, output $olen tokens"
 
 # 1 + 2. Saturation, daemon-fed and local window, at batch 8 and 64.
-ahead() {  # ahead BATCH: the prefetch flag for that batch size (CUDA)
-  [[ $BACKEND == cuda ]] || return 0
-  if [[ $1 -ge 64 ]]; then echo "--gpu-ahead-layers ${AHEAD_B64:-1}"; else echo "--gpu-ahead-layers ${AHEAD_B8:-2}"; fi
-}
 parts=" ${PARTS:-batches prefill restart shared} "
 for b in ${BATCHES:-1 8 64}; do
   [[ $parts == *" batches "* ]] || break
   # shellcheck disable=SC2046
-  start_worker "daemon-b$b" "$b" --daemon "$control" "${limit_args[@]}" $(ahead "$b")
+  start_worker "daemon-b$b" "$gpu" "$b" --daemon "$control" "${limit_args[@]}" $(ahead "$b")
   levels=$b
   [[ $b -gt 1 ]] && levels="$b,$((2 * b))"  # twice the batch: the queue in front of a full batch
   bench "daemon-b$b" "ipc://$run/daemon-b$b.sock" "$levels" "$((reqs * b))"
   stop_worker "$wpid"
   # shellcheck disable=SC2046
-  start_worker "local-b$b" "$b" --store "$store" "${limit_args[@]}" $(ahead "$b")
+  start_worker "local-b$b" "$gpu" "$b" --store "$store" "${limit_args[@]}" $(ahead "$b")
   bench "local-b$b" "ipc://$run/local-b$b.sock" "$b" "$((reqs * b))"
   stop_worker "$wpid"
   d=$(tok_s "$out/daemon-b$b.json" "$b") l=$(tok_s "$out/local-b$b.json" "$b")
@@ -158,19 +87,25 @@ fi
 #    its socket until the new worker listens.
 if [[ $parts == *" restart "* ]]; then
 # shellcheck disable=SC2046
-start_worker restart 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
+start_worker restart "$gpu" 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
+# A worker in service: it has answered a request (its host memory is registered) when it stops.
+python3 "$root/scripts/ringllama_client.py" --endpoint "ipc://$run/restart.sock" --prompt-ids 1,2,3 --max-tokens 4 \
+  --timeout 120 >"$out/restart-first-client.log" 2>&1
 t0=$(date +%s.%N)
 stop_worker "$wpid"
+t1=$(date +%s.%N)
 python3 "$root/scripts/ringllama_client.py" --endpoint "ipc://$run/restart.sock" --prompt-ids 1,2,3 --max-tokens 4 \
   --timing --timeout 120 >"$out/restart-client.log" 2>&1 &
 cpid=$!
 cp "$out/restart.log" "$out/restart-before.log"
 # shellcheck disable=SC2046
-start_worker restart 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
+start_worker restart "$gpu" 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wait "$cpid"
 first=$(sed -n 's/^first token at \([0-9.]*\).*/\1/p' "$out/restart-client.log")
 say "$(python3 -c "import sys; print(f'restart to first token: {(float(sys.argv[1]) - float(sys.argv[2])) * 1e3:.0f} ms from SIGTERM')" "$first" "$t0")"
+say "  the old worker drained and exited in $(python3 -c "import sys; print(f'{(float(sys.argv[1]) - float(sys.argv[2])) * 1e3:.0f}')" "$t1" "$t0") ms; $(grep -o 'stopped:.*' "$out/restart-before.log" || echo 'no drain logged')"
 say "  worker start: $(grep -o 'started in.*' "$out/restart.log")"
+say "  $(grep -o 'host weights registered.*' "$out/restart.log" || true)"
 say "  $(grep -o 'CUDA backend start phases:.*' "$out/restart.log" || true)"
 stop_worker "$wpid"
 fi
@@ -178,10 +113,10 @@ fi
 # 4. Two workers on one GPU, one daemon, a budget each.
 if [[ $parts == *" shared "* ]]; then
 # shellcheck disable=SC2046
-start_worker shared-a 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
+start_worker shared-a "$gpu" 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wa=$wpid
 # shellcheck disable=SC2046
-start_worker shared-b 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
+start_worker shared-b "$gpu" 8 --daemon "$control" "${limit_args[@]}" $(ahead 8)
 wb=$wpid
 bench shared-a "ipc://$run/shared-a.sock" 8 "$((reqs * 8))" >/dev/null &
 ba=$!

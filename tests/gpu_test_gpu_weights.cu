@@ -224,6 +224,41 @@ TEST_F(GpuWeightsTest, StoreSourceSeveralHostLayersInFlight) {
   }
 }
 
+// The store's memory named in pieces, the globals first and then one per group, as the daemon's
+// source names its globals and slots: the pool registers the first at once and the others on a
+// thread while the first passes already copy (each copy waits only for its own piece).
+class PiecewiseSource : public WeightSource {
+ public:
+  explicit PiecewiseSource(std::unique_ptr<WeightSource> inner) : inner_(std::move(inner)) {}
+  const Manifest& manifest() const override { return inner_->manifest(); }
+  GlobalWeights globals() override { return inner_->globals(); }
+  LayerWeights acquire_layer(int64_t layer) override { return inner_->acquire_layer(layer); }
+  void release_layer(int64_t layer) override { inner_->release_layer(layer); }
+  int64_t layers_held_at_once() const override { return inner_->layers_held_at_once(); }
+  std::vector<HostRange> host_memory() const override {
+    const std::vector<HostRange> whole = inner_->host_memory();
+    EXPECT_EQ(whole.size(), 1u);
+    const char* base = static_cast<const char*>(whole.at(0).data);
+    std::vector<HostRange> pieces;
+    for (const GroupEntry& g : manifest().groups) pieces.push_back(HostRange{base + g.offset, g.size});
+    return pieces;  // groups() lists the globals first
+  }
+
+ private:
+  std::unique_ptr<WeightSource> inner_;
+};
+
+TEST_F(GpuWeightsTest, StoreSourceRegisteredInTheBackground) {
+  PiecewiseSource source(open_store_weights(dir_));
+  ASSERT_EQ(source.manifest().groups.front().kind, GroupKind::Globals);
+  for (PoolCase c : pool_cases()) {
+    SCOPED_TRACE(c.name);
+    std::printf("%s\n", c.name);
+    c.plan.source_held_max = kLayers;
+    run_and_check(source, nullptr, c.plan, want_);
+  }
+}
+
 TEST_F(GpuWeightsTest, WindowSource) {
   for (int64_t cap : {int64_t{2}, int64_t{3}, kLayers}) {
     for (const PoolCase& c : pool_cases()) {

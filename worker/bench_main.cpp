@@ -328,7 +328,12 @@ int run(int argc, char** argv) {
   CLI::App app{"Benchmark the resident CUDA backend against measured limits", "ringllama-bench"};
   std::string store_dir, batches_text = "1,8,64";
   int64_t steps = 64, prompt_tokens = 512, decode_prompt = 16;
-  app.add_option("--store", store_dir, "packed store")->required();
+  bool h2d_only = false;
+  auto* store_opt = app.add_option("--store", store_dir, "packed store");
+  app.add_flag("--h2d-only", h2d_only,
+               "print the pinned host-to-device rate of the visible GPU 0 (1 GiB copies) and exit: the limit a "
+               "script puts next to a worker's achieved GB/s")
+      ->excludes(store_opt);
   app.add_option("--decode-steps", steps, "timed decode steps per batch size")->capture_default_str();
   app.add_option("--batches", batches_text, "decode batch sizes, comma separated")->capture_default_str();
   app.add_option("--prompt-tokens", prompt_tokens, "prefill prompt length")->capture_default_str();
@@ -357,6 +362,15 @@ int run(int argc, char** argv) {
   }
   if (batches.empty()) fail("--batches is empty");
   RL_REQUIRE(cuda_device_count() > 0, "ringllama-bench needs a CUDA GPU");
+  if (h2d_only) {
+    CUDA_CHECK(cudaSetDevice(0));
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("%s (PCI %04x:%02x:%02x): pinned H2D %.2f GB/s (1 GiB copies)\n", prop.name, prop.pciDomainID,
+                prop.pciBusID, prop.pciDeviceID, measure_pinned_h2d(size_t{1} << 30, 7) / 1e9);
+    return 0;
+  }
+  if (store_dir.empty()) fail("--store is required (or --h2d-only)");
   if (budget_gib > 0) return run_streamed(store_dir, budget_gib, batches, steps, prompt_tokens, decode_prompt);
   const int64_t max_batch = std::max<int64_t>(8, *std::max_element(batches.begin(), batches.end()));
 

@@ -203,11 +203,16 @@ class CudaBackend : public Backend {
     allocate_state();
     phase("KV cache and activations");
     // One decode step run eagerly first: cuBLAS and the kernels are loaded (their memory counted
-    // below) before any graph is captured, and no capture ever has to load one. Streamed too: left
-    // out, the loading only moves into the first request's step (measured: the same time to the
-    // first token after a restart), and ready would no longer mean warm.
-    warm_up();
-    phase("warm-up step");
+    // below) before any graph is captured, and no capture ever has to load one. Not when layers
+    // stream from the daemon: a step is then a whole pass, which would wait for the host memory
+    // still to register (worker/host_registration.h); the first request's step does the loading
+    // while that goes on, which puts a restarted worker's first token ~a pass earlier.
+    if (!streaming_ || !gw_->registers_in_background()) {
+      warm_up();
+      phase("warm-up step");
+    } else {
+      phase("warm-up step (none: streamed, host memory registering)");
+    }
     // A streamed step reads each layer from whichever pool buffer the pass gave it, and the copies
     // are enqueued from the host as the pass goes: a captured step could not follow. Graphs only
     // when every layer is resident.
@@ -217,6 +222,8 @@ class CudaBackend : public Backend {
     CUDA_CHECK(cudaDeviceSynchronize());
     phase("graphs");
     spdlog::info("CUDA backend start phases: {}", phases);
+    // Every device allocation is made: the host memory left to register goes on in the background.
+    gw_->start_background_registration();
 
     const MemoryPlan& p = report_.plan;
     report_.planned_allocations = p.globals_bytes + p.resident_bytes + p.pool_bytes + p.kv_bytes +
@@ -255,6 +262,8 @@ class CudaBackend : public Backend {
     r.copy_seconds = st.copy_seconds;
     r.source_stalls = st.source_stalls;
     r.source_wait_seconds = st.source_wait_seconds;
+    r.registration_waits = st.registration_waits;
+    r.registration_wait_seconds = st.registration_wait_seconds;
     r.event_syncs = st.event_syncs;
     r.layer_copy_seconds = st.layer_copy_seconds;
     r.layer_compute_seconds = layer_compute_;

@@ -36,6 +36,8 @@ struct CudaStreamReport {
   uint64_t bytes = 0;                // streamed host to device, all passes
   double copy_seconds = 0;           // the copies' time on the copy stream (events)
   uint64_t source_stalls = 0;        // host layers the pool had to wait for (over 100 us)
+  uint64_t registration_waits = 0;   // copies that waited for their host memory to be registered
+  double registration_wait_seconds = 0;
   double source_wait_seconds = 0;
   uint64_t event_syncs = 0;          // host waits for a copy to land (room for the next one)
   std::vector<double> layer_copy_seconds;     // the last pass, per layer (0: resident)

@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "kernels/check.h"
 #include "kernels/device_info.h"
+#include "worker/host_registration.h"
 
 namespace ringllama {
 
@@ -65,52 +66,6 @@ class OwnedStream {
 
  private:
   cudaStream_t s_ = nullptr;
-};
-
-// Host memory page-locked for the device while this object lives. Read-only where the device
-// supports it (the daemon's segment is mapped read-only), else plain portable.
-class HostRegistration {
- public:
-  // `required`: a failure throws; otherwise it is logged and the memory is used unregistered
-  // (a source's own memory: the copies are staged by the driver, correct but slower).
-  HostRegistration(const HostRange& r, int device, bool required = true) {
-    if (!r.data || r.bytes == 0) return;
-    void* p = const_cast<void*>(r.data);
-    int read_only = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, device));
-    cudaError_t e = cudaErrorNotSupported;
-    if (read_only) {
-      e = cudaHostRegister(p, r.bytes, cudaHostRegisterPortable | cudaHostRegisterReadOnly);
-      if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        spdlog::debug("cudaHostRegister read-only of {} bytes: {}; registering without read-only", r.bytes,
-                      cudaGetErrorString(e));
-      }
-    }
-    if (e != cudaSuccess) e = cudaHostRegister(p, r.bytes, cudaHostRegisterPortable);
-    if (e == cudaErrorHostMemoryAlreadyRegistered) {
-      (void)cudaGetLastError();  // registered by its owner: used as it is, left to it
-      return;
-    }
-    if (e != cudaSuccess && !required) {
-      (void)cudaGetLastError();
-      spdlog::warn("cudaHostRegister of {} bytes of host weights: {}; copying from pageable memory (slower)", r.bytes,
-                   cudaGetErrorString(e));
-      return;
-    }
-    CUDA_CHECK(e);
-    p_ = p;
-  }
-  ~HostRegistration() {
-    if (p_) cudaHostUnregister(p_);
-  }
-  HostRegistration(HostRegistration&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
-  HostRegistration(const HostRegistration&) = delete;
-  HostRegistration& operator=(const HostRegistration&) = delete;
-  HostRegistration& operator=(HostRegistration&&) = delete;
-
- private:
-  void* p_ = nullptr;
 };
 
 // Where a host group starts, from the view of its first tensor.
@@ -178,6 +133,7 @@ struct GpuWeights::Impl {
 
   // Declared in destruction order's reverse: registrations outlive the stream and the buffers.
   std::vector<HostRegistration> registrations;
+  std::unique_ptr<BackgroundRegistration> background;  // sources without HostSlots
   OwnedStream copy;
   DeviceBuffer<char> globals_buf;
   DeviceBuffer<char> resident_buf;
@@ -229,9 +185,10 @@ struct GpuWeights::Impl {
     if (slots) {
       for (const HostRange& hr : slots->host_ranges()) registrations.emplace_back(hr, device);
     } else {
-      // The whole store or the daemon's segment (read-only where supported): page-locked, the
-      // copies are true async DMA; a refusal leaves them pageable.
-      for (const HostRange& hr : source.host_memory()) registrations.emplace_back(hr, device, false);
+      // The whole store, or the daemon's globals and slots (read-only where supported): page-locked,
+      // the copies are true async DMA; a refusal leaves them pageable. The first range now, the
+      // others on a thread while the start goes on (worker/host_registration.h says why).
+      background = std::make_unique<BackgroundRegistration>(source.host_memory(), device);
     }
 
     // Device memory, all of it now: nothing is allocated per pass.
@@ -271,10 +228,12 @@ struct GpuWeights::Impl {
     spdlog::debug("gpu pool: {} resident layers, {} streamed through {} attn + {} ffn buffers ({} + {} bytes each), "
                   "{} ahead, {} copies in flight, host memory {}",
                   r, n - r, n_attn, n_ffn, attn_stride, ffn_stride, ahead, limit,
-                  registrations.empty() ? "not registered here" : "registered");
+                  slots ? "registered" : "registered in the background");
   }
 
   ~Impl() {
+    // The registration thread first: its pinning would hold up the driver calls below.
+    if (background) background->stop();
     // Kernels and copies still queued read or write the buffers freed next: let them finish
     // (errors cannot be acted on here).
     cudaStreamSynchronize(copy.get());
@@ -295,6 +254,7 @@ struct GpuWeights::Impl {
   void upload_resident(const GroupEntry& gg) {
     const GlobalWeights hg = source.globals();
     const char* host = host_group(hg.tok_embeddings, gg, "tok_embeddings");
+    host_ready(host, gg.size);
     CUDA_CHECK(cudaMemcpyAsync(globals_buf.get(), host, gg.size, cudaMemcpyHostToDevice, copy.get()));
     CUDA_CHECK(cudaStreamSynchronize(copy.get()));
     globals = globals_view(m, globals_buf.get());
@@ -306,6 +266,8 @@ struct GpuWeights::Impl {
       const GroupEntry& ga = m.attn(l);
       const GroupEntry& gf = m.ffn(l);
       char* dst = resident_buf.get() + resident_off[static_cast<size_t>(l)];
+      host_ready(host_group(hw.attn_norm, ga, "attn_norm"), ga.size);
+      host_ready(host_group(hw.ffn_norm, gf, "ffn_norm"), gf.size);
       CUDA_CHECK(cudaMemcpyAsync(dst, host_group(hw.attn_norm, ga, "attn_norm"), ga.size, cudaMemcpyHostToDevice,
                                  copy.get()));
       CUDA_CHECK(cudaMemcpyAsync(dst + (gf.offset - ga.offset), host_group(hw.ffn_norm, gf, "ffn_norm"), gf.size,
@@ -315,6 +277,12 @@ struct GpuWeights::Impl {
       st.resident_bytes += ga.size + gf.size;
     }
     source.end_pass();
+  }
+
+  // The host bytes a copy is about to read are page-locked (or refused): registered in the
+  // background, the first pass may get here first.
+  void host_ready(const void* p, uint64_t bytes) {
+    if (background) background->wait_for(p, bytes);
   }
 
   char* attn_buffer(int64_t a) const { return attn_pool.get() + static_cast<uint64_t>(a) * attn_stride; }
@@ -375,6 +343,8 @@ struct GpuWeights::Impl {
     c.bytes = ga.size + gf.size;
     const char* host_attn = host_group(hw.attn_norm, ga, "attn_norm");
     const char* host_ffn = host_group(hw.ffn_norm, gf, "ffn_norm");
+    host_ready(host_attn, ga.size);
+    host_ready(host_ffn, gf.size);
     const cudaStream_t s = copy.get();
     // The compute that read these buffers last (released: checked by the caller) ends first.
     if (attn_used[static_cast<size_t>(a)]) CUDA_CHECK(cudaStreamWaitEvent(s, done_attn[static_cast<size_t>(a)].get(), 0));
@@ -454,6 +424,7 @@ struct GpuWeights::Impl {
     ++st.passes;
     // Every layer resident: the source has nothing to give.
     if (r == n) return;
+    if (background) background->start();
     source.begin_pass();
     enqueue_upto(ahead, -1);
   }
@@ -546,6 +517,19 @@ uint64_t GpuWeights::device_bytes() const {
   return impl_->globals_buf.bytes() + impl_->resident_buf.bytes() + impl_->attn_pool.bytes() + impl_->ffn_pool.bytes();
 }
 cudaStream_t GpuWeights::copy_stream() const { return impl_->copy.get(); }
-GpuWeightsStats GpuWeights::stats() const { return impl_->st; }
+void GpuWeights::start_background_registration() {
+  if (impl_->background) impl_->background->start();
+}
+bool GpuWeights::registers_in_background() const {
+  return impl_->background && impl_->background->in_background();
+}
+GpuWeightsStats GpuWeights::stats() const {
+  GpuWeightsStats s = impl_->st;
+  if (impl_->background) {
+    s.registration_waits = impl_->background->waits();
+    s.registration_wait_seconds = impl_->background->wait_seconds();
+  }
+  return s;
+}
 
 }  // namespace ringllama

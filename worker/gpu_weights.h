@@ -123,6 +123,8 @@ struct GpuWeightsStats {
   uint64_t backlog_deferrals = 0;   // prefetches left for later: copies in flight at the limit
   uint64_t buffer_deferrals = 0;    // prefetches left for later: buffer still in use
   uint64_t slot_changes = 0;        // host slots found reused under a copy (each throws)
+  uint64_t registration_waits = 0;  // copies that waited for their host memory to be registered
+  double registration_wait_seconds = 0;
   std::vector<double> layer_copy_seconds;  // the last pass: each layer's copy time (0: resident)
   double gb_per_s() const { return copy_seconds > 0 ? double(bytes) / copy_seconds * 1e-9 : 0.0; }
 };
@@ -153,6 +155,11 @@ class GpuWeights {
   uint64_t device_bytes() const;         // everything allocated here
   cudaStream_t copy_stream() const;
   GpuWeightsStats stats() const;
+  // A source that names its host memory in pieces (the daemon's globals and slots) has the first
+  // registered by the constructor and the others on a thread started here, once the owner's
+  // device memory is allocated (or by the first pass that needs one): worker/host_registration.h.
+  void start_background_registration();
+  bool registers_in_background() const;
 
  private:
   struct Impl;

@@ -66,7 +66,9 @@ class WeightSource {
   virtual int64_t layers_held_at_once() const { return 1; }
   // The host memory the views point into, for the GPU side to page-lock (cudaHostRegister) so
   // that its copies are true async DMA; empty when the source does not know (copies from pageable
-  // memory are staged by the driver: correct, slower). Every page has been written once.
+  // memory are staged by the driver: correct, slower). Every page has been written once. Several
+  // ranges: the first (holding the globals) is registered before the globals are copied, the
+  // others in the background as the first pass needs them, so no copy may span two of them.
   virtual std::vector<HostRange> host_memory() const { return {}; }
 };
 
