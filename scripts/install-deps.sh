@@ -13,7 +13,7 @@ packages=(
   python3 python3-pip
   systemd  # systemd-analyze: the install test verifies the rendered units
 )
-python_packages=(pyzmq numpy matplotlib tokenizers gguf)
+python_packages=(pyzmq numpy matplotlib tokenizers jinja2 gguf)
 
 sudo=""
 if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi

@@ -454,5 +454,30 @@ TEST_F(Worker, PythonClientAndBench) {
   EXPECT_EQ(rc, 0) << test::read_file(log) << a->log() << b->log();
 }
 
+// Text in and out (tests/worker_text_test.py holds the checks): a worker on a copy of the store
+// given a small tokenizer and Llama 3.2's chat template, another on the store without them.
+TEST_F(Worker, TextAndChat) {
+  if (std::system("python3 -c 'import zmq, tokenizers, jinja2' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3 with pyzmq, tokenizers and jinja2 is needed (scripts/install-deps.sh installs them)";
+  const std::string src = fs::canonical(test::data_dir() + "/../..").string();
+  const std::string text_store = tmp_ / "text-store", log = tmp_ / "python.log";
+  const std::string tpl = test::data_dir() + "/chat_templates/llama32.json";
+  fs::copy(store_, text_store, fs::copy_options::recursive);
+  ASSERT_EQ(std::system(("python3 " + src + "/tests/make_test_tokenizer.py " + text_store + " 512 " + tpl + " > " + log +
+                         " 2>&1").c_str()),
+            0)
+      << test::read_file(log);
+  const std::string ep_text = "ipc://" + (tmp_ / "text.sock");
+  auto plain = start_worker();
+  Proc text("ringllama-worker", {"--backend", "cpu", "--listen", ep_text, "--store", text_store}, tmp_ / "text.log");
+  ASSERT_TRUE(test::eventually([&] { return !text.running() || text.log().find("info: ready") != std::string::npos; },
+                               30000) &&
+              text.running())
+      << text.log();
+  const std::string cmd = "python3 " + src + "/tests/worker_text_test.py " + src + "/scripts " + test::bin_dir() + " " +
+                          text_store + " " + store_ + " " + ep_text + " " + listen_ + " " + tpl + " > " + log + " 2>&1";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << test::read_file(log) << text.log() << plain->log();
+}
+
 }  // namespace
 }  // namespace ringllama

@@ -1,8 +1,12 @@
-// ringllama-generate: runs one prompt (token ids) through the model and prints the generated ids.
+// ringllama-generate: runs one prompt through the model and prints what it generates.
 //
 //   ringllama-generate --store DIR --prompt-ids 1,2,3 --max-tokens 16 [--temperature T --top-k K
 //                      --top-p P --seed S] [--stop-ids 5,6] [--ignore-eos] [--tokens-out FILE]
 //                      [--logits-out FILE] [--backend cpu]
+//   ringllama-generate --store DIR --prompt TEXT ...      text through the store's tokenizer (with bos)
+//   ringllama-generate --store DIR --chat MESSAGE [--system TEXT] [--chat-template NAME] ...
+//                      one user turn (after a system turn) through the model's chat template;
+//                      generation stops at the template's end of turn as well as at eos
 //   ringllama-generate --store DIR --batch-prompts FILE ...   one prompt per line, run together
 //   ringllama-generate --daemon ENDPOINT --prompt-ids ...   weights from a running ringllama-loaderd
 //   ringllama-generate --store DIR --plan-only [--device-memory GB]
@@ -12,7 +16,9 @@
 // --batch-prompts runs every line's prompt (ids separated by commas or blanks) on one backend, up to
 // batch_size sequences per step; later lines join as earlier ones finish. Line N (0-based) writes
 // --tokens-out FILE.N and --logits-out FILE.N.
-// stdout: the generated ids, one line per sequence (in prompt order). stderr: one timing line.
+// stdout: the generated ids, one line per sequence (in prompt order); with --prompt or --chat the
+// generated text instead, written as each token completes it (special tokens left out), then a
+// newline. stderr: one timing line.
 // Errors: one line, exit 1.
 #include <fmt/format.h>
 
@@ -23,14 +29,17 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <set>
 #include <tuple>
 
+#include "common/chat_template.h"
 #include "common/config.h"
 #include "common/errors.h"
 #include "common/host_plan.h"
 #include "common/log.h"
 #include "common/store.h"
+#include "common/tokenizer.h"
 #include "worker/backend.h"
 #include "worker/backend_choice.h"
 #include "worker/daemon_weights.h"
@@ -52,6 +61,9 @@ namespace {
 struct Options {
   std::string backend;  // "" = cuda where a GPU is visible, else cpu
   std::string prompt_ids;
+  std::string prompt;         // --prompt: text
+  std::string chat, system;   // --chat: the user's message; --system: a system turn before it
+  std::string chat_template;  // a family by name instead of the store's template
   int64_t max_tokens = 16;
   SamplingParams sampling;
   std::string stop_ids;
@@ -130,6 +142,11 @@ int run(int argc, char** argv) {
   Options o;
   app.add_option("--backend", o.backend, "compute backend: cpu or cuda (default: cuda where a GPU is visible, else cpu)");
   app.add_option("--prompt-ids", o.prompt_ids, "prompt token ids, comma separated, used exactly as given");
+  app.add_option("--prompt", o.prompt, "prompt text, tokenized by the store's tokenizer; the output is text");
+  app.add_option("--chat", o.chat, "a user message, rendered with the model's chat template; the output is the reply");
+  app.add_option("--system", o.system, "with --chat: a system message before it");
+  app.add_option("--chat-template", o.chat_template,
+                 fmt::format("with --chat: the template family ({}) instead of the store's", chat_template_names()));
   app.add_option("--max-tokens", o.max_tokens, "most tokens to generate")->capture_default_str();
   app.add_option("--temperature", o.sampling.temperature, "0 = greedy")->capture_default_str();
   app.add_option("--top-k", o.sampling.top_k, "keep the k most likely tokens; 0 = off")->capture_default_str();
@@ -174,10 +191,38 @@ int run(int argc, char** argv) {
   }
 
   const ModelConfig& m = store.model();
-  // The prompts: --prompt-ids is a list of one.
+  const int n_forms = (app.count("--prompt-ids") ? 1 : 0) + (app.count("--prompt") ? 1 : 0) +
+                      (app.count("--chat") ? 1 : 0) + (o.batch_prompts.empty() ? 0 : 1);
+  if (n_forms > 1) fail("--prompt-ids, --prompt, --chat and --batch-prompts exclude each other");
+  if (app.count("--system") && !app.count("--chat")) fail("--system goes with --chat");
+  if (app.count("--chat-template") && !app.count("--chat")) fail("--chat-template goes with --chat");
+  const bool text_out = app.count("--prompt") || app.count("--chat");
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::set<int32_t> end_of_turn;  // --chat: the template's end of turn
+  // The prompts: --prompt-ids, --prompt and --chat are a list of one.
   std::vector<std::vector<int32_t>> prompts;
-  if (!o.batch_prompts.empty()) {
-    if (app.count("--prompt-ids")) fail("--prompt-ids and --batch-prompts exclude each other");
+  if (text_out) {
+    const char* flag = app.count("--prompt") ? "--prompt" : "--chat";
+    tokenizer = Tokenizer::from_store(config.store);
+    if (!tokenizer)
+      fail("{} needs the model's tokenizer, and store {} has none (no tokenizer.json or tokenizer.model): give "
+           "--prompt-ids",
+           flag, config.store);
+    std::string text = o.prompt;
+    bool add_special = true;  // a plain text gets the bos its tokenizer adds
+    if (app.count("--chat")) {
+      const ChatTemplate t = load_chat_template(config.store, o.chat_template);
+      std::vector<ChatMessage> messages;
+      if (app.count("--system")) messages.push_back({"system", o.system});
+      messages.push_back({"user", o.chat});
+      text = t.render(messages, true);
+      add_special = false;  // the template wrote bos itself
+      if (const std::optional<int32_t> eot = tokenizer->token_id(t.end_of_turn())) end_of_turn.insert(*eot);
+      spdlog::debug("chat template {} ({}): {} bytes of prompt", t.name(), t.source, text.size());
+    }
+    prompts.push_back(tokenizer->encode(text, add_special));
+    if (prompts[0].empty()) fail("{}: the text gives no tokens", flag);
+  } else if (!o.batch_prompts.empty()) {
     std::ifstream in(o.batch_prompts);
     if (!in) fail("--batch-prompts {}: cannot open: {}", o.batch_prompts, errno_text(errno));
     std::string text;
@@ -186,7 +231,8 @@ int run(int argc, char** argv) {
                                       m.vocab_size));
     if (prompts.empty()) fail("--batch-prompts {}: no prompts", o.batch_prompts);
   } else {
-    if (app.count("--prompt-ids") == 0) fail("--prompt-ids is required (comma separated token ids)");
+    if (app.count("--prompt-ids") == 0)
+      fail("a prompt is required: --prompt-ids (comma separated token ids), --prompt TEXT or --chat MESSAGE");
     if (o.prompt_ids.find_first_not_of(" \t") == std::string::npos)
       fail("--prompt-ids is empty: give at least one token id");
     prompts.push_back(parse_ids(o.prompt_ids, "--prompt-ids", m.vocab_size));
@@ -195,8 +241,10 @@ int run(int argc, char** argv) {
   std::set<int32_t> stop;
   if (!o.stop_ids.empty())
     for (int32_t id : parse_ids(o.stop_ids, "--stop-ids", m.vocab_size)) stop.insert(id);
-  if (!o.ignore_eos)
+  if (!o.ignore_eos) {
     for (int64_t id : m.eos_ids) stop.insert(static_cast<int32_t>(id));
+    stop.insert(end_of_turn.begin(), end_of_turn.end());
+  }
   if (o.max_tokens < 1) fail("--max-tokens must be >= 1 (got {})", o.max_tokens);
   std::vector<GenRequest> requests;
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -249,7 +297,24 @@ int run(int argc, char** argv) {
   auto checked = [&](std::ofstream& f, const std::string& flag, const std::string& name) {
     if (f.is_open() && !f.good()) fail("{} {}: write failed: {}", flag, name, errno_text(errno));
   };
-  auto sink = [&](size_t i, int32_t, const std::vector<float>& row) {
+  // Text goes out as each token completes it; a held-back partial character waits for the next.
+  std::optional<Tokenizer::Stream> stream;
+  if (tokenizer) stream.emplace(tokenizer->stream(true));
+  auto write_text = [&](const std::string& piece) {
+    if (piece.empty()) return;
+    if (std::fwrite(piece.data(), 1, piece.size(), stdout) != piece.size() || std::fflush(stdout) != 0)
+      fail("stdout: write failed: {}", errno_text(errno));
+  };
+  auto sink = [&](size_t i, int32_t token, const std::vector<float>& row) {
+    if (stream) {
+      std::string piece;
+      try {
+        piece = stream->push(token);
+      } catch (const Error& e) {
+        spdlog::debug("token {} has no text: {}", token, e.what());  // past the tokenizer's vocabulary
+      }
+      write_text(piece);
+    }
     if (!logits_files[i].is_open()) return;
     logits_files[i].write(reinterpret_cast<const char*>(row.data()),
                           static_cast<std::streamsize>(row.size() * sizeof(float)));
@@ -258,9 +323,10 @@ int run(int argc, char** argv) {
   GenStats st;
   const std::vector<GenResult> results = generate_all(*backend, requests, !o.logits_out.empty(), sink, &st);
 
+  if (stream) write_text(stream->flush() + "\n");
   for (size_t i = 0; i < results.size(); ++i) {
     const std::string line = join_ids(results[i].tokens);
-    std::printf("%s\n", line.c_str());
+    if (!stream) std::printf("%s\n", line.c_str());
     spdlog::debug("sequence {}: prompt {} tokens, generated {} ({})", i, prompts[i].size(), results[i].tokens.size(),
                   results[i].reason);
     if (tokens_files[i].is_open()) tokens_files[i] << line << "\n";

@@ -114,7 +114,22 @@ DoneReply Scheduler::done_reply(const Live& l, DoneReason reason) const {
     d.ttft_ms = ms_between(l.sub.arrived, l.first);
     if (l.tokens > 1) d.tpot_ms = ms_between(l.first, l.last) / static_cast<double>(l.tokens - 1);
   }
+  if (l.stream) d.text = l.text;
   return d;
+}
+
+std::optional<std::string> Scheduler::text_piece(Live& l, int32_t token, bool last) {
+  if (!l.stream) return std::nullopt;
+  std::string piece;
+  try {
+    piece = l.stream->push(token);
+    if (last) piece += l.stream->flush();
+  } catch (const std::exception& e) {
+    // A model vocabulary larger than the tokenizer's: an id with no text is sent without any.
+    spdlog::debug("request {}: token {} has no text: {}", l.sub.id, token, e.what());
+  }
+  l.text += piece;
+  return piece;
 }
 
 void Scheduler::end(int64_t seq, const ClientReply* reply) {
@@ -151,6 +166,8 @@ void Scheduler::apply(std::vector<Command>& cmds) {
       l.seq = seq;
       l.blocks = blocks_for(c.sub.gen);
       l.sub = std::move(c.sub);
+      // Special tokens (end of turn, eos) have no text in a reply.
+      if (options_.tokenizer) l.stream.emplace(options_.tokenizer->stream(true));
       live_.emplace(seq, std::move(l));
       waiting_.push_back(seq);
     } else if (c.kind == Command::Cancel) {
@@ -218,7 +235,8 @@ void Scheduler::run_step() {
     l.last = now;
     ++l.tokens;
     ++generated_tokens_;
-    emit(Outgoing{l.sub.client, l.sub.id, TokenReply{l.sub.id, t.index, t.token}, false});
+    TokenReply reply{l.sub.id, t.index, t.token, text_piece(l, t.token, t.end != nullptr)};
+    emit(Outgoing{l.sub.client, l.sub.id, std::move(reply), false});
     if (t.end) {
       const ClientReply r = done_reply(l, reason_of(t.end));
       end(t.seq, &r);

@@ -20,10 +20,12 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/protocol.h"
+#include "common/tokenizer.h"
 #include "worker/backend.h"
 #include "worker/generation.h"
 #include "worker/weights.h"
@@ -52,6 +54,9 @@ struct SchedulerOptions {
   // Extra figures for stats, computed on the engine thread after each step (the CUDA backend's
   // streaming report); null = none.
   std::function<nlohmann::json(const Backend&)> backend_stats;
+  // The model's tokenizer (null: none): token and done replies then carry text, decoded as a
+  // stream so that no piece splits a UTF-8 character. It outlives the scheduler.
+  const Tokenizer* tokenizer = nullptr;
 };
 
 class Scheduler {
@@ -92,6 +97,8 @@ class Scheduler {
     bool admitted = false;       // running (else waiting)
     int64_t tokens = 0;          // generated so far
     SteadyClock::time_point first, last;
+    std::optional<Tokenizer::Stream> stream;  // with a tokenizer: the text decoded so far
+    std::string text;            // the pieces sent
   };
   struct Command {
     enum Kind { Submit, Cancel, Drop } kind = Submit;
@@ -102,6 +109,9 @@ class Scheduler {
   // Ends the request: its final reply (none for a vanished client), its sequence and blocks freed.
   void end(int64_t seq, const ClientReply* reply);
   DoneReply done_reply(const Live& l, DoneReason reason) const;
+  // The text `token` completes (all that is held back too when it is the last); nullopt without a
+  // tokenizer.
+  std::optional<std::string> text_piece(Live& l, int32_t token, bool last);
   void fail_all(ErrorCode code, const std::string& message);
   void admit();
   void run_step();

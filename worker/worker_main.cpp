@@ -17,12 +17,15 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <thread>
 
+#include "common/chat_template.h"
 #include "common/config.h"
 #include "common/errors.h"
 #include "common/log.h"
 #include "common/store.h"
+#include "common/tokenizer.h"
 #include "worker/backend_choice.h"
 #include "worker/daemon_weights.h"
 #include "worker/scheduler.h"
@@ -68,12 +71,15 @@ int run(int argc, char** argv) {
   CLI::App app{"Serve generation requests over ZeroMQ with continuous batching", "ringllama-worker"};
   ConfigLoader loader(kWorker);
   loader.add_flags(app);
-  std::string daemon, backend_name, name;
+  std::string daemon, backend_name, name, chat_template;
   app.add_option("--daemon", daemon,
                  "read the weights from the loader daemon at this control endpoint (default without --store: "
                  "the `control` key)");
   app.add_option("--backend", backend_name, "cpu or cuda (default: cuda where a GPU is visible, else cpu)");
   app.add_option("--name", name, "this worker's name in the daemon's stats (default: worker-<gpu>-<pid>)");
+  app.add_option("--chat-template", chat_template,
+                 fmt::format("the chat template for `messages` requests, by family ({}), instead of the store's",
+                             chat_template_names()));
   if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
   Config config = loader.load();
   init_logging("ringllama-worker", config.verbose);
@@ -92,6 +98,7 @@ int run(int argc, char** argv) {
   if (backend_name.empty()) backend_name = default_backend();
   require_backend(backend_name);
   if (name.empty()) name = fmt::format("worker-{}-{}", config.gpu, ::getpid());
+  if (!chat_template.empty()) named_chat_template(chat_template);  // a bad name fails now, not per request
 
   // Before any thread starts (the daemon source's sockets, the window's reader, the engine).
   const int stop_fd = stop_signal_fd();
@@ -112,9 +119,35 @@ int run(int argc, char** argv) {
   std::unique_ptr<Backend> backend = make_backend(backend_name, *weights, config);
   const double backend_ms = ms_since(t1);
 
-  Waker waker;
-  Scheduler scheduler(*backend, *weights, scheduler_options(), [&waker] { waker.wake(); });
+  // Text in and out: the store's tokenizer and chat template, loaded once. Without them the worker
+  // still serves prompt_ids, and text requests get bad_request saying why.
   ServerOptions so;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::optional<ChatTemplate> chat;
+  try {
+    tokenizer = Tokenizer::from_store(config.store);
+  } catch (const Error& e) {
+    so.no_tokenizer = fmt::format("this model's tokenizer cannot be used ({}): send prompt_ids", e.what());
+    spdlog::warn("{}", so.no_tokenizer);
+  }
+  if (tokenizer) {
+    try {
+      chat = load_chat_template(config.store, chat_template);
+    } catch (const Error& e) {
+      so.no_chat_template = fmt::format("no chat template: {}", e.what());
+      spdlog::info("`messages` requests will be refused: {}", e.what());
+    }
+  }
+  if (chat && !tokenizer->token_id(chat->end_of_turn()))
+    spdlog::warn("chat template {}: its end of turn {} is not a token of the tokenizer", chat->name(),
+                 chat->end_of_turn());
+  so.tokenizer = tokenizer.get();
+  so.chat = chat ? &*chat : nullptr;
+
+  Waker waker;
+  SchedulerOptions sched = scheduler_options();
+  sched.tokenizer = tokenizer.get();
+  Scheduler scheduler(*backend, *weights, std::move(sched), [&waker] { waker.wake(); });
   so.listen = expand_listen(config);
   so.max_request_bytes = config.max_request_bytes;
   so.capacity = config.batch_size + config.queue_max;
@@ -130,7 +163,9 @@ int run(int argc, char** argv) {
              {"vocab_size", model.vocab_size},
              {"max_context", config.max_context},
              {"batch_size", config.batch_size},
-             {"queue_max", config.queue_max}};
+             {"queue_max", config.queue_max},
+             {"tokenizer", tokenizer ? nlohmann::json(tokenizer->source()) : nlohmann::json()},
+             {"chat_template", chat ? nlohmann::json(chat->name()) : nlohmann::json()}};
   ClientServer server(scheduler, waker, so);
   const auto t2 = Clock::now();
   server.bind();

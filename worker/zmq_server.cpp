@@ -150,6 +150,25 @@ nlohmann::json ClientServer::stats() const {
   return j;
 }
 
+void ClientServer::prompt_of(const GenerateRequest& g, GenRequest& r) const {
+  if (g.form == GenerateRequest::Form::Ids) {
+    r.prompt.assign(g.prompt_ids.begin(), g.prompt_ids.end());
+    return;
+  }
+  if (!opt_.tokenizer) fail("generate: {}", opt_.no_tokenizer);
+  if (g.form == GenerateRequest::Form::Text) {
+    // As a tokenizer encodes a text by default: with the special tokens it adds (Llama's bos).
+    r.prompt = opt_.tokenizer->encode(g.prompt, true);
+    return;
+  }
+  if (!opt_.chat) fail("generate: {}", opt_.no_chat_template);
+  // The template writes bos itself; the tokenizer adds nothing more, as transformers tokenizes a
+  // rendered chat.
+  r.prompt = opt_.tokenizer->encode(opt_.chat->render(g.messages, true), false);
+  if (!g.ignore_eos)
+    if (const std::optional<int32_t> eot = opt_.tokenizer->token_id(opt_.chat->end_of_turn())) r.eos.insert(*eot);
+}
+
 void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
   if (draining_ || scheduler_.stopped())
     return reject(client, g.id, ErrorCode::Unavailable, "the worker is stopping");
@@ -159,14 +178,18 @@ void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
     return reject(client, g.id, ErrorCode::BadRequest, e.what());
   }
   GenRequest r;
-  r.prompt.assign(g.prompt_ids.begin(), g.prompt_ids.end());
+  if (!g.ignore_eos) r.eos = opt_.eos;
+  try {
+    prompt_of(g, r);
+  } catch (const Error& e) {
+    return reject(client, g.id, ErrorCode::BadRequest, e.what());
+  }
   r.max_tokens = g.max_tokens;
   r.sampling.temperature = g.temperature;
   r.sampling.top_k = g.top_k;
   r.sampling.top_p = g.top_p;
   r.sampling.seed = g.seed;
   for (int64_t s : g.stop_ids) r.stop.insert(static_cast<int32_t>(s));
-  if (!g.ignore_eos) r.eos = opt_.eos;
   try {
     r.validate(opt_.limits, "generate");
   } catch (const Error& e) {

@@ -15,6 +15,8 @@
 #include <set>
 #include <string>
 
+#include "common/chat_template.h"
+#include "common/tokenizer.h"
 #include "worker/scheduler.h"
 
 namespace zmq {
@@ -46,6 +48,13 @@ struct ServerOptions {
   int64_t drain_timeout_ms = 30000;
   StepLimits limits;                  // vocabulary and max_context checks
   std::set<int32_t> eos;              // the model's eos ids (unless a request says ignore_eos)
+  // Text requests: the model's tokenizer (null: `prompt` and `messages` are refused, with
+  // no_tokenizer as the message); chat requests: its chat template (null: refused with
+  // no_chat_template). Both outlive the server.
+  const Tokenizer* tokenizer = nullptr;
+  std::string no_tokenizer = "this model has no tokenizer: send prompt_ids";
+  const ChatTemplate* chat = nullptr;
+  std::string no_chat_template;
   nlohmann::json info;                // what health reports besides the counts (backend, model)
 };
 
@@ -66,6 +75,9 @@ class ClientServer {
  private:
   void on_frame(const std::string& client, const std::string& frame);
   void on_generate(const std::string& client, GenerateRequest g);
+  // The prompt's ids (text tokenized, a chat rendered and tokenized) and, for a chat, the end of
+  // turn id into r.eos. Throws Error with the bad_request message.
+  void prompt_of(const GenerateRequest& g, GenRequest& r) const;
   void send(const std::string& client, const ClientReply& reply);
   void reject(const std::string& client, const std::string& id, ErrorCode code, const std::string& message);
   void flush();
