@@ -76,22 +76,27 @@ Regex::~Regex() { pcre2_code_free(code_); }
 namespace {
 
 // Match data and a JIT stack large enough for long runs (a megabyte of spaces against
-// `\s+(?!\S)`), made once per search over a whole text.
+// `\s+(?!\S)`), made once per thread: a search is one call per piece of text, and making them per
+// call (the stack is a mapping of its maximum size) would cost more than the match.
 struct MatchScratch {
-  pcre2_match_data* md;
-  pcre2_match_context* mc;
-  pcre2_jit_stack* js;
-  explicit MatchScratch(const pcre2_code* code) {
-    md = pcre2_match_data_create_from_pattern(code, nullptr);
+  pcre2_match_data* md = nullptr;
+  pcre2_match_context* mc = nullptr;
+  pcre2_jit_stack* js = nullptr;
+  MatchScratch() {
+    md = pcre2_match_data_create(64, nullptr);  // the whole match is all we read
     mc = pcre2_match_context_create(nullptr);
     js = pcre2_jit_stack_create(32 * 1024, 64 << 20, nullptr);
-    RL_REQUIRE(md && mc && js, "out of memory for a regex match");
-    pcre2_jit_stack_assign(mc, nullptr, js);
+    if (md && mc && js) pcre2_jit_stack_assign(mc, nullptr, js);
   }
   ~MatchScratch() {
     pcre2_jit_stack_free(js);
     pcre2_match_context_free(mc);
     pcre2_match_data_free(md);
+  }
+  static MatchScratch& get() {
+    thread_local MatchScratch m;
+    RL_REQUIRE(m.md && m.mc && m.js, "out of memory for a regex match");
+    return m;
   }
 };
 
@@ -105,7 +110,7 @@ struct MatchScratch {
 
 std::vector<std::pair<size_t, size_t>> Regex::find_all(std::string_view s) const {
   std::vector<std::pair<size_t, size_t>> out;
-  MatchScratch m(code_);
+  MatchScratch& m = MatchScratch::get();
   size_t off = 0;
   while (off < s.size()) {
     const int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), off, PCRE2_NO_UTF_CHECK,
@@ -125,7 +130,7 @@ std::vector<std::pair<size_t, size_t>> Regex::find_all(std::string_view s) const
 }
 
 bool Regex::matches_at(std::string_view s, size_t pos, size_t* end) const {
-  MatchScratch m(code_);
+  MatchScratch& m = MatchScratch::get();
   const int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos,
                              PCRE2_NO_UTF_CHECK | PCRE2_ANCHORED, m.md, m.mc);
   if (rc == PCRE2_ERROR_NOMATCH) return false;

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <memory>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -127,8 +128,7 @@ class JsonTokenizer : public TokenizerModel {
   void load_pre_tokenizer(const json& p);
   void load_post_processor(const json& p);
   void load_decoder(const json& d);
-  void encode_text(std::string_view text, bool origin, std::vector<int32_t>& ids,
-                   std::unordered_map<std::string, std::vector<int32_t>>& cache) const;
+  void encode_text(std::string_view text, bool origin, std::vector<int32_t>& ids) const;
 
   std::string where_;
   std::unique_ptr<Bpe> bpe_;
@@ -147,6 +147,12 @@ class JsonTokenizer : public TokenizerModel {
   bool fused_ = false;
   std::vector<DecOp> dec_;
   DecodeRules rules_;
+
+  // Ids of words already seen (pre-tokenized pieces, before the byte mapping), shared by calls and
+  // threads as tokenizers' BPE cache is; it stops growing at kCacheWords.
+  static constexpr size_t kCacheWords = 1 << 18;
+  mutable std::shared_mutex cache_mu_;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
 };
 
 }  // namespace tokjson

@@ -1,6 +1,7 @@
 // Running a tokenizer.json pipeline (common/tokenizer_json.h): added tokens, normalizer,
-// pre-tokenizer, BPE with a per-call cache of words, post-processor; and one token's decoded piece.
+// pre-tokenizer, BPE with a cache of words, post-processor; and one token's decoded piece.
 #include <algorithm>
+#include <mutex>
 
 #include "common/errors.h"
 #include "common/tokenizer_json.h"
@@ -185,8 +186,7 @@ DecodePiece JsonTokenizer::piece(int32_t id, size_t index, bool) const {
   return {s, false};
 }
 
-void JsonTokenizer::encode_text(std::string_view text, bool origin, std::vector<int32_t>& ids,
-                                std::unordered_map<std::string, std::vector<int32_t>>& cache) const {
+void JsonTokenizer::encode_text(std::string_view text, bool origin, std::vector<int32_t>& ids) const {
   std::vector<Piece> pieces{Piece{std::string(text), origin}}, next;
   for (const PreOp& op : pre_) {
     next.clear();
@@ -214,10 +214,13 @@ void JsonTokenizer::encode_text(std::string_view text, bool origin, std::vector<
   std::string mapped;
   for (Piece& p : pieces) {
     if (p.text.empty()) continue;
-    auto hit = cache.find(p.text);
-    if (hit != cache.end()) {
-      ids.insert(ids.end(), hit->second.begin(), hit->second.end());
-      continue;
+    {
+      std::shared_lock<std::shared_mutex> lock(cache_mu_);
+      auto hit = cache_.find(p.text);
+      if (hit != cache_.end()) {
+        ids.insert(ids.end(), hit->second.begin(), hit->second.end());
+        continue;
+      }
     }
     std::vector<int32_t> word;
     if (byte_level_) {
@@ -228,14 +231,14 @@ void JsonTokenizer::encode_text(std::string_view text, bool origin, std::vector<
       bpe_->encode_word(p.text, word);
     }
     ids.insert(ids.end(), word.begin(), word.end());
-    if (cache.size() < (1u << 20)) cache.emplace(std::move(p.text), std::move(word));
+    std::unique_lock<std::shared_mutex> lock(cache_mu_);
+    if (cache_.size() < kCacheWords) cache_.emplace(std::move(p.text), std::move(word));
   }
 }
 
 std::vector<int32_t> JsonTokenizer::encode(std::string_view text, bool add_special) const {
   std::vector<int32_t> ids;
   if (add_special) ids = template_before_;
-  std::unordered_map<std::string, std::vector<int32_t>> cache;
   std::vector<Segment> segs, inner;
   raw_added_.split(text, 0, word_char_, segs);
   for (const Segment& sg : segs) {
@@ -261,14 +264,14 @@ std::vector<int32_t> JsonTokenizer::encode(std::string_view text, bool add_speci
     }
     if (s.empty()) continue;
     if (normalized_added_.empty()) {
-      encode_text(s, sg.begin == 0, ids, cache);
+      encode_text(s, sg.begin == 0, ids);
       continue;
     }
     inner.clear();
     normalized_added_.split(s, 0, word_char_, inner);
     for (const Segment& in : inner) {
       if (in.id >= 0) ids.push_back(in.id);
-      else if (in.end > in.begin) encode_text(std::string_view(s).substr(in.begin, in.end - in.begin), sg.begin == 0 && in.begin == 0, ids, cache);
+      else if (in.end > in.begin) encode_text(std::string_view(s).substr(in.begin, in.end - in.begin), sg.begin == 0 && in.begin == 0, ids);
     }
   }
   if (add_special) ids.insert(ids.end(), template_after_.begin(), template_after_.end());
