@@ -14,6 +14,7 @@
 
 #include "common/errors.h"
 #include "common/store.h"
+#include "common/yaml_doc.h"
 
 extern char** environ;
 
@@ -273,12 +274,12 @@ Config ConfigLoader::load_from(const std::optional<std::string>& yaml_text, cons
   if (yaml_text) {
     YAML::Node root;
     try {
-      std::vector<YAML::Node> docs = YAML::LoadAll(*yaml_text);
+      size_t docs = 0;
+      root = load_yaml_document(*yaml_text, &docs);
       // A second document would be silently ignored by a reader of the first.
-      if (docs.size() > 1)
+      if (docs > 1)
         throw ConfigError(fmt::format("config file {}: holds {} YAML documents; a config file is one", yaml_name,
-                                      docs.size()));
-      if (!docs.empty()) root = docs[0];
+                                      docs));
     } catch (const YAML::Exception& e) {
       throw ConfigError(fmt::format("config file {}: not valid YAML: {}", yaml_name, e.what()));
     }
@@ -286,7 +287,12 @@ Config ConfigLoader::load_from(const std::optional<std::string>& yaml_text, cons
       if (!root.IsMap()) throw ConfigError(fmt::format("config file {}: expected a mapping of key: value", yaml_name));
       std::set<std::string> seen;
       for (const auto& kv : root) {
-        std::string key = kv.first.as<std::string>();
+        // A list or mapping as a key ("? [a, b]: 1") is no key name; as<std::string> would throw
+        // yaml-cpp's own exception past the ConfigError every caller expects.
+        if (!kv.first.IsScalar())
+          throw ConfigError(fmt::format("config file {}:{}: a key must be a plain name, not a list or mapping",
+                                        yaml_name, kv.first.Mark().line + 1));
+        std::string key = kv.first.Scalar();
         ValueSource src{"file", fmt::format("{}:{}", yaml_name, kv.first.Mark().line + 1)};
         // yaml-cpp keeps both entries of a repeated key; which one wins would be a guess.
         if (!seen.insert(key).second)

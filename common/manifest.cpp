@@ -8,6 +8,7 @@
 
 #include "common/errors.h"
 #include "common/store.h"
+#include "common/yaml_doc.h"
 
 namespace ringllama {
 
@@ -267,10 +268,9 @@ std::string Manifest::to_yaml() const {
 Manifest Manifest::from_yaml(const std::string& text, const std::string& what) {
   YAML::Node root;
   try {
-    std::vector<YAML::Node> docs = YAML::LoadAll(text);
-    if (docs.size() > 1)
-      throw StoreError(fmt::format("{}: holds {} YAML documents; a manifest is one", what, docs.size()));
-    if (!docs.empty()) root = docs[0];
+    size_t docs = 0;
+    root = load_yaml_document(text, &docs);
+    if (docs > 1) throw StoreError(fmt::format("{}: holds {} YAML documents; a manifest is one", what, docs));
   } catch (const YAML::Exception& e) {
     throw StoreError(fmt::format("{}: not valid YAML: {}", what, e.what()));
   }
