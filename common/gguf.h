@@ -88,7 +88,8 @@ struct GgufTensorInfo {
 
 class GgufFile {
  public:
-  // Parses a whole file held in memory. `what` names it in messages. Throws StoreError.
+  // Parses a whole file held in memory (which must outlive the object: read() copies from it).
+  // `what` names it in messages. Throws StoreError.
   static GgufFile parse(const void* data, uint64_t size, const std::string& what);
   // Opens and parses a file; tensor data stays on disk and is read with pread. Throws StoreError.
   static GgufFile open(const std::string& path);

@@ -66,6 +66,15 @@ TEST(Gguf, ParsesMetadataAndTensors) {
   EXPECT_FLOAT_EQ(v[1], 0.01f * static_cast<float>((7 + 19) % 23) - 0.1f);
 }
 
+TEST(Gguf, ReadsVersion2) {  // v2 has v3's layout (v3 only added big-endian files, which are refused)
+  GgufBuilder b = test::tiny_gguf();
+  b.version = 2;
+  const std::string bytes = b.build();
+  const GgufFile f = GgufFile::parse(bytes.data(), bytes.size(), "v2.gguf");
+  EXPECT_EQ(f.version(), 2u);
+  EXPECT_EQ(f.tensors().size(), 11u);
+}
+
 TEST(Gguf, HonoursAlignment) {
   GgufBuilder b = test::tiny_gguf();
   b.alignment = 64;
