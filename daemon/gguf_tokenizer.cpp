@@ -96,7 +96,11 @@ std::optional<std::vector<std::pair<std::string, std::string>>> gguf_tokenizer_f
       throw StoreError(fmt::format("{}: tokenizer.ggml.token_type has {} entries for {} tokens", what, types.size(),
                                    tokens.size()));
   }
+  // Files from before llama.cpp recorded the pre-tokenizer get its default regexes, as llama.cpp
+  // itself runs them.
   const std::string pre = f.opt_string("tokenizer.ggml.pre").value_or("default");
+  if (!f.find("tokenizer.ggml.pre"))
+    spdlog::warn("{}: no tokenizer.ggml.pre: llama.cpp's default pre-tokenizer is assumed", what);
   bool ignore_merges = false;
   ojson pre_tok = pre_tokenizer(pre, what, &ignore_merges);
 
