@@ -118,6 +118,9 @@ std::string default_date(const std::string& text, const std::string& dflt) {
   return jinja_literal(text, at, &end);
 }
 
+// Text from outside, shortened for an error message (a 1 MiB role must not make a 1 MiB reply).
+std::string shown(const std::string& s) { return s.size() <= 40 ? s : s.substr(0, 37) + "..."; }
+
 void set_family_tokens(ChatTemplate& t) {
   if (t.family == ChatFamily::Llama3 || t.family == ChatFamily::Llama31) {
     t.bos_token = "<|begin_of_text|>";
@@ -173,7 +176,8 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages, bool 
   for (size_t i = 0; i < messages.size(); ++i) {
     const std::string& r = messages[i].role;
     if (r != "system" && r != "user" && r != "assistant")
-      fail("chat template {}: message {} has role '{}'; the roles are system, user and assistant", name(), i, r);
+      fail("chat template {}: message {} has role '{}'; the roles are system, user and assistant", name(), i,
+           shown(r));
   }
   const bool has_system = messages[0].role == "system";
   std::string out;
@@ -308,13 +312,13 @@ std::vector<ChatMessage> parse_chat_messages(const json& j, const std::string& w
     if (!m.is_object()) fail("{}[{}] must be an object {{\"role\", \"content\"}}", what, i);
     for (auto it = m.begin(); it != m.end(); ++it)
       if (it.key() != "role" && it.key() != "content")
-        fail("{}[{}]: unknown key '{}' (role and content)", what, i, it.key());
+        fail("{}[{}]: unknown key '{}' (role and content)", what, i, shown(it.key()));
     const auto role = m.find("role"), content = m.find("content");
     if (role == m.end() || !role->is_string()) fail("{}[{}]: 'role' must be a string", what, i);
     if (content == m.end() || !content->is_string()) fail("{}[{}]: 'content' must be a string", what, i);
     ChatMessage c{role->get<std::string>(), content->get<std::string>()};
     if (c.role != "system" && c.role != "user" && c.role != "assistant")
-      fail("{}[{}]: role '{}'; the roles are system, user and assistant", what, i, c.role);
+      fail("{}[{}]: role '{}'; the roles are system, user and assistant", what, i, shown(c.role));
     out.push_back(std::move(c));
   }
   return out;

@@ -125,6 +125,10 @@ TEST(ChatTemplate, MessagesAreChecked) {
   for (const char* bad : {R"({"role":"user"})", R"([])", R"([{"role":"user"}])", R"([{"role":"user","content":1}])",
                           R"([{"role":"bot","content":"x"}])", R"([{"role":"user","content":"x","name":"n"}])", R"([3])"})
     EXPECT_THROW(parse_chat_messages(json::parse(bad), "m"), Error) << bad;
+  // Outside text in an error is shortened: a huge role must not make a huge error reply.
+  const std::string long_role(100000, 'x');
+  const std::string msg = error_of([&] { parse_chat_messages(json::array({{{"role", long_role}, {"content", ""}}}), "m"); });
+  EXPECT_LT(msg.size(), 200u) << msg.size();
   const ChatTemplate t = named_chat_template("chatml");
   EXPECT_EQ(render_chat_json(t, R"({"messages":[{"role":"user","content":"x"}],"add_generation_prompt":false})"),
             "<|im_start|>user\nx<|im_end|>\n");
