@@ -39,6 +39,15 @@ std::unique_ptr<Regex> pattern(const json& p, const std::string& where) {
   fail("{}: pattern is neither {{\"String\"}} nor {{\"Regex\"}}", where);
 }
 
+// Sequences inside Sequences, bounded so that a hostile file cannot exhaust the stack.
+struct Nesting {
+  int& depth;
+  Nesting(int& d, const std::string& where) : depth(d) {
+    RL_REQUIRE(++depth <= 16, "{}: Sequences nested deeper than 16", where);
+  }
+  ~Nesting() { --depth; }
+};
+
 }  // namespace
 
 JsonTokenizer::JsonTokenizer(const std::string& path) : where_(path) {
@@ -71,8 +80,10 @@ void JsonTokenizer::load_model(const json& m) {
   RL_REQUIRE(vocab.is_object(), "{}: vocab is not an object", w);
   int64_t max_id = -1;
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    RL_REQUIRE(it->is_number_integer() && it->get<int64_t>() >= 0 && it->get<int64_t>() < (1 << 24),
-               "{}: vocab entry {} has no valid id", w, it.key());
+    // Ids index a table: a file may leave holes, not a table many times its entries.
+    RL_REQUIRE(it->is_number_integer() && it->get<int64_t>() >= 0 &&
+                   it->get<int64_t>() < 2 * int64_t(vocab.size()) + 1024,
+               "{}: vocab entry {} has no valid id (0 up to about twice the vocabulary's size)", w, it.key());
     max_id = std::max(max_id, it->get<int64_t>());
   }
   std::vector<std::string> toks(size_t(max_id + 1));
@@ -125,7 +136,8 @@ void JsonTokenizer::load_added(const json& a) {
     at.content = str_field(t, "content", w);
     RL_REQUIRE(!at.content.empty() && utf8::valid(at.content), "{}: an added token is empty or not UTF-8", w);
     const json& idj = field(t, "id", w);
-    RL_REQUIRE(idj.is_number_integer() && idj.get<int64_t>() >= 0 && idj.get<int64_t>() < (1 << 24),
+    RL_REQUIRE(idj.is_number_integer() && idj.get<int64_t>() >= 0 &&
+                   idj.get<int64_t>() < int64_t(tokens_.size() + 2 * a.size()) + 1024,
                "{}: {} has no valid id", w, at.content);
     // A token the model already has keeps the model's id, as tokenizers does when it loads them.
     const int32_t model_id = bpe_->find(at.content);
@@ -154,6 +166,7 @@ void JsonTokenizer::load_normalizer(const json& n) {
   const std::string w = where_ + ": normalizer";
   const std::string type = str_field(n, "type", w);
   if (type == "Sequence") {
+    const Nesting nest(depth_, w);
     const json& list = field(n, "normalizers", w);
     RL_REQUIRE(list.is_array(), "{}: normalizers is not a list", w);
     for (const json& e : list) load_normalizer(e);
@@ -186,6 +199,7 @@ void JsonTokenizer::load_pre_tokenizer(const json& p) {
     fail("{}: unknown split behavior {}", w, b);
   };
   if (type == "Sequence") {
+    const Nesting nest(depth_, w);
     const json& list = field(p, "pretokenizers", w);
     RL_REQUIRE(list.is_array(), "{}: pretokenizers is not a list", w);
     for (const json& e : list) load_pre_tokenizer(e);
@@ -241,6 +255,7 @@ void JsonTokenizer::load_post_processor(const json& p) {
   const std::string type = str_field(p, "type", w);
   if (type == "ByteLevel") return;  // offsets only
   if (type == "Sequence") {
+    const Nesting nest(depth_, w);
     const json& list = field(p, "processors", w);
     RL_REQUIRE(list.is_array(), "{}: processors is not a list", w);
     for (const json& e : list) load_post_processor(e);
@@ -285,6 +300,7 @@ void JsonTokenizer::load_decoder(const json& d) {
   const std::string w = where_ + ": decoder";
   const std::string type = str_field(d, "type", w);
   if (type == "Sequence") {
+    const Nesting nest(depth_, w);
     const json& list = field(d, "decoders", w);
     RL_REQUIRE(list.is_array(), "{}: decoders is not a list", w);
     for (const json& e : list) load_decoder(e);

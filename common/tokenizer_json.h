@@ -131,6 +131,7 @@ class JsonTokenizer : public TokenizerModel {
   void encode_text(std::string_view text, bool origin, std::vector<int32_t>& ids) const;
 
   std::string where_;
+  int depth_ = 0;  // Sequences being read
   std::unique_ptr<Bpe> bpe_;
   std::vector<std::string> tokens_;  // id → token, added tokens included
   std::vector<bool> special_;

@@ -192,6 +192,13 @@ TEST(TokenizerRefuses, MalformedFilesCleanly) {
   j = good;
   j["model"]["vocab"]["x"] = -3;
   refuse(j.dump(), "no valid id");
+  j["model"]["vocab"]["x"] = 100000000;  // a table of 10^8 entries for 258 tokens
+  refuse(j.dump(), "no valid id");
+  j = good;
+  json nested = {{"type", "ByteLevel"}};
+  for (int k = 0; k < 40; ++k) nested = {{"type", "Sequence"}, {"pretokenizers", json::array({nested})}};
+  j["pre_tokenizer"] = nested;
+  refuse(j.dump(), "nested deeper");
   j = good;
   j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};
   refuse(j.dump(), "does not compile");
