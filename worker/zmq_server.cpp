@@ -181,7 +181,7 @@ void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
   if (!g.ignore_eos) r.eos = opt_.eos;
   try {
     prompt_of(g, r);
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {  // whatever the text does to the tokenizer, the worker goes on
     return reject(client, g.id, ErrorCode::BadRequest, e.what());
   }
   r.max_tokens = g.max_tokens;
