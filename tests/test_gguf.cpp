@@ -1,10 +1,13 @@
 // The GGUF reader (common/gguf.h), the dequantization and q/k row order (daemon/gguf_model.h), and
 // `ringllama-pack --gguf` refusing broken files with one line and nothing left behind.
 #include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <iostream>
+#include <typeinfo>
 #include <string>
 #include <vector>
 
@@ -12,6 +15,7 @@
 #include "common/errors.h"
 #include "common/gguf.h"
 #include "daemon/gguf_model.h"
+#include "daemon/gguf_tokenizer.h"
 #include "tests/gguf_builder.h"
 #include "tests/test_util.h"
 
@@ -154,6 +158,55 @@ TEST(Gguf, RefusesLyingFiles) {
   GgufBuilder misaligned = test::tiny_gguf();
   misaligned.offset_delta = 4;
   EXPECT_NE(parse_error(misaligned.build()).find("alignment"), std::string::npos);
+}
+
+// Random corruptions of a valid file: each is read as the packer reads one (config, tokenizer,
+// every tensor dequantized); a StoreError is the only failure allowed, never another exception
+// or a crash. (tests/fuzz/fuzz_gguf.cpp does this under libFuzzer and the sanitizers.)
+TEST(Gguf, SurvivesRandomCorruption) {
+  const std::string good = test::tiny_gguf().build();
+  uint64_t s = 42;
+  auto next = [&] {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    return s;
+  };
+  int refused = 0, accepted = 0;
+  const auto level = spdlog::get_level();
+  spdlog::set_level(spdlog::level::err);  // the packer's warnings about odd but readable files
+  for (int round = 0; round < 3000; ++round) {
+    std::string bytes = good;
+    const int flips = 1 + static_cast<int>(next() % 4);
+    for (int k = 0; k < flips; ++k) {
+      // Mostly the header and metadata (where the counts and lengths live), sometimes anywhere.
+      const size_t span = next() % 4 ? std::min<size_t>(bytes.size(), 600) : bytes.size();
+      bytes[next() % span] = static_cast<char>(next() & 0xFF);
+    }
+    if (next() % 8 == 0) bytes.resize(next() % bytes.size());
+    try {
+      const GgufFile f = GgufFile::parse(bytes.data(), bytes.size(), "m.gguf");
+      for (const GgufTensorInfo& t : f.tensors()) {
+        uint64_t be = 0, bb = 0;
+        if (!gguf_type_packable(t.type) || !ggml_type_layout(static_cast<uint32_t>(t.type), &be, &bb)) continue;
+        const uint64_t blocks = std::min<uint64_t>(t.bytes / bb, 64);
+        std::vector<unsigned char> raw(blocks * bb);
+        std::vector<float> out(blocks * be);
+        f.read(t, 0, raw.size(), raw.data());
+        dequantize_blocks(t.type, raw.data(), blocks, out.data());
+      }
+      const ModelConfig m = gguf_model_config(f);
+      (void)gguf_tokenizer_files(f, m);
+      ++accepted;
+    } catch (const StoreError&) {
+      ++refused;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "round " << round << ": " << typeid(e).name() << ": " << e.what();
+    }
+  }
+  spdlog::set_level(level);
+  std::cout << "corrupted files: " << refused << " refused, " << accepted << " accepted" << std::endl;
+  EXPECT_GT(refused, 1000);
 }
 
 uint16_t h(float x) {  // float -> IEEE half for exactly representable values
