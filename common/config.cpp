@@ -67,6 +67,8 @@ const std::vector<KeyDef>& keys() {
   static const std::vector<KeyDef> defs = {
       STR_KEY(store, Kind::Path, kLoaderd | kWorker | kGenerate, "path of the packed store"),
       STR_KEY(control, Kind::Endpoint, kLoaderd | kWorker | kGenerate, "ZeroMQ endpoint of the loader daemon"),
+      STR_KEY(access_group, Kind::Path, kLoaderd,
+              "group whose members may read the daemon's segment and use its sockets (default: its user only)"),
       AUTO_KEY(cpu_cap_layers, kLoaderd | kWorker | kGenerate, 1, 1 << 20,
                "layer slots in the shared-memory window, or auto (what host_memory_fraction of MemAvailable holds)"),
       KeyDef{"host_memory_fraction", Kind::Float, kLoaderd | kWorker | kGenerate, 0, 0, 0.01, 1.0,

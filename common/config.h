@@ -33,6 +33,8 @@ inline constexpr int64_t kAuto = -1;  // value of an `auto` key
 struct Config {
   std::string store;                                      // path of the packed store
   std::string control = "ipc:///run/ringllama/loaderd.sock";  // the daemon's ZeroMQ endpoint
+  std::string access_group;           // "" = the daemon's user only; else this group may read the segment
+                                      // and connect to the daemon's sockets
   int64_t cpu_cap_layers = kAuto;     // layer slots in the shared-memory window; auto = what the host plan fits
   double host_memory_fraction = 0.75; // share of MemAvailable at start the window may take (auto cpu_cap_layers)
   int64_t cycle_slots = kAuto;        // window smaller than the model: slots cycling the unpinned layers;

@@ -179,20 +179,21 @@ void IoReader::log_mode_once(bool direct_block, const Block& b) {
                path_, b.offset, b.len, reinterpret_cast<uintptr_t>(b.dst));
 }
 
-void IoReader::push(const Block& b) {
+bool IoReader::push(const Block& b) {
+  io_uring_sqe* sqe = take_sqe();
+  if (!sqe) {
+    // The SQ ring has as many entries as blocks may be in flight, so it is only full of entries
+    // prepared and not yet submitted: submit them and look again; a ring the kernel cannot take
+    // now (EBUSY, EAGAIN) keeps the block for a later fill().
+    int rc = io_uring_submit(ring_);
+    if (rc >= 0) unsubmitted_ = 0;
+    else if (rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) fail("{}: io_uring submit: {}", path_, errno_text(-rc));
+    sqe = take_sqe();
+    if (!sqe) return false;
+  }
   const bool direct = direct_fd_ >= 0 && b.offset % offset_align_ == 0 && b.len % offset_align_ == 0 &&
                       reinterpret_cast<uintptr_t>(b.dst) % mem_align_ == 0;
   log_mode_once(direct, b);
-  io_uring_sqe* sqe = io_uring_get_sqe(ring_);
-  if (!sqe) {
-    // The SQ ring has as many entries as blocks may be in flight, so it is only full of entries
-    // prepared and not yet submitted.
-    int rc = io_uring_submit(ring_);
-    if (rc < 0) fail("{}: io_uring submit: {}", path_, errno_text(-rc));
-    unsubmitted_ = 0;
-    sqe = io_uring_get_sqe(ring_);
-    RL_REQUIRE(sqe != nullptr, "{}: io_uring submission queue full", path_);
-  }
   // A single read never asks for more than the kernel transfers at once (just under 2 GiB).
   const uint64_t len = std::min<uint64_t>(b.len, 0x7ffff000u);
   io_uring_prep_read(sqe, direct ? direct_fd_ : buffered_fd_, b.dst, static_cast<unsigned>(len), b.offset);
@@ -204,10 +205,21 @@ void IoReader::push(const Block& b) {
   ++in_flight_;
   ++unsubmitted_;
   ++stats_.reads;
+  return true;
+}
+
+io_uring_sqe* IoReader::take_sqe() {
+  if (opt_.test_full_ring && ++sqe_calls_ % 5 >= 3) return nullptr;
+  return io_uring_get_sqe(ring_);
 }
 
 void IoReader::fill() {
-  while (in_flight_ < opt_.queue_depth && !queue_.empty()) {
+  // Blocks kept from the completion loop first: they belong to ranges already under way.
+  while (in_flight_ < opt_.queue_depth && !resubmit_.empty()) {
+    if (!push(resubmit_.front())) break;
+    resubmit_.pop_front();
+  }
+  while (in_flight_ < opt_.queue_depth && resubmit_.empty() && !queue_.empty()) {
     const uint64_t id = queue_.front();
     auto it = ranges_.find(id);
     Block b;
@@ -215,9 +227,9 @@ void IoReader::fill() {
       queue_.pop_front();
       continue;
     }
+    if (!push(b)) break;
     it->second.queued_from += b.len;
     ++it->second.in_flight;
-    push(b);
   }
   if (unsubmitted_ > 0) {
     int rc = io_uring_submit(ring_);
@@ -259,7 +271,7 @@ void IoReader::on_block_done(Block b, int res) {
   if (it == ranges_.end()) return;
   Range& r = it->second;
   if (res == -EAGAIN || res == -EINTR) {
-    push(b);
+    resubmit_.push_back(b);
     return;
   }
   if (res == -EINVAL && was_direct) {
@@ -268,7 +280,7 @@ void IoReader::on_block_done(Block b, int res) {
                  errno_text(EINVAL));
     ::close(direct_fd_);
     direct_fd_ = -1;
-    push(b);
+    resubmit_.push_back(b);
     return;
   }
   if (res < 0) {
@@ -297,7 +309,7 @@ void IoReader::on_block_done(Block b, int res) {
     b.offset += got;
     b.dst += got;
     b.len -= got;
-    push(b);
+    resubmit_.push_back(b);
     return;
   }
   --r.in_flight;
@@ -329,7 +341,7 @@ size_t IoReader::poll(const std::function<void(const ReadCompletion&)>& done, bo
   fill();
   reap(false);
   fill();
-  while (wait && finished_.empty() && in_flight_ > 0) {
+  while (wait && finished_.empty() && (in_flight_ > 0 || !resubmit_.empty())) {
     reap(true);
     fill();
   }

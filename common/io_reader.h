@@ -21,6 +21,7 @@
 #include "common/manifest.h"
 
 struct io_uring;
+struct io_uring_sqe;
 
 namespace ringllama {
 
@@ -34,6 +35,9 @@ struct IoOptions {
   // Test hook: a completion that brought more bytes than this is taken as if it brought only
   // this many, so that the short-read path (resubmit the rest) runs. 0: off.
   uint64_t test_short_read_bytes = 0;
+  // Test hook: io_uring_get_sqe is taken as failing (a full submission ring) twice in every five
+  // calls, so that blocks wait for a later fill(), also those of the completion loop.
+  bool test_full_ring = false;
 };
 
 IoOptions io_options(const Config& c);
@@ -112,7 +116,8 @@ class IoReader {
 
   void fill();                              // blocks from queued ranges into the ring
   bool next_block(uint64_t range_id, Range& r, Block& b) const;
-  void push(const Block& b);                // one SQE
+  bool push(const Block& b);                // one SQE; false: no room in the ring now, try again later
+  io_uring_sqe* take_sqe();
   void reap(bool wait);                     // CQEs into ranges; finished ranges into finished_
   void on_block_done(Block b, int res);
   void finish_if_done(uint64_t range_id);
@@ -135,6 +140,10 @@ class IoReader {
   std::unordered_map<uint64_t, Range> ranges_;
   std::deque<uint64_t> queue_;              // ranges with bytes not yet cut into blocks, in order
   std::unordered_map<uint64_t, Block> blocks_;  // in flight, by user_data
+  // Blocks to submit again (a short read's rest, a retry): still counted in their range's
+  // in_flight, submitted by fill() before new blocks, never from inside the completion loop.
+  std::deque<Block> resubmit_;
+  uint64_t sqe_calls_ = 0;                  // for test_full_ring
   std::deque<ReadCompletion> finished_;     // finished, not yet handed out
   std::deque<uint64_t> finished_ids_;       // their range ids, for read()
   bool logged_buffered_block_ = false;

@@ -14,6 +14,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "common/runtime_dir.h"
 #include "common/store.h"
 
 namespace ringllama {
@@ -36,11 +37,31 @@ int64_t read_pid(int fd) {
 }
 
 // Takes the instance's lock file: LOCK_EX|LOCK_NB, on the file the path names now (a daemon that
-// exits unlinks it while still holding it, so the inode is checked after locking).
+// exits unlinks it while still holding it, so the inode is checked after locking). The directory is
+// private (runtime_dir.h); the file is opened without following a symlink, never blocks on a FIFO,
+// and must be a regular file of this user that nobody else may write: anything else was not made
+// by a daemon and is refused rather than trusted or truncated.
 int take_lock(const std::string& path, const std::string& name) {
   for (int attempt = 0; attempt < 100; ++attempt) {
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) fail("{}: cannot open the lock file of {}: {}", path, name, errno_text(errno));
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      const int err = errno;
+      if (err == ELOOP) fail("{}: the lock file of {} is a symbolic link: refused (remove it)", path, name);
+      fail("{}: cannot open the lock file of {}: {}", path, name, errno_text(err));
+    }
+    struct stat a {};
+    if (::fstat(fd, &a) != 0) {
+      const int err = errno;
+      ::close(fd);
+      fail("{}: cannot stat the lock file: {}", path, errno_text(err));
+    }
+    if (!S_ISREG(a.st_mode) || a.st_uid != ::geteuid() || (a.st_mode & (S_IWGRP | S_IWOTH))) {
+      ::close(fd);
+      fail("{}: the lock file of {} is {} (uid {}, mode {:04o}): not made by ringllama-loaderd, refused; remove it",
+           path, name, !S_ISREG(a.st_mode) ? "not a regular file" : a.st_uid != ::geteuid() ? "another user's"
+                                                                                             : "writable by others",
+           a.st_uid, a.st_mode & 07777);
+    }
     if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
       int err = errno;
       int64_t pid = read_pid(fd);
@@ -50,8 +71,8 @@ int take_lock(const std::string& path, const std::string& name) {
              pid > 0 ? std::to_string(pid) : std::string("unknown"), name, path);
       fail("{}: cannot lock: {}", path, errno_text(err));
     }
-    struct stat a {}, b {};
-    if (::fstat(fd, &a) == 0 && ::stat(path.c_str(), &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev) {
+    struct stat b {};
+    if (::lstat(path.c_str(), &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev) {
       std::string pid = std::to_string(::getpid()) + "\n";
       if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
         spdlog::warn("{}: cannot write the pid: {}", path, errno_text(errno));
@@ -60,6 +81,14 @@ int take_lock(const std::string& path, const std::string& name) {
     ::close(fd);  // unlinked under us by an exiting daemon: take the new one
   }
   fail("{}: the lock file keeps being replaced", path);
+}
+
+// True when `path` still names the file open as `fd`: what this process made is removed, never a
+// file that replaced it (another daemon's, after a restart or a second daemon on one name).
+bool same_file(int fd, const std::string& path) {
+  struct stat a {}, b {};
+  return fd >= 0 && ::fstat(fd, &a) == 0 && ::lstat(path.c_str(), &b) == 0 && a.st_ino == b.st_ino &&
+         a.st_dev == b.st_dev;
 }
 
 void check_layout_matches(const SegmentHeader& h, const SegmentLayout& l, const std::string& name) {
@@ -92,11 +121,17 @@ void SlotEntry::begin_load(int64_t new_layer) {
 void SlotEntry::finish_load(bool ok) { state.store(static_cast<uint32_t>(ok ? SlotState::Ready : SlotState::Error)); }
 
 SlotSnapshot SlotEntry::snapshot() const {
+  // A seqlock read: the generation again after state and layer, so that the three belong to one
+  // load. Without it, a load that starts between the reads pairs the old generation with the new
+  // layer and Ready state, and the copy taken under it is wrongly reported as changed (or, with the
+  // layers equal, wrongly trusted). Loads take milliseconds, so a retry is rare and short.
   SlotSnapshot s;
-  s.generation = generation.load();
-  s.state = static_cast<SlotState>(state.load());
-  s.layer = layer.load();
-  return s;
+  for (;;) {
+    s.generation = generation.load();
+    s.state = static_cast<SlotState>(state.load());
+    s.layer = layer.load();
+    if (generation.load() == s.generation) return s;
+  }
 }
 
 bool SlotEntry::unchanged(const SlotSnapshot& s) const {
@@ -178,7 +213,10 @@ Segment Segment::create(const std::string& instance_id, uint64_t identity, const
   Segment s;
   s.name_ = shm_name(instance_id);
   s.layout_ = layout;
-  s.lock_path_ = opt.lock_dir + s.name_ + ".lock";
+  const std::string lock_dir = opt.lock_dir.empty() ? default_runtime_dir() : opt.lock_dir;
+  // The default directory is the daemon's own and made here; one given explicitly must exist.
+  ensure_private_dir(lock_dir, opt.lock_dir.empty(), opt.access, "lock");
+  s.lock_path_ = lock_dir + s.name_ + ".lock";
   s.lock_fd_ = take_lock(s.lock_path_, s.name_);
   // The name is ours from here; `s` removes what it made if anything below throws.
   s.owner_ = true;
@@ -187,9 +225,24 @@ Segment Segment::create(const std::string& instance_id, uint64_t identity, const
   if (::shm_unlink(s.name_.c_str()) == 0)
     spdlog::warn("shared memory segment {} was left by a daemon that is gone: replaced", s.name_);
 
-  s.shm_fd_ = ::shm_open(s.name_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, opt.mode);
-  if (s.shm_fd_ < 0) fail("cannot create shared memory segment {}: {}", s.name_, errno_text(errno));
-  ::fchmod(s.shm_fd_, opt.mode);  // shm_open's mode passes through the umask
+  // O_EXCL: never a file someone else planted under the name (shm_open adds O_NOFOLLOW).
+  s.shm_fd_ = ::shm_open(s.name_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (s.shm_fd_ < 0) {
+    const int err = errno;
+    struct stat st {};
+    if (err == EEXIST && ::lstat(("/dev/shm" + s.name_).c_str(), &st) == 0)
+      fail("cannot create shared memory segment {}: /dev/shm{} exists and belongs to uid {} (mode {:04o}), which "
+           "this daemon cannot remove: remove it, or pick another --instance",
+           s.name_, s.name_, st.st_uid, st.st_mode & 07777);
+    fail("cannot create shared memory segment {}: {}", s.name_, errno_text(err));
+  }
+  // The mode is set explicitly: shm_open's passes through the umask. Workers of the access group
+  // read it; nobody else does.
+  if (opt.access.group && ::fchown(s.shm_fd_, static_cast<uid_t>(-1), opt.access.gid) != 0)
+    fail("shared memory segment {}: cannot give it to group {}: {}", s.name_, opt.access.group_name,
+         errno_text(errno));
+  if (::fchmod(s.shm_fd_, opt.access.segment_mode()) != 0)
+    fail("shared memory segment {}: cannot set its mode: {}", s.name_, errno_text(errno));
   const uint64_t bytes = layout.total_bytes;
   if (::ftruncate(s.shm_fd_, static_cast<off_t>(bytes)) != 0)
     fail("cannot size shared memory segment {} to {} bytes ({}): {}", s.name_, bytes, gib(bytes),
@@ -267,7 +320,8 @@ Segment Segment::create(const std::string& instance_id, uint64_t identity, const
   return s;
 }
 
-Segment Segment::open(const std::string& name, std::optional<uint64_t> expect_identity) {
+Segment Segment::open(const std::string& name, std::optional<uint64_t> expect_identity,
+                      std::optional<uid_t> expect_owner) {
   Segment s;
   s.name_ = name;
   s.shm_fd_ = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
@@ -277,6 +331,15 @@ Segment Segment::open(const std::string& name, std::optional<uint64_t> expect_id
   }
   struct stat st {};
   if (::fstat(s.shm_fd_, &st) != 0) fail("cannot stat shared memory segment {}: {}", name, errno_text(errno));
+  // The weights a worker computes with come from this file: only the daemon may have written them.
+  if (expect_owner && st.st_uid != *expect_owner)
+    fail("shared memory segment {} belongs to uid {}, but the loader daemon runs as uid {}: not the daemon's "
+         "segment, refused",
+         name, st.st_uid, *expect_owner);
+  if (st.st_mode & (S_IWGRP | S_IWOTH))
+    fail("shared memory segment {} is writable by others (mode {:04o}): refused, its weights could be changed by "
+         "anyone",
+         name, st.st_mode & 07777);
   const uint64_t bytes = static_cast<uint64_t>(st.st_size);
   if (bytes < sizeof(SegmentHeader))
     fail("shared memory segment {} has {} bytes, less than its header: not set up yet, or not ours", name, bytes);
@@ -331,13 +394,15 @@ Segment::~Segment() { release(); }
 void Segment::release() {
   if (base_) ::munmap(base_, layout_.total_bytes);
   base_ = nullptr;
+  if (owner_) {
+    // Only what this daemon made: a segment or lock that replaced ours (a daemon started on the same
+    // name after the lock was lost) is the other daemon's.
+    if (same_file(shm_fd_, "/dev/shm" + name_)) ::shm_unlink(name_.c_str());
+    // Unlinked while still locked: a daemon that opened the old file sees it is stale by inode.
+    if (same_file(lock_fd_, lock_path_)) ::unlink(lock_path_.c_str());
+  }
   if (shm_fd_ >= 0) ::close(shm_fd_);
   shm_fd_ = -1;
-  if (owner_) {
-    ::shm_unlink(name_.c_str());
-    // Unlinked while still locked: a daemon that opened the old file sees it is stale by inode.
-    if (lock_fd_ >= 0) ::unlink(lock_path_.c_str());
-  }
   if (lock_fd_ >= 0) ::close(lock_fd_);
   lock_fd_ = -1;
   owner_ = false;

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "common/manifest.h"
+#include "common/runtime_dir.h"
 
 namespace ringllama {
 
@@ -123,8 +124,10 @@ enum class MlockMode {
 
 struct SegmentOptions {
   MlockMode mlock = MlockMode::Require;
-  std::string lock_dir = "/dev/shm";  // where <name>.lock lives; tmpfs, so a reboot clears it
-  unsigned mode = 0644;               // of the segment: workers may run as other users
+  // Where <name>.lock lives: "" = default_runtime_dir() (made when missing); a directory given must
+  // exist. Either must be this user's and writable by nobody else (runtime_dir.h).
+  std::string lock_dir;
+  FileAccess access;                  // the segment is 0600, or 0640 with the access group
 };
 
 class Segment {
@@ -138,9 +141,11 @@ class Segment {
   static Segment create(const std::string& instance_id, uint64_t identity, const SegmentLayout& layout,
                         const SegmentOptions& opt = {});
 
-  // Worker: maps an existing segment read-only and checks magic, layout version, sizes and (when
-  // given) the store identity. `name` as shm_name() returns it.
-  static Segment open(const std::string& name, std::optional<uint64_t> expect_identity = std::nullopt);
+  // Worker: maps an existing segment read-only and checks magic, layout version, sizes, that nobody
+  // but its owner may write it and (when given) the store identity. `name` as shm_name() returns it.
+  // With `expect_owner`, the file must belong to that uid (the daemon's, from the connection).
+  static Segment open(const std::string& name, std::optional<uint64_t> expect_identity = std::nullopt,
+                      std::optional<uid_t> expect_owner = std::nullopt);
 
   Segment(Segment&& o) noexcept;
   Segment& operator=(Segment&& o) noexcept;

@@ -26,42 +26,10 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 constexpr uint64_t kGlobalsTag = ~0ull;
-constexpr size_t kDetachedKept = 16;
-
-int pidfd_open(int64_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0)); }
-
-bool process_alive(int64_t pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM; }
-
-// ipc://PATH -> PATH, or "" for other transports.
-std::string ipc_path(const std::string& endpoint) {
-  const std::string prefix = "ipc://";
-  return endpoint.compare(0, prefix.size(), prefix) == 0 ? endpoint.substr(prefix.size()) : std::string();
-}
-
-void make_ipc_dir(const std::string& endpoint, const char* what) {
-  const std::string path = ipc_path(endpoint);
-  if (path.empty() || path[0] == '@') return;  // not ipc, or an abstract socket
-  const fs::path dir = fs::path(path).parent_path();
-  if (dir.empty()) return;
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec)
-    fail("{} endpoint {}: cannot create the directory {}: {} (create it, or pick another endpoint with --control)",
-         what, endpoint, dir.string(), ec.message());
-}
-
-void bind_socket(zmq::socket_t& s, const std::string& endpoint, const char* what) {
-  make_ipc_dir(endpoint, what);
-  try {
-    s.bind(endpoint);
-  } catch (const zmq::error_t& e) {
-    std::string hint;
-    if (e.num() == EADDRINUSE) hint = ": the address is in use (another loaderd?)";
-    else if (e.num() == ENAMETOOLONG) hint = ": the socket path is too long for a unix socket (about 107 bytes at most)";
-    else if (e.num() == EACCES) hint = ": permission denied";
-    fail("{} endpoint {}: cannot bind: {}{}", what, endpoint, e.what(), hint);
-  }
-}
+// Reads of a slot in error are retried after 250 ms, then twice as long each time, at most 30 s
+// apart: a file repaired in place (or a disk error that passes) is picked up without a restart.
+constexpr int64_t kRetryFirstMs = 250;
+constexpr int64_t kRetryMaxMs = 30000;
 
 const char* fill_name(SlotFill f) {
   switch (f) {
@@ -107,11 +75,29 @@ std::string pub_endpoint_for(const std::string& control) {
 
 namespace {
 
-SegmentOptions segment_options(const LoaderdOptions& opt) {
+SegmentOptions segment_options(const LoaderdOptions& opt, const FileAccess& access) {
   SegmentOptions so;
   so.mlock = opt.mlock;
   so.lock_dir = opt.lock_dir;
+  so.access = access;
   return so;
+}
+
+// The control endpoint checked (its directory private, nobody answering there; the default runtime
+// directory made) and in canonical form: the instance id, and so the lock, follow the socket file,
+// not the spelling of its path.
+std::string prepare_control(const std::string& control, const FileAccess& access, bool serve) {
+  if (!serve) return control;
+  // The one socket directory the daemon makes is its default runtime directory; any other must
+  // exist (it is checked where it really is: a symlinked path is resolved first).
+  const std::string path = ipc_socket_path(control);
+  const std::string dir = path.empty() ? std::string() : fs::path(path).parent_path().string();
+  if (!dir.empty() && dir == default_runtime_dir()) ensure_private_dir(dir, true, access, "runtime");
+  const std::string canonical = canonical_endpoint(control);
+  check_endpoint(canonical, access, "control");
+  if (canonical != control) spdlog::info("control endpoint {} is {}", control, canonical);
+  check_endpoint(pub_endpoint_for(canonical), access, "PUB");
+  return canonical;
 }
 
 }  // namespace
@@ -119,13 +105,15 @@ SegmentOptions segment_options(const LoaderdOptions& opt) {
 Loaderd::Loaderd(const Config& config, const LoaderdOptions& opt)
     : config_(config),
       opt_(opt),
+      access_(file_access(config.access_group)),
+      control_(prepare_control(config.control, access_, opt.serve)),
       store_(Store::open(config.store)),
       store_dir_(fs::absolute(config.store).lexically_normal().string()),
       identity_(store_identity(store_)),
-      instance_(opt.instance_id.empty() ? instance_id_for(config.control) : opt.instance_id),
+      instance_(opt.instance_id.empty() ? instance_id_for(control_) : opt.instance_id),
       policy_(window_params(store_.manifest(), config, opt.mlock == MlockMode::Require, &window_why_)),
       segment_(Segment::create(instance_, identity_, SegmentLayout::for_manifest(store_.manifest(), policy_.cap()),
-                               segment_options(opt))) {
+                               segment_options(opt, access_))) {
   started_ = Clock::now();
   const Manifest& m = store_.manifest();
   const int64_t slots = policy_.cap();
@@ -151,12 +139,7 @@ Loaderd::~Loaderd() {
   pub_.reset();
   router_.reset();
   ctx_.reset();
-  // A socket file left behind would make a client wait for a reply instead of failing at once.
-  if (bound_)
-    for (const std::string& ep : {config_.control, pub_endpoint_}) {
-      const std::string path = ipc_path(ep);
-      if (!path.empty() && path[0] != '@') ::unlink(path.c_str());
-    }
+  // The socket files (pub_bound_, control_bound_) go with the members, when they are still ours.
 }
 
 // ---------------------------------------------------------------- I/O
@@ -225,18 +208,60 @@ void Loaderd::finish_slot(int64_t slot, int64_t layer, const std::string& error)
   SlotEntry& e = segment_.slot_rw(slot);
   e.finish_load(ok);
   views_[static_cast<size_t>(slot)].fill = ok ? SlotFill::Ready : SlotFill::Error;
+  auto retry = retries_.find(slot);
   if (ok) {
     bytes_loaded_ += m.layer_size(layer);
     spdlog::debug("slot {}: layer {} ready (generation {})", slot, layer, e.generation.load());
+    if (retry != retries_.end()) {
+      spdlog::info("slot {}: layer {} loaded after {} retries", slot, layer, retry->second.attempts);
+      retries_.erase(retry);
+    }
+    slot_errors_.erase(layer);
     publish(SlotReady{slot, layer, e.generation.load()});
   } else {
     ++load_errors_;
     const std::string msg = fmt::format("layer {} (offset {}, {} bytes) could not be loaded: {}", layer,
                                         m.layer_offset(layer), m.layer_size(layer), error);
-    spdlog::error("slot {}: {}", slot, msg);
+    if (retry == retries_.end() || retry->second.layer != layer)
+      retry = retries_.insert_or_assign(slot, Retry{layer, 0, Clock::now()}).first;
+    Retry& r = retry->second;
+    const int64_t wait_ms = std::min<int64_t>(kRetryMaxMs, kRetryFirstMs << std::min(r.attempts, 20));
+    r.next = Clock::now() + std::chrono::milliseconds(wait_ms);
+    spdlog::error("slot {}: {}; read again in {} ms", slot, msg, wait_ms);
     slot_errors_[layer] = msg;
     publish(SlotErrorNotice{slot, layer, msg});
   }
+}
+
+void Loaderd::retry_failed() {
+  const auto now = Clock::now();
+  for (auto it = retries_.begin(); it != retries_.end();) {
+    const int64_t slot = it->first;
+    Retry& r = it->second;
+    const SlotView& v = views_[static_cast<size_t>(slot)];
+    // The policy gave the slot to another layer since (the failed one left the window): nothing to
+    // retry there; the layer is read again when the window asks for it.
+    if (v.layer != r.layer || v.fill == SlotFill::Ready) {
+      it = retries_.erase(it);
+      continue;
+    }
+    if (v.fill == SlotFill::Error && now >= r.next) {
+      ++r.attempts;
+      spdlog::info("slot {}: reading layer {} again (retry {})", slot, r.layer, r.attempts);
+      start_load(slot, r.layer);
+    }
+    ++it;
+  }
+}
+
+std::string Loaderd::window_error() const {
+  for (size_t s = 0; s < views_.size(); ++s)
+    if (views_[s].fill == SlotFill::Error) {
+      auto it = slot_errors_.find(views_[s].layer);
+      return fmt::format("slot {}: {}", s,
+                         it != slot_errors_.end() ? it->second : fmt::format("layer {} in error", views_[s].layer));
+    }
+  return {};
 }
 
 void Loaderd::replan() {
@@ -319,253 +344,17 @@ void Loaderd::bind() {
   router_->set(zmq::sockopt::maxmsgsize, int64_t(1) << 20);
   pub_ = std::make_unique<zmq::socket_t>(*ctx_, zmq::socket_type::pub);
   pub_->set(zmq::sockopt::linger, 0);
-  pub_endpoint_ = pub_endpoint_for(config_.control);
-  bind_socket(*pub_, pub_endpoint_, "PUB");
-  bind_socket(*router_, config_.control, "control");
-  bound_ = true;
-  spdlog::info("serving on {} (wake-ups on {}), segment {}", config_.control, pub_endpoint_, segment_.name());
-}
-
-void Loaderd::publish(const Notice& n) {
-  if (!pub_) return;
-  const std::string s = encode(n);
-  try {
-    pub_->send(zmq::buffer(s), zmq::send_flags::dontwait);
-  } catch (const zmq::error_t& e) {
-    spdlog::warn("PUB send: {}", e.what());
-  }
-}
-
-void Loaderd::reply(const std::string& routing_id, const ControlReply& r) {
-  const std::string s = encode(r);
-  try {
-    router_->send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-    router_->send(zmq::buffer(s), zmq::send_flags::dontwait);
-  } catch (const zmq::error_t& e) {
-    spdlog::warn("reply to a peer that is gone: {}", e.what());
-  }
-}
-
-Loaderd::Peer* Loaderd::peer_by_routing(const std::string& routing_id) {
-  for (auto& [id, p] : peers_)
-    if (p.routing_id == routing_id) return &p;
-  return nullptr;
-}
-
-void Loaderd::on_control() {
-  for (;;) {
-    std::vector<zmq::message_t> frames;
-    std::optional<size_t> got;
-    try {
-      got = zmq::recv_multipart(*router_, std::back_inserter(frames), zmq::recv_flags::dontwait);
-    } catch (const zmq::error_t& e) {
-      spdlog::warn("control socket: {}", e.what());
-      return;
-    }
-    if (!got) return;
-    if (frames.size() < 2) continue;
-    const std::string routing_id = frames.front().to_string();
-    handle(routing_id, frames.back().to_string());
-  }
-}
-
-void Loaderd::handle(const std::string& routing_id, const std::string& frame) {
-  ControlRequest req;
-  try {
-    req = parse_control_request(frame);
-  } catch (const ProtocolError& e) {
-    spdlog::warn("control: bad request: {}", e.what());
-    reply(routing_id, ControlError{e.what()});
-    return;
-  }
-  if (const auto* h = std::get_if<Hello>(&req)) {
-    on_hello(routing_id, *h);
-    return;
-  }
-  if (std::holds_alternative<StatsRequest>(req)) {
-    if (Peer* p = peer_by_routing(routing_id)) p->last_seen = Clock::now();
-    reply(routing_id, StatsReply{stats()});
-    return;
-  }
-  Peer* p = peer_by_routing(routing_id);
-  if (!p) {
-    // A worker the daemon does not know (it restarted, or the worker was detached): say so, once
-    // per message, so that the worker can fail instead of waiting.
-    if (!std::holds_alternative<Bye>(req))
-      reply(routing_id, ControlError{"unknown worker: send hello first (the loader daemon may have restarted)"});
-    return;
-  }
-  p->last_seen = Clock::now();
-  if (p->silent_logged) {
-    spdlog::info("worker {} (pid {}) is heard from again", p->id, p->pid);
-    p->silent_logged = false;
-  }
-  if (const auto* m = std::get_if<Progress>(&req)) {
-    try {
-      on_progress(*p, *m);
-    } catch (const Error& e) {
-      spdlog::warn("worker {} (pid {}): progress {{pass {}, copied {}}} refused: {}", p->id, p->pid, m->pass,
-                   m->copied, e.what());
-    }
-    replan();
-  } else if (std::holds_alternative<Bye>(req)) {
-    detach(p->id, "said bye");
-  }
-  // Heartbeat: last_seen is all it does.
-}
-
-void Loaderd::on_hello(const std::string& routing_id, const Hello& h) {
-  if (Peer* old = peer_by_routing(routing_id)) detach(old->id, "said hello again");
-  int64_t entry = -1;
-  for (int64_t i = 0; i < kMaxWorkers; ++i)
-    if (segment_.worker_entry(i).pid.load() == 0) {
-      entry = i;
-      break;
-    }
-  if (entry < 0) {
-    spdlog::warn("worker pid {} refused: {} workers are attached already", h.pid, kMaxWorkers);
-    reply(routing_id, ControlError{fmt::format("the loader daemon serves at most {} workers", kMaxWorkers)});
-    return;
-  }
-  Peer p;
-  p.id = next_id_++;
-  p.routing_id = routing_id;
-  p.pid = h.pid;
-  p.name = h.worker;
-  p.entry = entry;
-  p.last_seen = Clock::now();
-  p.pidfd = pidfd_open(h.pid);
-  if (p.pidfd < 0) {
-    if (errno == ESRCH) {
-      spdlog::warn("worker pid {} said hello but is not running (another pid namespace?): refused", h.pid);
-      reply(routing_id, ControlError{fmt::format("pid {} is not running on the daemon's host", h.pid)});
-      return;
-    }
-    spdlog::debug("pidfd_open({}): {}; watching it with kill(pid, 0)", h.pid, errno_text(errno));
-  }
-  segment_.worker_entry_rw(entry).position.store(-1);
-  segment_.worker_entry_rw(entry).held.store(-1);
-  segment_.worker_entry_rw(entry).pid.store(static_cast<int32_t>(h.pid));
-  policy_.attach(p.id);
-  spdlog::info("worker {} attached: pid {}{}{}", p.id, p.pid, p.name.empty() ? "" : ", ", p.name);
-  Welcome w;
-  w.segment = segment_.name();
-  w.layout_version = kSegmentLayoutVersion;
-  w.instance_id = instance_;
-  w.store = store_dir_;
-  w.store_identity = identity_;
-  w.n_layers = store_.model().n_layers;
-  w.n_slots = segment_.layout().n_slots;
-  w.heartbeat_ms = config_.heartbeat_ms;
-  w.pub = pub_endpoint_;
-  w.worker_id = entry;
-  w.hold_max = hold_max();
-  peers_.emplace(p.id, p);
-  reply(routing_id, w);
-  replan();
-}
-
-int64_t Loaderd::hold_max() const {
-  // Each held layer must stay in the window while the slowest worker's next one does: no more than
-  // the cycling slots (the whole ring's) less back_margin; 2 copies in flight keep a PCIe link busy.
-  const int64_t cycling = policy_.cycling_slots() > 0 ? policy_.cycling_slots() : policy_.cap();
-  return std::clamp<int64_t>(cycling - config_.back_margin, 1, 2);
-}
-
-void Loaderd::on_progress(Peer& p, const Progress& m) {
-  const int64_t n = store_.model().n_layers;
-  WorkerEntry& e = segment_.worker_entry_rw(p.entry);
-  if (m.copied == 0 && !(p.active && m.pass == p.pass)) {
-    if (p.active) {
-      spdlog::warn("worker {} begins pass {} without ending pass {}", p.id, m.pass, p.pass);
-      policy_.end_pass(p.id);
-      p.active = false;
-    }
-    if (m.pass <= p.pass) fail("pass {} does not follow pass {}", m.pass, p.pass);
-    p.pass_start = policy_.begin_pass(p.id);
-    p.pass = m.pass;
-    p.copied = 0;
-    p.active = true;
-  } else {
-    if (!p.active || m.pass != p.pass) {
-      if (m.pass == p.pass && m.copied == n) return;  // the end of a pass already ended
-      fail("no pass {} in flight", m.pass);
-    }
-    if (m.copied > n) fail("copied {} is over the model's {} layers", m.copied, n);
-    if (m.copied < p.copied) fail("copied {} goes back from {}", m.copied, p.copied);
-    p.copied = m.copied;
-  }
-  // Layers being read beyond the next one: protected from reuse by replan() like the next one.
-  if (m.held > p.copied + hold_max())
-    fail("held {} is more than {} layers past copied {}", m.held, hold_max(), p.copied);
-  p.held = std::clamp<int64_t>(m.held, p.copied, n);
-  if (p.copied >= n) {
-    policy_.end_pass(p.id);
-    p.active = false;
-    e.position.store(-1);
-    e.held.store(-1);
-    return;
-  }
-  const int64_t next = p.pass_start + p.copied;
-  if (p.copied > 0) policy_.progress(p.id, next);
-  e.position.store(next);
-  e.held.store(p.pass_start + p.held);
-  // A hit: the layer the worker needs next is in a slot and ready as it asks.
-  const int64_t layer = next % n;
-  const bool hit = std::any_of(views_.begin(), views_.end(), [&](const SlotView& v) {
-    return v.layer == layer && v.fill == SlotFill::Ready;
-  });
-  ++(hit ? slot_hits_ : slot_misses_);
-  republish_error(layer);
-}
-
-void Loaderd::republish_error(int64_t layer) {
-  auto it = slot_errors_.find(layer);
-  if (it == slot_errors_.end()) return;
-  for (size_t s = 0; s < views_.size(); ++s)
-    if (views_[s].layer == layer && views_[s].fill == SlotFill::Error) {
-      publish(SlotErrorNotice{static_cast<int64_t>(s), layer, it->second});
-      return;
-    }
-}
-
-void Loaderd::detach(WorkerId id, const std::string& reason) {
-  auto it = peers_.find(id);
-  if (it == peers_.end()) return;
-  Peer& p = it->second;
-  if (p.pidfd >= 0) ::close(p.pidfd);
-  segment_.worker_entry_rw(p.entry).position.store(-1);
-  segment_.worker_entry_rw(p.entry).held.store(-1);
-  segment_.worker_entry_rw(p.entry).pid.store(0);
-  policy_.detach(id);
-  spdlog::info("worker {} (pid {}) detached: {}", id, p.pid, reason);
-  detached_.push_back(Detached{p.pid, p.name, reason});
-  if (detached_.size() > kDetachedKept) detached_.pop_front();
-  ++detached_total_;
-  peers_.erase(it);
-  replan();
-}
-
-void Loaderd::check_peers() {
-  const auto now = Clock::now();
-  std::vector<WorkerId> dead;
-  for (auto& [id, p] : peers_) {
-    if (p.pidfd < 0 && !process_alive(p.pid)) dead.push_back(id);
-    const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - p.last_seen).count();
-    if (!p.silent_logged && silent > 3 * config_.heartbeat_ms) {
-      // Only a log: a slow worker may still be reading a slot, and reusing it would feed it garbage.
-      spdlog::warn("worker {} (pid {}) missed its heartbeat: silent for {} ms; kept attached until it exits or "
-                   "says bye",
-                   id, p.pid, silent);
-      p.silent_logged = true;
-    }
-  }
-  for (WorkerId id : dead) detach(id, "its process is gone");
-  // A worker that subscribed after a slot failed missed its notice: say it again to whoever waits
-  // on a layer in error (wake-ups may be lost; the slot table stays the truth).
-  const int64_t n = store_.model().n_layers;
-  for (const auto& [id, p] : peers_)
-    if (p.active && p.copied < n) republish_error((p.pass_start + p.copied) % n);
+  pub_endpoint_ = pub_endpoint_for(control_);
+  // Checked again: another daemon (with another lock directory) may have bound since the start.
+  // A failure after the PUB socket is bound leaves its file to pub_bound_, which removes it.
+  check_endpoint(pub_endpoint_, access_, "PUB");
+  pub_bound_ = BoundEndpoint(*pub_, pub_endpoint_, access_, "PUB");
+  check_endpoint(control_, access_, "control");
+  control_bound_ = BoundEndpoint(*router_, control_, access_, "control");
+  if (control_.rfind("tcp://", 0) == 0)
+    spdlog::warn("control on tcp: peers cannot be identified (no SO_PEERCRED) and anyone who reaches the port "
+                 "may attach; prefer an ipc:// endpoint, or bind to 127.0.0.1 on a trusted host");
+  spdlog::info("serving on {} (wake-ups on {}), segment {}", control_, pub_endpoint_, segment_.name());
 }
 
 void Loaderd::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tick) {
@@ -573,6 +362,7 @@ void Loaderd::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tic
   auto last_tick = Clock::now();
   auto last_check = Clock::now();
   const int64_t check_ms = std::max<int64_t>(10, std::min<int64_t>(config_.heartbeat_ms, 200));
+  bool backlog = false;  // the last round left control messages unread: look again at once
   while (true) {
     std::vector<zmq::pollitem_t> items;
     items.push_back({static_cast<void*>(*router_), 0, ZMQ_POLLIN, 0});
@@ -585,7 +375,7 @@ void Loaderd::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tic
         items.push_back({nullptr, p.pidfd, ZMQ_POLLIN, 0});
         watched.push_back(id);
       }
-    const int64_t timeout = std::max<int64_t>(1, std::min(tick_ms, check_ms));
+    const int64_t timeout = backlog ? 0 : std::max<int64_t>(1, std::min(tick_ms, check_ms));
     zmq::poll(items.data(), items.size(), std::chrono::milliseconds(timeout));
 
     if (items[3].revents & ZMQ_POLLIN) {
@@ -595,11 +385,13 @@ void Loaderd::run(int stop_fd, int64_t tick_ms, const std::function<void()>& tic
       return;
     }
     pump_io(false);
-    // Read the control socket until empty every round, whatever revents says: a zmq socket's
-    // readiness is edge-like, and a message that arrived during the last round is not signalled again.
-    on_control();
+    // Read the control socket every round, whatever revents says: a zmq socket's readiness is
+    // edge-like, and a message that arrived during the last round is not signalled again. At most
+    // kMessagesPerRound per round, so that the reads, the checks and the tick below keep their pace.
+    backlog = on_control();
     for (size_t i = 0; i < watched.size(); ++i)
       if (items[4 + i].revents & ZMQ_POLLIN) detach(watched[i], "its process exited");
+    retry_failed();
     replan();
     pump_io(false);
 
@@ -622,6 +414,7 @@ json Loaderd::stats() const {
   for (const auto& [id, p] : peers_) {
     workers.push_back({{"id", id},
                        {"pid", p.pid},
+                       {"pid_verified", p.pid_verified},
                        {"name", p.name},
                        {"active", p.active},
                        {"pass", p.pass},
@@ -665,7 +458,9 @@ json Loaderd::stats() const {
               {"slots", slots},
               {"workers", workers},
               {"detached", detached},
-              {"detached_total", detached_total_}};
+              {"detached_total", detached_total_},
+              {"replies_dropped", replies_dropped_},
+              {"retrying", retries_.size()}};
 }
 
 }  // namespace ringllama

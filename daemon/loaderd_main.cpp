@@ -3,11 +3,14 @@
 //   ringllama-loaderd --store DIR [--config FILE] [--control ENDPOINT] [--cpu-cap-layers N] ...
 //   ringllama-loaderd --stats [--control ENDPOINT]     print a running daemon's stats (JSON)
 //   ringllama-loaderd --bench --store DIR [...]        window fill vs a plain O_DIRECT read
+//   ringllama-loaderd --cleanup [--lock-dir DIR]       remove segments and locks no live daemon holds
 //
 // SIGTERM and SIGINT stop it cleanly: the reads in flight land, the segment, its lock file and the
-// socket files are removed, exit 0. Under systemd (Type=notify) it says READY=1 once the globals and
-// the first window are loaded and pings the watchdog at half of WatchdogSec.
+// socket files are removed (those it made, checked by inode), exit 0. Under systemd (Type=notify) it
+// says READY=1 once the globals and the first window are loaded without an error (a slot in error
+// is read again with a backoff; STATUS= says which) and pings the watchdog at half of WatchdogSec.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -23,6 +26,7 @@
 #include "common/store.h"
 #include "daemon/loaderd.h"
 #include "daemon/loaderd_bench.h"
+#include "daemon/loaderd_cleanup.h"
 
 namespace ringllama {
 namespace {
@@ -60,12 +64,16 @@ int run(int argc, char** argv) {
   loader.add_flags(app);
   std::string mlock = "require";
   LoaderdOptions opt;
-  bool stats = false, bench = false, no_drop = false, plan_only = false;
+  bool stats = false, bench = false, no_drop = false, plan_only = false, cleanup = false;
   HostOverrides host;
   int rounds = 1;
   app.add_option("--instance", opt.instance_id, "segment instance id (default: from the control endpoint)");
   app.add_option("--mlock", mlock, "lock the segment in memory: require, warn or off")->capture_default_str();
-  app.add_option("--lock-dir", opt.lock_dir, "folder of the segment's lock file")->capture_default_str();
+  app.add_option("--lock-dir", opt.lock_dir,
+                 "folder of the segment's lock file, the daemon's own (default: $RUNTIME_DIRECTORY, /run/ringllama "
+                 "for root, $XDG_RUNTIME_DIR/ringllama, else /tmp/ringllama-<uid>)");
+  app.add_flag("--cleanup", cleanup,
+               "remove the segments and lock files that no live daemon holds (one a daemon killed left), and exit");
   app.add_flag("--stats", stats, "print the stats of the daemon on --control and exit");
   app.add_flag("--bench", bench, "measure the window fill against a plain O_DIRECT read of weights.bin, and exit");
   app.add_option("--bench-rounds", rounds, "with --bench: rounds of both reads")->capture_default_str();
@@ -75,8 +83,17 @@ int run(int argc, char** argv) {
   if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
   opt.mlock = parse_mlock(mlock);
 
+  // Nothing the daemon creates is for other users unless it says so (access_group, set explicitly
+  // with chmod): no file appears with a looser mode between its creation and its chmod.
+  ::umask(077);
   Config config = loader.load();
   init_logging("ringllama-loaderd", config.verbose);
+  if (cleanup) {
+    const auto items = cleanup_stale_segments(opt.lock_dir);
+    for (const auto& it : items) std::printf("%s: %s\n", it.name.c_str(), it.what.c_str());
+    if (items.empty()) std::printf("no ringllama segments or lock files\n");
+    return 0;
+  }
   // inproc:// lives inside one process: no worker could ever reach the daemon there.
   if (config.control.rfind("inproc://", 0) == 0)
     fail("control {}: an inproc endpoint cannot be reached from another process; use ipc:// or tcp://",
@@ -102,7 +119,10 @@ int run(int argc, char** argv) {
       host_plan_at_start(manifest, config, host, opt.mlock == MlockMode::Require, 0, "the workers' link", 0, false);
   fmt::print(plan_only ? stdout : stderr, "{}", plan.table());
   if (plan_only) return 0;
-  if (bench) return run_loaderd_bench(config, opt, rounds, !no_drop);
+  if (bench) {
+    opt.serve = false;  // binds nothing: --control only names the segment
+    return run_loaderd_bench(config, opt, rounds, !no_drop);
+  }
 
   const int stop_fd = stop_signal_fd();
   Loaderd d(config, opt);
@@ -113,10 +133,27 @@ int run(int argc, char** argv) {
   d.bind();
   const uint64_t wd = service_watchdog_usec();
   const int64_t tick_ms = wd ? std::max<int64_t>(1, static_cast<int64_t>(wd / 2000)) : 1000;
-  service_notify("READY=1\nSTATUS=serving");
+  // READY=1 only once no slot is in error: a unit that is "active" must serve every layer. Until
+  // then it serves (workers hear of the error at once) and says why in STATUS=.
+  bool ready = false;
+  std::string said;
+  auto check_ready = [&] {
+    if (ready) return;
+    const std::string error = d.window_error();
+    if (error.empty()) {
+      ready = true;
+      service_notify("READY=1\nSTATUS=serving");
+      spdlog::info("ready{}", wd ? fmt::format(" (watchdog every {} ms)", tick_ms) : std::string());
+    } else if (error != said) {
+      said = error;
+      service_notify(("STATUS=not ready, retrying: " + error).c_str());
+      spdlog::warn("not ready: {}; the slot is read again with a backoff", error);
+    }
+  };
+  check_ready();
   if (wd) service_notify("WATCHDOG=1");
-  spdlog::info("ready{}", wd ? fmt::format(" (watchdog every {} ms)", tick_ms) : std::string());
-  d.run(stop_fd, tick_ms, [wd] {
+  d.run(stop_fd, tick_ms, [&] {
+    check_ready();
     if (wd) service_notify("WATCHDOG=1");
   });
   service_notify("STOPPING=1");

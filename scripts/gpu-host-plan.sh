@@ -84,7 +84,8 @@ limit70=$(python3 -c "print(round(16 * 1024 / $total_mib, 4))")
 for policy in pinned ring; do
   extra=()
   [[ $policy == ring ]] && extra=(--cycle-slots 6)
-  ctl="ipc:///tmp/ringllama-hostplan-$policy.sock"
+  # The daemon's socket directory must be private (a world-writable /tmp is refused).
+  ctl="ipc://$(mktemp -d /tmp/ringllama-hostplan.XXXXXX)/$policy.sock"
   "$bin/ringllama-loaderd" --store "$s70" --control "$ctl" --cpu-cap-layers 6 --mlock warn "${extra[@]}" \
     >"$out/loaderd-70b-$policy.log" 2>&1 &
   dpid=$!

@@ -66,6 +66,11 @@ for unit in ringllama-loaderd.service ringllama-worker@.service; do
 done
 grep -qx "ExecStart=$prefix/bin/ringllama-loaderd --config /etc/ringllama/ringllama.yaml" \
   "$units/ringllama-loaderd.service" || fail "ringllama-loaderd.service: ExecStart does not name $prefix/bin"
+# A daemon killed with SIGKILL leaves its segment: the unit cleans up after it, in its own directory.
+grep -qx "ExecStopPost=-$prefix/bin/ringllama-loaderd --cleanup --config /etc/ringllama/ringllama.yaml" \
+  "$units/ringllama-loaderd.service" || fail "ringllama-loaderd.service: no ExecStopPost running --cleanup"
+grep -qx "RuntimeDirectory=ringllama" "$units/ringllama-loaderd.service" ||
+  fail "ringllama-loaderd.service: no RuntimeDirectory=ringllama"
 grep -qx "ExecStart=$prefix/bin/ringllama-worker --config /etc/ringllama/ringllama.yaml --gpu %i" \
   "$units/ringllama-worker@.service" || fail "ringllama-worker@.service: ExecStart does not name $prefix/bin"
 

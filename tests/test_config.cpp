@@ -237,7 +237,7 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
   EXPECT_HAS(line_of("max_context"), "default");
   EXPECT_HAS(line_of("gpu_max_groups"), "auto");
   EXPECT_HAS(line_of("cpu_cap_layers"), "auto");
-  EXPECT_EQ(ConfigLoader::all_keys().size(), 25u);
+  EXPECT_EQ(ConfigLoader::all_keys().size(), 26u);
 }
 
 // ---- --print-config of a real process ----

@@ -48,6 +48,8 @@ TEST(DaemonWeights, LogitsBitIdenticalToStore) {
 
   for (int cap : {2, 3}) {
     SCOPED_TRACE("cpu_cap_layers " + std::to_string(cap));
+    // The daemon makes no socket directory (but its own default one).
+    std::filesystem::create_directory(tmp / ("run" + std::to_string(cap)));
     const std::string control = "ipc://" + (tmp / ("run" + std::to_string(cap) + "/ctl.sock"));
     Proc d("ringllama-loaderd", {"--store", store, "--control", control, "--cpu-cap-layers", std::to_string(cap),
                                  "--mlock", "warn"},

@@ -15,6 +15,7 @@
 #include <zmq.hpp>
 
 #include "common/protocol.h"
+#include "common/runtime_dir.h"
 #include "common/store.h"
 #include "daemon/loaderd.h"
 #include "tests/golden.h"
@@ -39,6 +40,11 @@ std::string shm_file(const std::string& control) {
   return "/dev/shm" + Segment::shm_name(instance_id_for(control));
 }
 
+// The daemon's lock file: in its runtime directory (runtime_dir.h), never in /dev/shm.
+std::string lock_file(const std::string& control) {
+  return default_runtime_dir() + Segment::shm_name(instance_id_for(control)) + ".lock";
+}
+
 class Loaderd : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -49,6 +55,7 @@ class Loaderd : public ::testing::Test {
     store_ = tmp_ / "store";
     auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store_, "--quiet"}, 60);
     ASSERT_EQ(pack.status, 0) << pack.err;
+    fs::create_directory(tmp_ / "run");  // the daemon makes no socket directory but its own default
     control_ = "ipc://" + (tmp_ / "run/loaderd.sock");
   }
 
@@ -56,7 +63,7 @@ class Loaderd : public ::testing::Test {
   void TearDown() override {
     std::error_code ec;
     fs::remove(shm_file(control_), ec);
-    fs::remove(shm_file(control_) + ".lock", ec);
+    fs::remove(lock_file(control_), ec);
   }
 
   std::unique_ptr<Proc> start_daemon(const std::string& store, int cap, const std::string& log = "daemon.log",
@@ -190,7 +197,13 @@ TEST_F(Loaderd, CorruptGroupFailsTheClientNamingTheLayer) {
     f.seekp(static_cast<std::streamoff>(at));
     f.write(&c, 1);
   }
-  auto d = start_daemon(store_, 2);
+  // Layer 1 is in the first window: the daemon serves, but is not ready (it reads the slot again).
+  auto d = std::make_unique<Proc>("ringllama-loaderd",
+                                  std::vector<std::string>{"--store", store_, "--control", control_,
+                                                           "--cpu-cap-layers", "2", "--mlock", "warn"},
+                                  tmp_ / "daemon.log");
+  ASSERT_TRUE(test::eventually([&] { return d->log().find("not ready: slot") != std::string::npos; }, 20000))
+      << d->log();
   auto a = start_client("a", rows_, prompt_);
   const auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(a->wait(20000), 1) << a->log();
@@ -211,11 +224,11 @@ TEST_F(Loaderd, SigtermAndSigintStopCleanly) {
     auto d = start_daemon(store_, 2);
     const std::string shm = shm_file(control_);
     EXPECT_TRUE(fs::exists(shm));
-    EXPECT_TRUE(fs::exists(shm + ".lock"));
+    EXPECT_TRUE(fs::exists(lock_file(control_)));
     d->signal(sig);
     EXPECT_EQ(d->wait(10000), 0) << d->log();
     EXPECT_FALSE(fs::exists(shm)) << shm;
-    EXPECT_FALSE(fs::exists(shm + ".lock")) << shm << ".lock";
+    EXPECT_FALSE(fs::exists(lock_file(control_))) << lock_file(control_);
     EXPECT_FALSE(fs::exists(test::ipc_file(control_)));
   }
 }
@@ -286,24 +299,24 @@ TEST_F(Loaderd, PrintConfigAndClearStartErrors) {
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("an inproc endpoint cannot be reached"), std::string::npos) << r.err;
 
-  // An ipc endpoint whose folder cannot be made.
+  // An ipc endpoint whose folder cannot exist.
   test::write_file(tmp_ / "file", "x");
   r = test::run_bin("ringllama-loaderd", {"--store", store_, "--control", "ipc://" + (tmp_ / "file/sub/ctl.sock"),
                                           "--mlock", "warn"}, 30);
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.err.find("cannot create the directory"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("directory " + (tmp_ / "file/sub") + " cannot be resolved"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(shm_file("ipc://" + (tmp_ / "file/sub/ctl.sock")))) << "the segment is removed on error";
 
   // A second daemon on the same endpoint is refused while the first lives.
   auto d = start_daemon(store_, 2);
   r = test::run_bin("ringllama-loaderd", {"--store", store_, "--control", control_, "--mlock", "warn"}, 30);
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.err.find("another loaderd"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("a daemon answers on " + test::ipc_file(control_)), std::string::npos) << r.err;
   EXPECT_TRUE(d->running());
 }
 
-// Bad frames, requests before hello and a dead pid never take the daemon down; a silent worker is
-// only logged (it may still be reading a slot), and bye detaches it.
+// Bad frames and requests before hello never take the daemon down; a hello's pid gives way to the
+// connection's; a worker silent for 5 heartbeats (here 1 s, the floor) is detached, and bye detaches.
 TEST_F(Loaderd, BadPeersAndSilentWorkers) {
   auto d = start_daemon(store_, 2);
   zmq::context_t ctx(1);
@@ -320,7 +333,12 @@ TEST_F(Loaderd, BadPeersAndSilentWorkers) {
   bad.connect(control_);
   EXPECT_NE(ask(bad, "not json").find("\"type\":\"error\""), std::string::npos);
   EXPECT_NE(ask(bad, R"({"op":"progress","pass":0,"copied":1})").find("send hello first"), std::string::npos);
-  EXPECT_NE(ask(bad, R"({"op":"hello","pid":2147483000})").find("not running"), std::string::npos);
+  // A pid that is not running: the connection's pid (this process) is the one taken.
+  EXPECT_NE(ask(bad, R"({"op":"hello","pid":2147483000})").find("\"welcome\""), std::string::npos);
+  EXPECT_NE(d->log().find(fmt::format("hello says pid 2147483000, the connection is pid {}'s", ::getpid())),
+            std::string::npos)
+      << d->log();
+  bad.send(zmq::buffer(encode(ControlRequest{Bye{}})), zmq::send_flags::none);
 
   // This process says hello and then nothing for a while.
   zmq::socket_t quiet(ctx, zmq::socket_type::dealer);
@@ -334,22 +352,31 @@ TEST_F(Loaderd, BadPeersAndSilentWorkers) {
   quiet.send(zmq::buffer(encode(ControlRequest{Progress{0, 0}})), zmq::send_flags::none);
   quiet.send(zmq::buffer(encode(ControlRequest{Progress{0, 2}})), zmq::send_flags::none);
   quiet.send(zmq::buffer(encode(ControlRequest{Progress{0, 1}})), zmq::send_flags::none);
-  ASSERT_TRUE(test::eventually([&] { return d->log().find("missed its heartbeat") != std::string::npos; }, 5000))
-      << d->log();
-  json s = test::daemon_stats(control_);
-  ASSERT_TRUE(s.is_object());
-  ASSERT_EQ(s["workers"].size(), 1u) << s.dump(2);
-  EXPECT_EQ(s["workers"][0]["pid"].get<int64_t>(), ::getpid());
-  EXPECT_EQ(s["workers"][0]["layer"].get<int64_t>(), 2);
-  EXPECT_NE(d->log().find("goes back"), std::string::npos) << d->log();
-  quiet.send(zmq::buffer(encode(ControlRequest{Bye{}})), zmq::send_flags::none);
+  json s;
   ASSERT_TRUE(test::eventually(
       [&] {
-        const json t = test::daemon_stats(control_);
-        return t.is_object() && t["workers"].empty();
+        s = test::daemon_stats(control_);
+        return s.is_object() && s["workers"].size() == 1u && s["workers"][0]["layer"].get<int64_t>() == 2;
       },
-      5000));
-  EXPECT_NE(d->log().find("detached: said bye"), std::string::npos);
+      5000))
+      << s.dump(2);
+  EXPECT_EQ(s["workers"][0]["pid"].get<int64_t>(), ::getpid());
+  EXPECT_NE(d->log().find("goes back"), std::string::npos) << d->log();
+  ASSERT_TRUE(test::eventually([&] { return d->log().find("missed its heartbeat") != std::string::npos; }, 5000))
+      << d->log();
+  ASSERT_TRUE(test::eventually([&] { return d->log().find("detached: silent for") != std::string::npos; }, 5000))
+      << d->log();
+  s = test::daemon_stats(control_);
+  ASSERT_TRUE(s.is_object());
+  EXPECT_TRUE(s["workers"].empty()) << s.dump(2);
+
+  // bye detaches at once.
+  zmq::socket_t polite(ctx, zmq::socket_type::dealer);
+  polite.set(zmq::sockopt::linger, 0);
+  polite.connect(control_);
+  ASSERT_TRUE(std::holds_alternative<Welcome>(parse_control_reply(ask(polite, hello))));
+  polite.send(zmq::buffer(encode(ControlRequest{Bye{}})), zmq::send_flags::none);
+  ASSERT_TRUE(test::eventually([&] { return d->log().find("detached: said bye") != std::string::npos; }, 5000));
   EXPECT_TRUE(d->running());
 }
 

@@ -6,9 +6,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <filesystem>
 #include <map>
-#include <deque>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <zmq.hpp>
@@ -17,6 +19,7 @@
 #include "common/errors.h"
 #include "common/log.h"
 #include "common/protocol.h"
+#include "common/runtime_dir.h"
 #include "common/segment.h"
 #include "common/store.h"
 
@@ -69,6 +72,9 @@ class DaemonWeights : public WeightSource {
            kWelcomeTimeoutMs / 1000);
     zmq::message_t msg;
     (void)dealer_->recv(msg, zmq::recv_flags::none);
+    // Who answered, as the kernel says (ipc): the segment must be that user's file.
+    const char* peer = ::zmq_msg_gets(msg.handle(), "Peer-Address");
+    const PeerCred daemon = peer ? parse_peer_address(peer) : PeerCred{};
     const ControlReply reply = parse_control_reply(msg.to_string());
     if (const auto* e = std::get_if<ControlError>(&reply))
       fail("the loader daemon at {} refused this worker: {}", endpoint, e->message);
@@ -85,15 +91,15 @@ class DaemonWeights : public WeightSource {
     if (identity != welcome_.store_identity)
       fail("{} is not the store the loader daemon at {} serves ({}): their manifests differ", store_dir_, endpoint,
            welcome_.store);
-    segment_ = std::make_unique<Segment>(Segment::open(welcome_.segment, identity));
+    segment_ = std::make_unique<Segment>(Segment::open(
+        welcome_.segment, identity, daemon.known ? std::optional<uid_t>(daemon.uid) : std::nullopt));
     const Manifest& m = store_->manifest();
     n_layers_ = m.model.n_layers;
-    if (segment_->header().n_layers != n_layers_)
-      fail("shared memory segment {} has {} layers, the manifest {}", welcome_.segment, segment_->header().n_layers,
-           n_layers_);
+    check_segment_sizes(m);
     if (welcome_.worker_id < 0 || welcome_.worker_id >= kMaxWorkers)
       fail("the loader daemon gave worker entry {}, outside [0, {})", welcome_.worker_id, kMaxWorkers);
-    daemon_pid_ = segment_->header().daemon_pid;
+    // The pid the connection names where known: the header is the daemon's word only.
+    daemon_pid_ = daemon.known && daemon.pid > 0 ? daemon.pid : segment_->header().daemon_pid;
     daemon_fd_ = pidfd_open(daemon_pid_);
     if (daemon_fd_ < 0 && errno == ESRCH) fail("loader daemon died (pid {} is gone)", daemon_pid_);
     heartbeat_ = std::chrono::milliseconds(std::max<int64_t>(10, welcome_.heartbeat_ms));
@@ -111,9 +117,16 @@ class DaemonWeights : public WeightSource {
       return s.state == SlotState::Ready;
     });
     globals_ = globals_view(m, segment_->globals_data());
+    heartbeat_thread_ = std::thread([this] { heartbeat_loop(); });
   }
 
   ~DaemonWeights() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_heartbeat_ = true;
+    }
+    stop_cv_.notify_all();
+    if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
     try {
       if (daemon_alive()) {
         send(ControlRequest{Bye{}});
@@ -164,7 +177,7 @@ class DaemonWeights : public WeightSource {
   void keep_alive() override {
     drain_sockets();
     if (!daemon_alive()) throw Error(fmt::format("loader daemon died (pid {})", daemon_pid_));
-    if (Clock::now() - last_sent_ >= heartbeat_) send(ControlRequest{Heartbeat{}});
+    heartbeat_if_due();
   }
 
   LayerWeights acquire_layer(int64_t layer) override {
@@ -246,7 +259,53 @@ class DaemonWeights : public WeightSource {
 
   const WorkerEntry& entry() const { return segment_->worker_entry(welcome_.worker_id); }
 
+  // Every slot must hold the largest layer and the globals region the globals, as this manifest
+  // has them: a segment sized for another model would be read past its slots.
+  void check_segment_sizes(const Manifest& m) const {
+    const SegmentHeader& h = segment_->header();
+    const SegmentLayout& l = segment_->layout();
+    if (h.n_layers != n_layers_)
+      fail("shared memory segment {} has {} layers, the manifest {}", welcome_.segment, h.n_layers, n_layers_);
+    if (l.n_slots != welcome_.n_slots)
+      fail("shared memory segment {} has {} slots, the loader daemon's welcome says {}", welcome_.segment, l.n_slots,
+           welcome_.n_slots);
+    if (l.slot_payload < m.max_layer_size())
+      fail("shared memory segment {} has slots of {} bytes, but the manifest's largest layer has {}: the segment "
+           "was made for another model",
+           welcome_.segment, l.slot_payload, m.max_layer_size());
+    if (l.globals_bytes < m.globals().size)
+      fail("shared memory segment {} has {} bytes for the globals, the manifest's need {}: the segment was made "
+           "for another model",
+           welcome_.segment, l.globals_bytes, m.globals().size);
+  }
+
+  // Heartbeats from a thread of their own: a step may keep the engine away from this object for
+  // longer than the daemon waits before it detaches a silent peer.
+  void heartbeat_loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const auto period = std::max(heartbeat_ / 2, std::chrono::milliseconds(5));
+    while (!stop_cv_.wait_for(lock, period, [&] { return stop_heartbeat_; })) {
+      if (Clock::now() - last_sent_ < period) continue;
+      try {
+        send_locked(ControlRequest{Heartbeat{}});
+      } catch (const std::exception& e) {
+        spdlog::debug("heartbeat: {}", e.what());
+      }
+    }
+  }
+
+  void heartbeat_if_due() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (Clock::now() - last_sent_ >= heartbeat_) send_locked(ControlRequest{Heartbeat{}});
+  }
+
+  // The DEALER is shared with the heartbeat thread: every use holds mu_.
   void send(const ControlRequest& r) {
+    std::lock_guard<std::mutex> lock(mu_);
+    send_locked(r);
+  }
+
+  void send_locked(const ControlRequest& r) {
     const std::string s = encode(r);
     try {
       if (!dealer_->send(zmq::buffer(s), zmq::send_flags::dontwait))
@@ -290,6 +349,7 @@ class DaemonWeights : public WeightSource {
         spdlog::warn("loader daemon {}: bad notice: {}", endpoint_, e.what());
       }
     }
+    std::lock_guard<std::mutex> lock(mu_);
     for (;;) {
       zmq::message_t msg;
       if (!dealer_->recv(msg, zmq::recv_flags::dontwait)) break;
@@ -318,7 +378,7 @@ class DaemonWeights : public WeightSource {
       }
       if (!daemon_alive()) throw Error(fmt::format("loader daemon died (pid {}) while waiting for {}", daemon_pid_, what));
       const auto now = Clock::now();
-      if (now - last_sent_ >= heartbeat_) send(ControlRequest{Heartbeat{}});
+      heartbeat_if_due();
       if (limit.count() > 0 && now - t0 > limit) fail("timed out waiting for {}", what);
       if (now > next_log) {
         spdlog::info("still waiting for {} ({:.0f} s)", what, std::chrono::duration<double>(now - t0).count());
@@ -333,6 +393,7 @@ class DaemonWeights : public WeightSource {
       std::vector<zmq::pollitem_t> items = {{static_cast<void*>(*sub_), 0, ZMQ_POLLIN, 0},
                                             {static_cast<void*>(*dealer_), 0, ZMQ_POLLIN, 0}};
       if (daemon_fd_ >= 0) items.push_back({nullptr, daemon_fd_, ZMQ_POLLIN, 0});
+      std::lock_guard<std::mutex> lock(mu_);
       zmq::poll(items.data(), items.size(), std::chrono::milliseconds(round < 300 ? 1 : kRecheckMs));
     }
   }
@@ -350,7 +411,11 @@ class DaemonWeights : public WeightSource {
   std::unique_ptr<zmq::socket_t> dealer_;
   std::unique_ptr<zmq::socket_t> sub_;
   std::chrono::milliseconds heartbeat_{1000};
-  Clock::time_point last_sent_;
+  Clock::time_point last_sent_;  // under mu_
+  std::mutex mu_;                 // the DEALER socket and last_sent_: the heartbeat thread sends too
+  std::condition_variable stop_cv_;
+  bool stop_heartbeat_ = false;
+  std::thread heartbeat_thread_;
   std::map<int64_t, std::string> errors_;   // layer (-1 globals) -> the daemon's message
   Clock::time_point error_seen_{};
 
