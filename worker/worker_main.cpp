@@ -61,7 +61,9 @@ SchedulerOptions scheduler_options() {
             {"copy_gb_per_s", sr.gb_per_s()},
             {"source_stalls", sr.source_stalls},
             {"source_wait_seconds", sr.source_wait_seconds},
-            {"event_syncs", sr.event_syncs}};
+            {"event_syncs", sr.event_syncs},
+            {"registration_waits", sr.registration_waits},
+            {"registration_wait_seconds", sr.registration_wait_seconds}};
   };
 #endif
   return o;
@@ -95,13 +97,15 @@ int run(int argc, char** argv) {
     std::fputs(loader.describe(config).c_str(), stdout);
     return 0;
   }
+  // Before any thread starts: the CUDA driver's (the backend checks below start them), the daemon
+  // source's sockets, the window's reader, the engine. A thread created with SIGTERM unblocked
+  // takes the signal's default action (the process dies without draining).
+  const int stop_fd = stop_signal_fd();
   if (backend_name.empty()) backend_name = default_backend();
   require_backend(backend_name);
   if (name.empty()) name = fmt::format("worker-{}-{}", config.gpu, ::getpid());
   if (!chat_template.empty()) named_chat_template(chat_template);  // a bad name fails now, not per request
 
-  // Before any thread starts (the daemon source's sockets, the window's reader, the engine).
-  const int stop_fd = stop_signal_fd();
   const auto t0 = Clock::now();
   std::unique_ptr<WeightSource> weights;
   if (!daemon.empty()) {
