@@ -83,7 +83,7 @@ int run(int argc, char** argv) {
   app.add_flag("--skip-special", o.skip_special, "leave special tokens out of decoded text");
   app.add_flag("--lines", o.lines, "one JSON item per line (a string to encode, a list of ids to decode)");
   app.add_flag("--stream", o.stream, "with --decode --lines: the streaming decode's pieces");
-  app.add_flag("--time", o.time, "encoding time, bytes and tokens on stderr");
+  app.add_flag("--time", o.time, "encoding's time, bytes and tokens on stderr");
   app.add_flag("--chat", o.chat, "messages JSON in, the prompt the store's chat template renders out");
   app.add_option("--chat-template", o.chat_template,
                  std::string("with --chat: the template family instead of the store's (") + chat_template_names() + ")");
@@ -155,8 +155,7 @@ int run(int argc, char** argv) {
   }
   RL_REQUIRE(fwrite(out.data(), 1, out.size(), stdout) == out.size() && fflush(stdout) == 0,
              "writing the output failed: {}", errno_text(errno));
-  if (o.time)
-    fmt::print(stderr, "encode: {} bytes, {} tokens, {:.6f} s\n", o.decode ? 0 : input.size(), n_tokens, seconds);
+  if (o.time && !o.decode) fmt::print(stderr, "encode: {} bytes, {} tokens, {:.6f} s\n", input.size(), n_tokens, seconds);
   return 0;
 }
 
