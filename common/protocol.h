@@ -55,7 +55,7 @@ class ProtocolError : public Error {
 // ---- daemon <-> worker ----
 
 struct Hello {
-  int64_t pid = 0;               // the daemon watches it (pidfd) to detach a dead worker
+  int64_t pid = 0;               // for logs: the daemon watches the pid its connection gives (SO_PEERCRED)
   std::string worker;            // a name for logs and stats, e.g. "gpu0"
 };
 struct Progress {
