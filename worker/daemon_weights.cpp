@@ -3,8 +3,10 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -118,6 +120,7 @@ class DaemonWeights : public WeightSource {
     });
     globals_ = globals_view(m, segment_->globals_data());
     heartbeat_thread_ = std::thread([this] { heartbeat_loop(); });
+    prefault_thread_ = std::thread([this] { prefault(); });
   }
 
   ~DaemonWeights() override {
@@ -127,6 +130,8 @@ class DaemonWeights : public WeightSource {
     }
     stop_cv_.notify_all();
     if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
+    stop_prefault_ = true;
+    if (prefault_thread_.joinable()) prefault_thread_.join();
     try {
       if (daemon_alive()) {
         send(ControlRequest{Bye{}});
@@ -144,8 +149,35 @@ class DaemonWeights : public WeightSource {
   const Manifest& manifest() const override { return store_->manifest(); }
   GlobalWeights globals() override { return globals_; }
   const std::string& store_dir() const { return store_dir_; }
-  // The whole segment, mapped read-only: registered read-only where the device supports it.
-  std::vector<HostRange> host_memory() const override { return {HostRange{segment_->base(), segment_->size()}}; }
+  // Fills this process's page tables for the globals and the slots while the start goes on (the
+  // CUDA context, the plan, the allocations): cudaHostRegister then pins mapped pages instead of
+  // faulting each of ~4 million in first, about a third faster (measured: 16 GiB in 0.54 s against
+  // 0.81 s). Only the page tables change; the pages are the daemon's, already in memory.
+  void prefault() {
+    constexpr uint64_t kChunk = uint64_t{64} << 20;
+    constexpr int kPopulateRead = 22;  // MADV_POPULATE_READ, Linux 5.14
+    bool madvise_works = true;
+    for (const HostRange& r : host_memory()) {
+      const auto* p = static_cast<const volatile char*>(r.data);
+      for (uint64_t at = 0; at < r.bytes && !stop_prefault_; at += kChunk) {
+        const uint64_t n = std::min(kChunk, r.bytes - at);
+        if (madvise_works &&
+            ::madvise(const_cast<char*>(static_cast<const char*>(r.data)) + at, n, kPopulateRead) == 0)
+          continue;
+        madvise_works = false;  // an older kernel: one read per page does the same
+        for (uint64_t b = 0; b < n; b += 4096) (void)p[at + b];
+      }
+    }
+  }
+
+  // The globals, then each slot: the pieces a copy reads from (never two at once), registered
+  // read-only where the device supports it; the header and the tables are never copied.
+  std::vector<HostRange> host_memory() const override {
+    const SegmentLayout& l = segment_->layout();
+    std::vector<HostRange> r{HostRange{segment_->globals_data(), l.globals_bytes}};
+    for (int64_t i = 0; i < l.n_slots; ++i) r.push_back(HostRange{segment_->slot_data(i), l.slot_bytes});
+    return r;
+  }
 
   void begin_pass() override {
     if (in_pass_) end_pass();
@@ -403,6 +435,8 @@ class DaemonWeights : public WeightSource {
   std::string store_dir_;
   std::unique_ptr<Store> store_;
   std::unique_ptr<Segment> segment_;
+  std::atomic<bool> stop_prefault_{false};
+  std::thread prefault_thread_;
   GlobalWeights globals_;
   int64_t n_layers_ = 0;
   int64_t daemon_pid_ = 0;
