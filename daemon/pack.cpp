@@ -39,11 +39,10 @@ size_t store_index(const GroupEntry& g) {
 
 // weight_map of model.safetensors.index.json: tensor name -> shard file name.
 std::map<std::string, std::string> read_index(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw StoreError(fmt::format("{}: cannot open: {}", path, errno_text(errno)));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  // A regular file of at most 64 MiB (a 405B model's index is ~2 MiB): a FIFO or /dev/zero
+  // there is refused instead of blocking or filling memory.
+  const std::string text = read_regular_file(path, uint64_t{64} << 20);
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) throw StoreError(fmt::format("{}: not valid JSON", path));
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
     throw StoreError(fmt::format("{}: no object 'weight_map'", path));

@@ -7,7 +7,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <regex>
 #include <string>
 
@@ -277,6 +279,21 @@ TEST(HostileFiles, FifoDeviceAndDirectoryAreRefusedAtOnce) {
               return 2;
             }),
             0);
+}
+
+TEST(HostileFiles, ShardIndexFifoIsRefused) {
+  // A sharded checkpoint whose model.safetensors.index.json is a FIFO: refused, not read forever.
+  test::TempDir model;
+  const std::string src = test::data_dir() + "/llama2_sharded_mha/hf";
+  for (const char* f : {"config.json"}) {
+    std::ifstream in(src + "/" + f, std::ios::binary);
+    test::write_file(model / f, std::string(std::istreambuf_iterator<char>(in), {}));
+  }
+  ASSERT_EQ(mkfifo((model / "model.safetensors.index.json").c_str(), 0600), 0);
+  test::TempDir out;
+  const auto r = test::run_bin("ringllama-pack", {"--hf", model.path(), "--out", out / "store", "--quiet"}, 20);
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_HAS(r.err, "model.safetensors.index.json: not a regular file");
 }
 
 TEST(HostileFiles, OversizedFileIsRefused) {
