@@ -214,7 +214,7 @@ TEST_F(GenerateCli, BadInputIsOneErrorLine) {
   const std::string s = store();
   const std::string missing = path("no-such-store");
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
-      {{"--store", s, "--max-tokens", "4"}, "--prompt-ids is required"},
+      {{"--store", s, "--max-tokens", "4"}, "a prompt is required: --prompt-ids"},
       {{"--store", s, "--prompt-ids", "", "--max-tokens", "4"}, "--prompt-ids is empty"},
       {{"--store", s, "--prompt-ids", "1,two", "--max-tokens", "4"}, "'two' is not a token id"},
       {{"--store", s, "--prompt-ids", "1,,2", "--max-tokens", "4"}, "empty id"},
