@@ -14,13 +14,14 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/install-deps.sh
 bash scripts/build.sh
+build=$(cd "${BUILD_DIR:-build}" && pwd)  # where build.sh built (BUILD_DIR, as build.sh and test.sh read it)
 shape=${RINGLLAMA_DEMO_SHAPE:-}
 real=0
 if [[ -z $shape ]]; then
   if gguf=$(bash scripts/fetch-smollm2.sh); then
     real=1
-    store=build/demo-store-smollm2
-    [[ -d $store ]] || build/bin/ringllama-pack --gguf "$gguf" --out "$store"
+    store=$build/demo-store-smollm2
+    [[ -d $store ]] || $build/bin/ringllama-pack --gguf "$gguf" --out "$store"
   else
     echo "demo: SmolLM2 could not be fetched (no network?): serving the built-in random model 'tiny' instead," \
          "which answers with token ids, not text" >&2
@@ -28,12 +29,12 @@ if [[ -z $shape ]]; then
   fi
 fi
 if [[ $real == 0 ]]; then
-  store=build/demo-store-$shape
-  [[ -d $store ]] || build/bin/ringllama-pack --random "$shape" --seed 1 --out "$store"
+  store=$build/demo-store-$shape
+  [[ -d $store ]] || $build/bin/ringllama-pack --random "$shape" --seed 1 --out "$store"
 fi
-build/bin/ringllama-pack --verify "$store"
+$build/bin/ringllama-pack --verify "$store"
 
-run=$root/build/demo-run
+run=$build/demo-run
 rm -rf "$run"
 mkdir -p "$run"
 control="ipc://$run/loaderd.sock"
@@ -69,15 +70,15 @@ wait_for() {  # wait_for LOG TEXT PID
 }
 
 echo "== the loader daemon: the weights in shared memory (logs in $run/loaderd.log)"
-build/bin/ringllama-loaderd --store "$store" --control "$control" --mlock warn >"$run/loaderd.log" 2>&1 &
+$build/bin/ringllama-loaderd --store "$store" --control "$control" --mlock warn >"$run/loaderd.log" 2>&1 &
 pids=($! "${pids[@]}")
 wait_for "$run/loaderd.log" "info: ready" "${pids[0]}"
 sed -n '/^host /,/^bound/p' "$run/loaderd.log"
-segment=$(build/bin/ringllama-loaderd --control "$control" --stats |
+segment=$($build/bin/ringllama-loaderd --control "$control" --stats |
           python3 -c 'import json, sys; print(json.load(sys.stdin)["segment"])')
 
 echo "== a worker attached to it, serving on $listen (logs in $run/worker.log)"
-build/bin/ringllama-worker --daemon "$control" --listen "$listen" "${backend[@]}" --batch-size 8 \
+$build/bin/ringllama-worker --daemon "$control" --listen "$listen" "${backend[@]}" --batch-size 8 \
   --max-context 256 >"$run/worker.log" 2>&1 &
 pids=($! "${pids[@]}")
 wait_for "$run/worker.log" "info: ready" "${pids[0]}"
