@@ -96,16 +96,6 @@ int64_t compare_store(const std::string& store_dir, const std::string& expected_
   return worst;
 }
 
-std::vector<int64_t> ids_of(const std::string& text) {
-  std::vector<int64_t> ids;
-  std::string s = text;
-  std::replace(s.begin(), s.end(), ',', ' ');
-  std::istringstream in(s);
-  int64_t x;
-  while (in >> x) ids.push_back(x);
-  return ids;
-}
-
 class GgufRoundTrip : public ::testing::TestWithParam<std::string> {};
 
 // F32 and BF16: the store is the HF path's, byte for byte, and decodes as transformers did.
@@ -151,7 +141,7 @@ TEST_P(GgufRoundTrip, LosslessTypesMatchTheHfPathAndTheGoldenLogits) {
                             "--logits-out", tmp / "l"});
   ASSERT_EQ(gen.status, 0) << gen.err;
   const std::vector<int64_t> want(g.tokens.begin(), g.tokens.end());
-  EXPECT_EQ(ids_of(test::read_file(tmp / "t")), want);
+  EXPECT_EQ(test::parse_ids(test::read_file(tmp / "t")), want);
   const std::vector<float> got = read_f32(tmp / "l");
   ASSERT_EQ(static_cast<int64_t>(got.size()), g.rows * g.vocab_size);
   double worst = 0;

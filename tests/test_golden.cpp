@@ -25,16 +25,6 @@ constexpr double kTolerance = 1e-3;  // max|diff| / max|golden| of a row
 // Every folder of tests/data with a golden.json, hf/ or not: one without hf/ fails here.
 std::vector<std::string> fixture_names() { return test::golden_fixture_names(/*need_hf=*/false); }
 
-std::vector<int64_t> ids_of(const std::string& text) {
-  std::vector<int64_t> ids;
-  std::string s = text;
-  std::replace(s.begin(), s.end(), ',', ' ');
-  std::istringstream in(s);
-  int64_t x;
-  while (in >> x) ids.push_back(x);
-  return ids;
-}
-
 std::vector<float> floats_of(const std::string& bytes) {
   std::vector<float> v(bytes.size() / sizeof(float));
   std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));  // little-endian host, as the files are
@@ -73,7 +63,7 @@ TEST_P(Golden, MatchesTransformers) {
                             std::to_string(rows), "--ignore-eos", "--tokens-out", tmp / "t", "--logits-out", tmp / "l"});
   ASSERT_EQ(gen.status, 0) << "ringllama-generate failed:\n" << gen.err << gen.out;
 
-  const std::vector<int64_t> got_tokens = ids_of(test::read_file(tmp / "t"));
+  const std::vector<int64_t> got_tokens = test::parse_ids(test::read_file(tmp / "t"));
   const std::vector<float> got = floats_of(test::read_file(tmp / "l"));
   EXPECT_EQ(got_tokens, want_tokens) << "tokens differ\n  engine:       " << join_ids(got_tokens, " ")
                                      << "\n  transformers: " << join_ids(want_tokens, " ");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <cstdint>
 #include <vector>
 
 namespace ringllama::test {
@@ -46,5 +47,8 @@ std::string read_file(const std::string& path);
 // timing out after 100 ms; -1 when it cannot be made.
 int bind_notify_socket(const std::string& path);
 void write_file(const std::string& path, const std::string& text);
+
+// Token ids as the command lines print them: separated by commas or spaces.
+std::vector<int64_t> parse_ids(const std::string& text);
 
 }  // namespace ringllama::test
