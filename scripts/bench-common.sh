@@ -54,6 +54,22 @@ wait_log() {  # wait_log FILE TEXT PID: until FILE has TEXT, or PID is gone
   return 1
 }
 
+# start_daemon NAME [ARGS...]: the loader daemon on STORE at $control; sets $dpid, logs to
+# OUTDIR/NAME.log.
+start_daemon() {
+  local name=$1
+  shift
+  "$bin/ringllama-loaderd" --store "$store" --control "$control" --mlock warn "$@" >"$out/$name.log" 2>&1 &
+  dpid=$!
+  pids+=("$dpid")
+  wait_log "$out/$name.log" "info: ready" "$dpid"
+}
+
+stop_daemon() {  # SIGTERM to $dpid, then its exit status must be 0
+  kill -TERM "$dpid"
+  wait "$dpid" || say "loader daemon exited with status $? after SIGTERM"
+}
+
 # start_worker NAME GPU BATCH [ARGS...]: sets $wpid; listens on ipc://$run/NAME.sock, logs to
 # OUTDIR/NAME.log.
 start_worker() {

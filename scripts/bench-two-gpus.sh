@@ -50,18 +50,6 @@ for g in "$g0" "$g1"; do
   say "GPU $g: $line"
 done
 
-start_daemon() {  # start_daemon NAME [ARGS...]
-  local name=$1
-  shift
-  "$bin/ringllama-loaderd" --store "$store" --control "$control" --mlock warn "$@" >"$out/$name.log" 2>&1 &
-  dpid=$!
-  pids+=("$dpid")
-  wait_log "$out/$name.log" "info: ready" "$dpid"
-}
-stop_daemon() {
-  kill -TERM "$dpid"
-  wait "$dpid" || say "loader daemon exited with status $? after SIGTERM"
-}
 worker_args() {  # worker_args GPU BATCH
   echo "--daemon $control $(budget_args "$1") $(ahead "$2")"
 }

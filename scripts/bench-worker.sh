@@ -30,10 +30,7 @@ source "$root/scripts/bench-common.sh"
 read -r -a limit_args <<<"$(budget_args "$gpu")"
 reqs=${REQUESTS_PER_SLOT:-4}
 
-"$bin/ringllama-loaderd" --store "$store" --control "$control" --mlock warn >"$out/loaderd.log" 2>&1 &
-dpid=$!
-pids+=("$dpid")
-wait_log "$out/loaderd.log" "info: ready" "$dpid"
+start_daemon loaderd
 say "store $store, backend $BACKEND, budget ${BUDGET_GIB:-4} GiB, prompt $plen, output $olen tokens"
 
 # 1 + 2. Saturation, daemon-fed and local window, at batch 8 and 64.
