@@ -266,12 +266,13 @@ struct GpuWeights::Impl {
       const GroupEntry& ga = m.attn(l);
       const GroupEntry& gf = m.ffn(l);
       char* dst = resident_buf.get() + resident_off[static_cast<size_t>(l)];
-      host_ready(host_group(hw.attn_norm, ga, "attn_norm"), ga.size);
-      host_ready(host_group(hw.ffn_norm, gf, "ffn_norm"), gf.size);
-      CUDA_CHECK(cudaMemcpyAsync(dst, host_group(hw.attn_norm, ga, "attn_norm"), ga.size, cudaMemcpyHostToDevice,
+      const char* host_attn = host_group(hw.attn_norm, ga, "attn_norm");
+      const char* host_ffn = host_group(hw.ffn_norm, gf, "ffn_norm");
+      host_ready(host_attn, ga.size);
+      host_ready(host_ffn, gf.size);
+      CUDA_CHECK(cudaMemcpyAsync(dst, host_attn, ga.size, cudaMemcpyHostToDevice, copy.get()));
+      CUDA_CHECK(cudaMemcpyAsync(dst + (gf.offset - ga.offset), host_ffn, gf.size, cudaMemcpyHostToDevice,
                                  copy.get()));
-      CUDA_CHECK(cudaMemcpyAsync(dst + (gf.offset - ga.offset), host_group(hw.ffn_norm, gf, "ffn_norm"), gf.size,
-                                 cudaMemcpyHostToDevice, copy.get()));
       CUDA_CHECK(cudaStreamSynchronize(copy.get()));
       source.release_layer(l);
       st.resident_bytes += ga.size + gf.size;
@@ -424,7 +425,6 @@ struct GpuWeights::Impl {
     ++st.passes;
     // Every layer resident: the source has nothing to give.
     if (r == n) return;
-    if (background) background->start();
     source.begin_pass();
     enqueue_upto(ahead, -1);
   }

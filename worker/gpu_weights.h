@@ -157,7 +157,7 @@ class GpuWeights {
   GpuWeightsStats stats() const;
   // A source that names its host memory in pieces (the daemon's globals and slots) has the first
   // registered by the constructor and the others on a thread started here, once the owner's
-  // device memory is allocated (or by the first pass that needs one): worker/host_registration.h.
+  // device memory is allocated (or by the first copy that needs one): worker/host_registration.h.
   void start_background_registration();
   bool registers_in_background() const;
 
