@@ -10,10 +10,11 @@ packages=(
   libgtest-dev libgmock-dev nlohmann-json3-dev libxxhash-dev libcli11-dev
   libspdlog-dev libfmt-dev libsystemd-dev
   libpcre2-dev libsentencepiece-dev  # the tokenizer: pre-tokenizer regexes, tokenizer.model
+  libcpp-httplib-dev  # the worker's HTTP server (OpenAI API, /metrics)
   python3 python3-pip
   systemd  # systemd-analyze: the install test verifies the rendered units
 )
-python_packages=(pyzmq numpy matplotlib tokenizers jinja2 gguf)
+python_packages=(pyzmq numpy matplotlib tokenizers jinja2 gguf openai prometheus-client)
 
 sudo=""
 if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
@@ -34,6 +35,7 @@ py_missing=()
 for p in "${python_packages[@]}"; do
   mod=$p
   [[ $p == pyzmq ]] && mod=zmq
+  [[ $p == prometheus-client ]] && mod=prometheus_client
   python3 -c "import $mod" 2>/dev/null || py_missing+=("$p")
 done
 if [[ ${#py_missing[@]} -gt 0 ]]; then
