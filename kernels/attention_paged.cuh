@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -15,6 +16,31 @@ namespace ringllama {
 
 // Query rows (token, head of one kv group) per block: the unit of work of the launch.
 inline constexpr int kAttentionPagedRows = 16;
+
+// Flash-decoding: a split launch gives each (tile, kv head) up to `splits` blocks, each over one
+// span of the keys, writing an unnormalized partial output with its max and sum; a second small
+// kernel combines them. Tiles whose context fits one span are finished by the first kernel as
+// before. The span length follows each tile's own context length on the device, so a launch (or
+// a captured graph) sized for the longest context serves shorter ones too.
+inline constexpr int kAttentionPagedMaxSplits = 64;
+inline constexpr int64_t kAttentionPagedMinSplitKeys = 256;  // attention_paged_splits' shortest span
+
+struct PagedAttentionSplit {
+  int splits = 1;               // 1: no partials, no second kernel (the workspace may be null)
+  int64_t n_tokens = 0;         // rows of q and out in the step (partials are indexed by them)
+  void* workspace = nullptr;    // attention_paged_workspace_bytes(n_tokens, n_heads, head_dim, splits)
+  size_t workspace_bytes = 0;
+};
+
+// fp32 partials of a split launch: splits x n_tokens x n_heads x (head_dim + 2).
+size_t attention_paged_workspace_bytes(int64_t n_tokens, int64_t n_heads, int64_t head_dim, int splits);
+
+// The split count for a step: enough blocks to fill the GPU (sm_count, from cuda_sm_count), none
+// of them under kAttentionPagedMinSplitKeys keys of the longest context (max_keys: the step's, or
+// the largest any replay of a captured graph will see), at most kAttentionPagedMaxSplits, and no
+// more than the workspace holds. 1 where the tiles alone fill the GPU (prefill, large batches).
+int attention_paged_splits(int64_t n_tiles, int64_t n_kv_heads, int64_t max_keys, int sm_count, int64_t n_tokens,
+                           int64_t n_heads, int64_t head_dim, size_t workspace_bytes);
 
 // Device-side description of a step, all int32 arrays on the device.
 struct PagedAttentionBatch {
@@ -43,5 +69,12 @@ void launch_attention_paged(const __nv_bfloat16* q, int64_t q_row_stride, const 
                             const __nv_bfloat16* v_pool, int64_t kv_row_stride, int64_t block_tokens,
                             __nv_bfloat16* out, int64_t out_row_stride, const PagedAttentionBatch& batch,
                             int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float scale, cudaStream_t stream);
+// The same with the keys split over blocks (PagedAttentionSplit above); split.splits == 1 is the
+// launch above.
+void launch_attention_paged(const __nv_bfloat16* q, int64_t q_row_stride, const __nv_bfloat16* k_pool,
+                            const __nv_bfloat16* v_pool, int64_t kv_row_stride, int64_t block_tokens,
+                            __nv_bfloat16* out, int64_t out_row_stride, const PagedAttentionBatch& batch,
+                            int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float scale, cudaStream_t stream,
+                            const PagedAttentionSplit& split);
 
 }  // namespace ringllama

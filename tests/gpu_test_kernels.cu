@@ -25,9 +25,7 @@
 #include "common/model_config.h"
 #include "kernels/add_rms_norm.cuh"
 #include "kernels/argmax.cuh"
-#include "kernels/attention_decode.cuh"
 #include "kernels/attention_paged.cuh"
-#include "kernels/attention_prefill.cuh"
 #include "kernels/gather_rows.cuh"
 #include "kernels/kv_store.cuh"
 #include "kernels/check.h"
@@ -336,85 +334,14 @@ std::vector<double> attention_ref(const AttnShape& s, const std::vector<double>&
   return out;
 }
 
-// A cache of `rows` rows of kv_stride: rows [0, valid) random, the rest and every row's padding NaN,
-// so a read outside what the kernel may see poisons its output.
-Bf16Data random_cache(Rng& rng, int64_t rows, int64_t valid, int64_t kv_dim, int64_t kv_stride) {
-  Bf16Data c = random_bf16(rng, rows * kv_stride);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < kv_stride; ++d)
-      if (r >= valid || d >= kv_dim) c.bits[r * kv_stride + d] = 0xFFFF;
-  return c;
-}
-
 const AttnShape kAttnShapes[] = {
     {4, 1, 24},   // GQA 4:1, head_dim 24
     {6, 2, 40},   // GQA 3:1, head_dim 40
     {2, 2, 64},   // 1:1
     {8, 2, 128},  // Llama 3 head_dim, GQA 4:1
     {4, 4, 256},  // the largest head_dim
-    {16, 1, 64},  // a group larger than 8 query heads (decode splits the group over blocks)
+    {16, 1, 64},  // a group of 16 query heads: a decode token fills a whole tile
 };
-
-TEST_F(Kernels, AttentionPrefill) {
-  for (const AttnShape& s : kAttnShapes) {
-    for (int64_t n : {1, 7, 33, 300}) {
-      for (int64_t start : {0, 45}) {
-        if (s.head_dim == 256 && n == 300 && start == 45) continue;  // the reference is slow; 256 is covered
-        Rng rng(fresh_seed());
-        const int64_t hd = s.head_dim, q_dim = s.n_heads * hd, kv_dim = s.n_kv_heads * hd;
-        const int64_t kv_stride = start ? kv_dim + 8 : kv_dim;  // a padded row layout too
-        const int64_t rows = start + n + 3;
-        Bf16Data q = random_bf16(rng, n * q_dim, 1.5f);
-        Bf16Data k = random_cache(rng, rows, start + n, kv_dim, kv_stride);
-        Bf16Data v = random_cache(rng, rows, start + n, kv_dim, kv_stride);
-        auto d_q = to_device<bf16>(q.bits);
-        auto d_k = to_device<bf16>(k.bits);
-        auto d_v = to_device<bf16>(v.bits);
-        auto out = poisoned<bf16>(n * q_dim);
-        launch_attention_prefill(d_q.get(), d_k.get(), d_v.get(), kv_stride, out.get(), n, start, s.n_heads,
-                                 s.n_kv_heads, hd, 1.0f / std::sqrt(static_cast<float>(hd)), nullptr);
-        const std::string what = "heads " + std::to_string(s.n_heads) + "/" + std::to_string(s.n_kv_heads) +
-                                 " hd " + std::to_string(hd) + " tokens " + std::to_string(n) + " start " +
-                                 std::to_string(start);
-        expect_close("attention_prefill", what, download_bf16(out, n * q_dim),
-                     attention_ref(s, q.val, k.val, v.val, kv_stride, n, start), kTolBf16, rng.seed);
-      }
-    }
-  }
-}
-
-TEST_F(Kernels, AttentionDecode) {
-  const int64_t max_splits = 64;
-  for (const AttnShape& s : kAttnShapes) {
-    for (int64_t n_keys : {1, 7, 33, 300, 4097}) {
-      for (int target_blocks : {1, 264}) {
-        Rng rng(fresh_seed());
-        const int64_t hd = s.head_dim, q_dim = s.n_heads * hd, kv_dim = s.n_kv_heads * hd;
-        const int64_t kv_stride = target_blocks == 1 ? kv_dim : kv_dim + 4;
-        Bf16Data q = random_bf16(rng, q_dim, 1.5f);
-        Bf16Data k = random_cache(rng, n_keys + 2, n_keys, kv_dim, kv_stride);
-        Bf16Data v = random_cache(rng, n_keys + 2, n_keys, kv_dim, kv_stride);
-        auto d_q = to_device<bf16>(q.bits);
-        auto d_k = to_device<bf16>(k.bits);
-        auto d_v = to_device<bf16>(v.bits);
-        const size_t ws_floats = attention_decode_workspace_floats(s.n_heads, hd, max_splits);
-        auto ws = poisoned<float>(ws_floats);
-        auto out = poisoned<bf16>(q_dim);
-        const int splits =
-            launch_attention_decode(d_q.get(), d_k.get(), d_v.get(), kv_stride, out.get(), n_keys, s.n_heads,
-                                    s.n_kv_heads, hd, 1.0f / std::sqrt(static_cast<float>(hd)), ws.get(), ws_floats,
-                                    target_blocks, nullptr);
-        if (target_blocks == 1) EXPECT_EQ(splits, 1);
-        if (target_blocks > 1 && n_keys >= 4096) EXPECT_GT(splits, 8);
-        const std::string what = "heads " + std::to_string(s.n_heads) + "/" + std::to_string(s.n_kv_heads) +
-                                 " hd " + std::to_string(hd) + " keys " + std::to_string(n_keys) + " splits " +
-                                 std::to_string(splits);
-        expect_close("attention_decode", what, download_bf16(out, q_dim),
-                     attention_ref(s, q.val, k.val, v.val, kv_stride, 1, n_keys - 1), kTolBf16, rng.seed);
-      }
-    }
-  }
-}
 
 // One step of several sequences over a paged cache whose blocks are shuffled: a prefill chunk
 // after a cached prefix, a first chunk, decode tokens (one at position 0), GQA, head_dim up to 256,
@@ -684,14 +611,16 @@ TEST(KernelLaunchers, RefuseBadArguments) {
   auto* p = reinterpret_cast<bf16*>(0x1000);  // never dereferenced: every call below fails its checks
   auto* f = reinterpret_cast<float*>(0x1000);
   auto* ids = reinterpret_cast<int32_t*>(0x1000);
-  EXPECT_THROW(launch_attention_prefill(p, p, p, 512, p, 4, 0, 6, 4, 64, 0.125f, nullptr), Error);   // 6 % 4
-  EXPECT_THROW(launch_attention_prefill(p, p, p, 1024, p, 4, 0, 4, 4, 258, 0.1f, nullptr), Error);   // hd > 256
-  EXPECT_THROW(launch_attention_prefill(p, p, p, 128, p, 4, 0, 4, 4, 25, 0.1f, nullptr), Error);     // odd hd
-  EXPECT_THROW(launch_attention_prefill(p, p, p, 100, p, 4, 0, 4, 4, 64, 0.1f, nullptr), Error);     // stride
-  EXPECT_THROW(launch_attention_prefill(nullptr, p, p, 256, p, 4, 0, 4, 4, 64, 0.1f, nullptr), Error);
-  EXPECT_THROW(launch_attention_prefill(p + 1, p, p, 256, p, 4, 0, 4, 4, 64, 0.1f, nullptr), Error);  // align
-  EXPECT_THROW(launch_attention_decode(p, p, p, 256, p, 0, 4, 4, 64, 0.1f, f, 4096, 1, nullptr), Error);  // keys
-  EXPECT_THROW(launch_attention_decode(p, p, p, 256, p, 10, 4, 4, 64, 0.1f, f, 10, 1, nullptr), Error);   // ws
+  PagedAttentionBatch b;
+  b.item_row0 = b.item_count = b.item_start = b.block_tables = b.tile_item = b.tile_row0 = ids;
+  b.table_stride = 4;
+  b.n_tiles = 1;
+  EXPECT_THROW(launch_attention_paged(p, 512, p, p, 512, 16, p, 512, b, 6, 4, 64, 0.125f, nullptr), Error);  // 6 % 4
+  EXPECT_THROW(launch_attention_paged(p, 1032, p, p, 1032, 16, p, 1032, b, 4, 4, 258, 0.1f, nullptr), Error);  // hd
+  EXPECT_THROW(launch_attention_paged(p, 128, p, p, 128, 16, p, 128, b, 4, 4, 25, 0.1f, nullptr), Error);  // odd hd
+  EXPECT_THROW(launch_attention_paged(p, 256, p, p, 100, 16, p, 256, b, 4, 4, 64, 0.1f, nullptr), Error);  // stride
+  EXPECT_THROW(launch_attention_paged(nullptr, 256, p, p, 256, 16, p, 256, b, 4, 4, 64, 0.1f, nullptr), Error);
+  EXPECT_THROW(launch_attention_paged(p + 1, 256, p, p, 256, 16, p, 256, b, 4, 4, 64, 0.1f, nullptr), Error);  // align
   EXPECT_THROW(launch_rope(p, 64, 1, p, 64, 1, 63, ids, f, 1, nullptr), Error);
   EXPECT_THROW(launch_rope(p, 32, 1, p, 64, 1, 64, ids, f, 1, nullptr), Error);
   EXPECT_THROW(launch_add_rms_norm(f, nullptr, ElemType::F32, p, 1e-5f, p, 0, 64, nullptr), Error);

@@ -37,8 +37,10 @@ inline constexpr uint64_t kGiB = uint64_t{1} << 30;
 inline constexpr uint64_t kEstimatedContextBytes = 576 * kMiB;
 inline constexpr uint64_t kEstimatedCublasBytes = 128 * kMiB;
 
-// Decode attention splits a long context into at most this many spans per head, each with a
-// partial output row, a max and a sum in fp32 (kernels/attention_decode.cuh): the workspace line.
+// Decode attention (flash-decoding in kernels/attention_paged.cuh, kAttentionPagedMaxSplits)
+// splits a long context into at most this many spans per head, each with a partial output row, a
+// max and a sum in fp32 for every token of a decode step: the workspace line
+// (attention_paged_workspace_bytes(batch_size, n_heads, head_dim, splits)).
 inline constexpr int64_t kDecodeAttentionSplits = 64;
 
 // Query rows of one attention work tile (kernels/attention_paged.cuh kAttentionPagedRows): a step's
