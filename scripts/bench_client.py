@@ -11,6 +11,16 @@ fixed ("128") or drawn per request ("uniform:32:256", "exp:128" capped at 8x the
 workers' stats the bytes streamed per step and the achieved GB/s next to the H2D rate the worker
 measured on its copies (CUDA backend, streamed layers). Writes OUT.json and OUT.png (matplotlib).
 Several --endpoint spread the requests over several workers.
+
+    python3 scripts/bench_client.py --openai http://127.0.0.1:8080/v1 --concurrency 1,8,64 ...
+
+drives any OpenAI-compatible server (ringllama-worker's http_listen, llama-server, vLLM) with the
+same load shapes: streaming /v1/completions requests (scripts/openai_stream_client.py), the prompt
+as token ids drawn from [1, --vocab) or, with --prompt-text-mode, a text of about that many
+tokens; max_tokens the output length, ignore_eos (and vLLM's min_tokens) unless
+--no-extensions. --model defaults to the first of GET /v1/models, --api-key sends a bearer key.
+TTFT is the time to the first chunk with text; output tokens come from the stream's usage (else
+one per chunk). The link figures come from /metrics where the server is a ringllama worker.
 """
 import argparse
 import json
@@ -91,6 +101,19 @@ def all_stats(client):
     return s if len(client.endpoints) > 1 else {client.endpoints[0]: s}
 
 
+# Common one-token English words (with their leading space): a text of n of them is about n tokens
+# for the usual BPE vocabularies; the server's usage says how many it really was.
+WORDS = (" the of and to in is was for on that with as by at from his it an were are which this be has had one"
+         " their not but new first also after who two her they she been other its time all would there more year")
+WORDS = WORDS.split(" ")[1:]
+
+
+def make_prompt(args, n, rng, vocab):
+    if args.prompt_text_mode:
+        return "".join(" " + rng.choice(WORDS) for _ in range(n))
+    return [rng.randrange(1, vocab) for _ in range(n)]
+
+
 def run_level(client, args, level, vocab, rng):
     """One concurrency level (closed loop) or rate (open loop). Returns its record."""
     n_req = args.requests if args.requests else max(2 * level, 16) if not args.rate else 64
@@ -100,11 +123,12 @@ def run_level(client, args, level, vocab, rng):
     done, errors, live = [], [], []
     sent = 0
     t0 = time.monotonic()
+    cpu0 = time.process_time()  # the client's own CPU: near the wall time means it is the bottleneck
     next_arrival = t0
 
     def send():
         nonlocal sent
-        prompt = [rng.randrange(1, vocab) for _ in range(plen())]
+        prompt = make_prompt(args, plen(), rng, vocab)
         g = client.generate(prompt, olen(), temperature=args.temperature, seed=sent, ignore_eos=True)
         live.append(g)
         sent += 1
@@ -128,6 +152,7 @@ def run_level(client, args, level, vocab, rng):
             print(f"\nlevel {level}: timed out with {len(live)} requests in flight", file=sys.stderr)
             break
     wall = time.monotonic() - t0
+    client_cpu = time.process_time() - cpu0
     bar.close()
     for g in list(live):
         client.cancel(g)
@@ -141,7 +166,10 @@ def run_level(client, args, level, vocab, rng):
            "errors": {}, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
            "tpot_ms_p50": pct(tpot, 50), "tpot_ms_p99": pct(tpot, 99),
-           "steps": after["steps"] - before["steps"]}
+           "steps": after["steps"] - before["steps"], "client_cpu_s": client_cpu}
+    usage = [g.usage for g in done if getattr(g, "usage", None)]
+    if usage:  # --openai: what the server counted
+        rec["prompt_tokens"] = sum(u.get("prompt_tokens", 0) for u in usage)
     for g in errors:
         rec["errors"][g.error.code] = rec["errors"].get(g.error.code, 0) + 1
     if "bytes" in after:
@@ -203,7 +231,16 @@ def plot(records, path, xlabel):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--endpoint", action="append", required=True, help="a worker's listen endpoint (repeatable)")
+    ap.add_argument("--endpoint", action="append", help="a worker's listen endpoint (repeatable)")
+    ap.add_argument("--openai", metavar="URL", help="an OpenAI-compatible API's base URL instead, e.g. "
+                    "http://127.0.0.1:8080/v1")
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="--openai: bearer key "
+                    "(default: $OPENAI_API_KEY)")
+    ap.add_argument("--model", help="--openai: the model (default: the first of GET /v1/models)")
+    ap.add_argument("--prompt-text-mode", action="store_true", help="--openai: text prompts of about the length "
+                    "(for servers that take no token ids)")
+    ap.add_argument("--vocab", type=int, default=256, help="--openai: prompt ids are drawn from [1, VOCAB)")
+    ap.add_argument("--no-extensions", action="store_true", help="--openai: send no ignore_eos / min_tokens")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (closed loop)")
     ap.add_argument("--rate", help="comma-separated request rates per second (Poisson arrivals) instead")
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(2N, 16); 64 per rate)")
@@ -215,20 +252,34 @@ def main():
     ap.add_argument("--out", default="bench_client", help="writes OUT.json and OUT.png")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
+    if bool(args.endpoint) == bool(args.openai):
+        ap.error("give --endpoint (ZeroMQ) or --openai URL (HTTP), one of them")
     levels_text = args.rate or args.concurrency
     levels = [float(x) if args.rate else int(x) for x in levels_text.split(",")]
     rng = random.Random(args.seed)
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    if args.openai:
+        from openai_stream_client import OpenAIClient
+        client = OpenAIClient(args.openai, api_key=args.api_key, model=args.model, timeout=args.timeout,
+                              extensions=not args.no_extensions)
+        endpoints = [args.openai]
+    else:
+        client = Client(args.endpoint, timeout=args.timeout)
+        endpoints = args.endpoint
+    with client:
         health = client.health()
-        healths = health if len(args.endpoint) > 1 else {args.endpoint[0]: health}
+        healths = health if len(endpoints) > 1 else {endpoints[0]: health}
         for e, h in healths.items():
             if h["status"] != "ok":
                 raise SystemExit(f"{e}: {h['status']}")
         detail = next(iter(healths.values()))["detail"]
-        vocab = int(detail["vocab_size"])
+        vocab = args.vocab if args.openai else int(detail["vocab_size"])
         records = [run_level(client, args, lv, vocab, rng) for lv in levels]
     print_table(records)
-    out = {"endpoints": args.endpoint, "workers": healths, "args": vars(args), "levels": records}
+    shown = {k: v for k, v in vars(args).items() if k != "api_key"}  # no secret in the report
+    out = {"endpoints": endpoints, "workers": healths, "args": shown, "levels": records}
+    if args.openai:
+        out["model"] = client.model
+        out["ringllama"] = client.ringllama
     with open(args.out + ".json", "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.out}.json", end="")

@@ -206,6 +206,16 @@ class DaemonWeights : public WeightSource {
     }
   }
 
+  Report report() const override {
+    Report r;
+    r.window = true;
+    r.pass = pass_;
+    r.position = entry().position.load();
+    r.waits = waits_;
+    r.wait_seconds = wait_seconds_;
+    return r;
+  }
+
   void keep_alive() override {
     drain_sockets();
     if (!daemon_alive()) throw Error(fmt::format("loader daemon died (pid {})", daemon_pid_));
@@ -405,7 +415,13 @@ class DaemonWeights : public WeightSource {
     for (int round = 0;; ++round) {
       drain_sockets();
       try {
-        if (ready()) return;
+        if (ready()) {
+          if (round > 0) {  // counted only when it had to wait
+            ++waits_;
+            wait_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
+          }
+          return;
+        }
       } catch (const NotYet&) {
       }
       if (!daemon_alive()) throw Error(fmt::format("loader daemon died (pid {}) while waiting for {}", daemon_pid_, what));
@@ -460,6 +476,8 @@ class DaemonWeights : public WeightSource {
   int64_t pass_start_ = -1;
   int64_t floor_ = 0;            // the next pass starts at or after this position
   std::deque<Hold> holds_;  // acquired and not released, oldest first (at most welcome_.hold_max)
+  uint64_t waits_ = 0;      // wait_for calls that had to wait, and their time (report())
+  double wait_seconds_ = 0;
 };
 
 }  // namespace

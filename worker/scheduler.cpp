@@ -4,6 +4,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "worker/metrics.h"
 
 namespace ringllama {
 
@@ -147,10 +148,19 @@ void Scheduler::end(int64_t seq, const ClientReply* reply) {
   live_.erase(it);
 }
 
+void Scheduler::observe_end(const Live& l, const char* outcome) {
+  if (!options_.metrics) return;
+  const auto now = SteadyClock::now();
+  const double tpot = l.tokens > 1 ? std::chrono::duration<double>(l.last - l.first).count() / double(l.tokens - 1) : 0;
+  options_.metrics->request_ended(outcome, WorkerMetrics::api_of(l.sub.client),
+                                  std::chrono::duration<double>(now - l.sub.arrived).count(), l.tokens, tpot);
+}
+
 void Scheduler::fail_all(ErrorCode code, const std::string& message) {
   std::vector<int64_t> seqs;
   for (const auto& [seq, l] : live_) seqs.push_back(seq);
   for (int64_t seq : seqs) {
+    observe_end(live_.at(seq), "failed");
     const ClientReply r = ErrorReply{live_.at(seq).sub.id, code, message};
     end(seq, &r);
     ++failed_;
@@ -175,13 +185,17 @@ void Scheduler::apply(std::vector<Command>& cmds) {
       if (it == by_key_.end()) continue;  // already ended: its final reply is on its way
       const int64_t seq = it->second;
       const ClientReply r = done_reply(live_.at(seq), DoneReason::Cancelled);
+      observe_end(live_.at(seq), "cancelled");
       end(seq, &r);
       ++cancelled_;
     } else {
       std::vector<int64_t> seqs;
       for (const auto& [seq, l] : live_)
         if (l.sub.client == c.sub.client) seqs.push_back(seq);
-      for (int64_t seq : seqs) end(seq, nullptr);
+      for (int64_t seq : seqs) {
+        observe_end(live_.at(seq), "dropped");
+        end(seq, nullptr);
+      }
       dropped_ += static_cast<int64_t>(seqs.size());
     }
   }
@@ -199,12 +213,15 @@ void Scheduler::admit() {
     l.admitted = true;
     reserved_blocks_ += l.blocks;
     prompt_tokens_ += static_cast<int64_t>(l.sub.gen.prompt.size());
+    if (options_.metrics) options_.metrics->prompt_tokens(static_cast<int64_t>(l.sub.gen.prompt.size()));
     waiting_.pop_front();
   }
 }
 
 void Scheduler::run_step() {
   std::vector<RunningBatch::Token> tokens;
+  const auto t0 = SteadyClock::now();
+  const int64_t ran_before = gen_stats_.prefill_tokens + gen_stats_.decode_tokens;
   try {
     tokens = batch_.step(&gen_stats_);
   } catch (const std::exception& e) {
@@ -223,15 +240,23 @@ void Scheduler::run_step() {
       if (l.admitted) running.push_back(seq);
     for (int64_t seq : running) {
       const ClientReply r = ErrorReply{live_.at(seq).sub.id, ErrorCode::Internal, e.what()};
+      observe_end(live_.at(seq), "failed");
       end(seq, &r);
       ++failed_;
     }
     return;
   }
   const auto now = SteadyClock::now();
+  if (options_.metrics)
+    options_.metrics->step(std::chrono::duration<double>(now - t0).count(),
+                           gen_stats_.prefill_tokens + gen_stats_.decode_tokens - ran_before,
+                           static_cast<int64_t>(tokens.size()));
   for (const RunningBatch::Token& t : tokens) {
     Live& l = live_.at(t.seq);
-    if (l.tokens == 0) l.first = now;
+    if (l.tokens == 0) {
+      l.first = now;
+      if (options_.metrics) options_.metrics->first_token(std::chrono::duration<double>(now - l.sub.arrived).count());
+    }
     l.last = now;
     ++l.tokens;
     ++generated_tokens_;
@@ -239,11 +264,15 @@ void Scheduler::run_step() {
     emit(Outgoing{l.sub.client, l.sub.id, std::move(reply), false});
     if (t.end) {
       const ClientReply r = done_reply(l, reason_of(t.end));
+      observe_end(l, "finished");
       end(t.seq, &r);
       ++finished_;
     }
   }
   if (options_.backend_stats) backend_json_ = options_.backend_stats(backend_);
+  const WeightSource::Report w = weights_.report();
+  if (w.window)
+    weights_json_ = {{"pass", w.pass}, {"position", w.position}, {"waits", w.waits}, {"wait_seconds", w.wait_seconds}};
 }
 
 void Scheduler::publish_stats() {
@@ -267,6 +296,7 @@ void Scheduler::publish_stats() {
   j["max_context"] = backend_.limits().max_context;
   j["uptime_s"] = std::chrono::duration<double>(SteadyClock::now() - started_).count();
   if (!backend_json_.is_null()) j["stream"] = backend_json_;
+  if (!weights_json_.is_null()) j["weights"] = weights_json_;
   std::lock_guard<std::mutex> lk(mu_);
   j["draining"] = draining_;
   stats_ = std::move(j);

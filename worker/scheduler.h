@@ -33,6 +33,7 @@
 namespace ringllama {
 
 using SteadyClock = std::chrono::steady_clock;
+class WorkerMetrics;
 
 // A request, checked by the socket side.
 struct Submission {
@@ -57,6 +58,9 @@ struct SchedulerOptions {
   // The model's tokenizer (null: none): token and done replies then carry text, decoded as a
   // stream so that no piece splits a UTF-8 character. It outlives the scheduler.
   const Tokenizer* tokenizer = nullptr;
+  // Where the engine reports requests' ends, tokens and steps as they happen (worker/metrics.h);
+  // null = nowhere. It outlives the scheduler.
+  WorkerMetrics* metrics = nullptr;
 };
 
 class Scheduler {
@@ -113,6 +117,8 @@ class Scheduler {
   // tokenizer.
   std::optional<std::string> text_piece(Live& l, int32_t token, bool last);
   void fail_all(ErrorCode code, const std::string& message);
+  // Tells the metrics how the request ends (before end() forgets it).
+  void observe_end(const Live& l, const char* outcome);
   void admit();
   void run_step();
   void emit(Outgoing o);
@@ -137,6 +143,7 @@ class Scheduler {
   int64_t finished_ = 0, cancelled_ = 0, dropped_ = 0, failed_ = 0;
   int64_t prompt_tokens_ = 0, generated_tokens_ = 0;
   nlohmann::json backend_json_;
+  nlohmann::json weights_json_;              // the daemon window's report (WeightSource::report)
 
   // Shared with the socket side.
   mutable std::mutex mu_;

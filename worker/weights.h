@@ -61,6 +61,16 @@ class WeightSource {
   // ~100 ms): keeps the source's peers informed (heartbeats) and throws Error once the source can
   // no longer serve (its daemon died), so that an idle worker finds out too.
   virtual void keep_alive() {}
+  // Where a source fed by the loader daemon stands, for the worker's stats and metrics (on the
+  // consumer's thread); window false for the others.
+  struct Report {
+    bool window = false;
+    int64_t pass = 0;           // this worker's pass through the daemon's window
+    int64_t position = -1;      // the position the daemon last applied for it (-1: none)
+    uint64_t waits = 0;         // waits on the daemon (a layer, a position applied, the globals)
+    double wait_seconds = 0;    // time in them
+  };
+  virtual Report report() const { return {}; }
   // Layers the consumer may hold at once (acquired, not released) without waiting on itself: the
   // copies it may have in flight. Sources with HostSlots say so there instead.
   virtual int64_t layers_held_at_once() const { return 1; }

@@ -13,6 +13,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "worker/metrics.h"
 
 namespace ringllama {
 
@@ -120,6 +121,7 @@ void ClientServer::reject(const std::string& client, const std::string& id, Erro
     case ErrorCode::Unavailable: ++rejected_unavailable_; break;
     default: ++rejected_bad_; break;
   }
+  if (opt_.metrics) opt_.metrics->request_rejected(code, "zmq");
   send(client, ErrorReply{id, code, message});
 }
 

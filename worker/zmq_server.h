@@ -56,6 +56,8 @@ struct ServerOptions {
   const ChatTemplate* chat = nullptr;
   std::string no_chat_template;
   nlohmann::json info;                // what health reports besides the counts (backend, model)
+  // Where refused requests are counted (worker/metrics.h), by both front doors; null = nowhere.
+  WorkerMetrics* metrics = nullptr;
 };
 
 class ClientServer {
