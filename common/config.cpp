@@ -22,7 +22,7 @@ namespace ringllama {
 
 namespace {
 
-enum class Kind { Int, AutoInt, Float, Bool, Path, Endpoint };
+enum class Kind { Int, AutoInt, Float, Bool, Path, Endpoint, HostPort, Secret };
 
 struct KeyDef {
   const char* name;
@@ -99,6 +99,12 @@ const std::vector<KeyDef>& keys() {
       INT_KEY(queue_max, kWorker, 0, 1 << 24, "waiting requests before overloaded"),
       STR_KEY(listen, Kind::Endpoint, kWorker, "ZeroMQ endpoint for clients; <gpu> expands"),
       INT_KEY(max_request_bytes, kWorker, 64, kBig, "largest request frame, bytes"),
+      STR_KEY(http_listen, Kind::HostPort, kWorker,
+              "HOST:PORT of the OpenAI-compatible HTTP API (e.g. 127.0.0.1:8080; port 0 = any free one); "
+              "empty = off"),
+      STR_KEY(api_key, Kind::Secret, kWorker,
+              "HTTP API: the bearer token every endpoint but /health requires; empty = none (prefer the "
+              "environment or a file to a flag, which other users see in ps)"),
       INT_KEY(drain_timeout_ms, kWorker, 0, 86400000, "on SIGTERM, ms that in-flight requests may still run"),
       KeyDef{"verbose", Kind::Bool, kAllReaders, 0, 0, 0, 0, "debug logs",
              [](Config& c, const std::string& v) { c.verbose = v == "true"; },
@@ -195,6 +201,25 @@ std::string check_value(const KeyDef& k, std::string raw, const ValueSource& src
     case Kind::Endpoint:
       if (raw.rfind("ipc://", 0) != 0 && raw.rfind("tcp://", 0) != 0 && raw.rfind("inproc://", 0) != 0)
         throw bad("must be a ZeroMQ endpoint (ipc://PATH, tcp://HOST:PORT or inproc://NAME)");
+      return raw;
+    case Kind::HostPort: {
+      if (raw.empty()) return raw;  // off
+      // HOST:PORT, the host a name or an IPv4 address, or [IPv6]: the port is what follows the
+      // last colon.
+      const size_t colon = raw.rfind(':');
+      if (colon == std::string::npos || colon == 0) throw bad("must be HOST:PORT, e.g. 127.0.0.1:8080");
+      const std::string host = raw.substr(0, colon), port = raw.substr(colon + 1);
+      errno = 0;
+      char* end = nullptr;
+      const long long p = std::strtoll(port.c_str(), &end, 10);
+      if (port.empty() || *end != '\0' || errno == ERANGE || p < 0 || p > 65535)
+        throw bad("the port must be an integer in [0, 65535]");
+      const bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
+      if (!bracketed && host.find_first_of(":[] \t/") != std::string::npos)
+        throw bad("the host must be a name, an IPv4 address or [an IPv6 address]");
+      return raw;
+    }
+    case Kind::Secret:
       return raw;
   }
   return raw;
@@ -397,6 +422,7 @@ std::string ConfigLoader::describe(const Config& c) const {
     if (!(k.readers & readers_)) continue;
     std::string v = k.get(c);
     if (std::string(k.name) == "listen") v = expand_listen(c);
+    if (k.kind == Kind::Secret && !v.empty()) v = "(set)";  // a secret is not printed
     if (v.empty()) v = "(unset)";
     out += fmt::format("{:<{}}  {:<40}  {}\n", k.name, w, v, source(k.name).text());
   }
@@ -414,6 +440,14 @@ std::optional<int> parse_command_line(CLI::App& app, int argc, char** argv) {
     throw ConfigError(e.what());
   }
   return std::nullopt;
+}
+
+std::pair<std::string, int> split_host_port(const std::string& host_port) {
+  const size_t colon = host_port.rfind(':');
+  RL_REQUIRE(colon != std::string::npos && colon > 0, "'{}' is not HOST:PORT", host_port);
+  std::string host = host_port.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  return {host, std::stoi(host_port.substr(colon + 1))};
 }
 
 std::string expand_listen(const Config& c) {

@@ -8,6 +8,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/model_config.h"
@@ -57,6 +58,8 @@ struct Config {
   int64_t queue_max = 64;             // waiting requests before `overloaded`
   std::string listen = "ipc:///run/ringllama/worker-<gpu>.sock";  // client endpoint; <gpu> expands
   int64_t max_request_bytes = 1048576;  // largest request frame, bytes
+  std::string http_listen;            // "HOST:PORT" of the HTTP API (OpenAI's); "" = off
+  std::string api_key;                // the HTTP API's bearer token; "" = no authentication
   int64_t drain_timeout_ms = 30000;   // on SIGTERM: how long in-flight requests may run before exit
   bool verbose = false;               // debug logs
 };
@@ -115,6 +118,10 @@ class ConfigLoader {
 // Parses a binary's command line: --help prints the usage and gives its exit code (0); a bad option
 // throws ConfigError (the binary's one-line error, exit 1); nullopt: go on.
 std::optional<int> parse_command_line(CLI::App& app, int argc, char** argv);
+
+// "127.0.0.1:8080" -> {"127.0.0.1", 8080}; "[::1]:80" -> {"::1", 80}. Throws Error when there is no
+// port (http_listen is checked where it is loaded).
+std::pair<std::string, int> split_host_port(const std::string& host_port);
 
 // The `listen` endpoint with <gpu> replaced by the device index.
 std::string expand_listen(const Config& c);

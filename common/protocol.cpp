@@ -331,6 +331,12 @@ std::string encode(const ClientReply& m) {
           [](const TokenReply& t) {
             json j{{"type", "token"}, {"id", t.id}, {"index", t.index}, {"token", t.token}};
             if (t.text) j["text"] = *t.text;
+            if (t.logprobs) {
+              j["logprob"] = t.logprobs->logprob;
+              json top = json::array();
+              for (const auto& [id, lp] : t.logprobs->top) top.push_back({id, lp});
+              j["top_logprobs"] = std::move(top);
+            }
             return j;
           },
           [](const DoneReply& d) {
@@ -513,7 +519,7 @@ ClientReply parse_client_reply(std::string_view frame) {
   Fields f(j, type);
   if (type == "token") {
     f.allow({"type", "id", "index", "token", "text"});
-    TokenReply t{f.str("id", kMaxIdBytes), f.integer("index", 0, kI64Max), f.integer("token", 0, kMaxTokenId), {}};
+    TokenReply t{f.str("id", kMaxIdBytes), f.integer("index", 0, kI64Max), f.integer("token", 0, kMaxTokenId), {}, {}};
     if (f.find("text")) t.text = f.str("text", kMaxTextBytes);
     return t;
   }

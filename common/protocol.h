@@ -29,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -130,11 +131,17 @@ struct ClientStatsRequest {};
 struct HealthRequest {};
 using ClientRequest = std::variant<GenerateRequest, CancelRequest, ClientStatsRequest, HealthRequest>;
 
+// A token's log-probability under its logits row, and the most likely ids of that row.
+struct TokenLogprobs {
+  double logprob = 0;
+  std::vector<std::pair<int32_t, double>> top;  // (id, log-probability), most likely first, ties by id
+};
 struct TokenReply {
   std::string id;
   int64_t index = 0;                 // 0, 1, ... within the request
   int64_t token = 0;
   std::optional<std::string> text;   // the text this token completes (never half a UTF-8 character)
+  std::optional<TokenLogprobs> logprobs;  // where the request asked for them (HTTP API: "logprob", "top_logprobs")
 };
 enum class DoneReason { Length, Stop, Eos, Cancelled };
 const char* done_reason_name(DoneReason r);

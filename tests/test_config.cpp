@@ -215,6 +215,24 @@ std::string line_with(const std::string& text, const std::string& key) {
   return t.substr(at + 1, t.find('\n', at + 1) - at - 1);
 }
 
+// The HTTP API's keys: off by default, HOST:PORT checked, the key never printed.
+TEST(Config, HttpListenAndApiKey) {
+  ConfigLoader l(kWorker);
+  Config c = l.load_from(std::nullopt, "", {}, {});
+  EXPECT_EQ(c.http_listen, "");
+  EXPECT_EQ(c.api_key, "");
+  c = l.load_from("http_listen: 127.0.0.1:8080\n", "h.yaml", {{"RINGLLAMA_API_KEY", "s3cret"}}, {});
+  EXPECT_EQ(c.http_listen, "127.0.0.1:8080");
+  EXPECT_EQ(split_host_port(c.http_listen), std::make_pair(std::string("127.0.0.1"), 8080));
+  EXPECT_EQ(split_host_port("[::1]:0"), std::make_pair(std::string("::1"), 0));
+  EXPECT_EQ(c.api_key, "s3cret");
+  const std::string d = l.describe(c);
+  EXPECT_EQ(d.find("s3cret"), std::string::npos) << d;
+  EXPECT_HAS(d, "(set)");
+  for (const char* bad : {"8080", ":8080", "localhost:http", "localhost:70000", "a b:1", "::1:80"})
+    EXPECT_HAS(load_error(std::nullopt, {}, {{"http_listen", bad}}, kWorker), "'http_listen'");
+}
+
 TEST(Config, DescribeListsTheReadersKeysWithSources) {
   ConfigLoader l(kGenerate);
   Config c = l.load_from("batch_size: 2\n", "g.yaml", {{"RINGLLAMA_GPU", "1"}}, {{"store", "/s"}});
@@ -237,7 +255,7 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
   EXPECT_HAS(line_of("max_context"), "default");
   EXPECT_HAS(line_of("gpu_max_groups"), "auto");
   EXPECT_HAS(line_of("cpu_cap_layers"), "auto");
-  EXPECT_EQ(ConfigLoader::all_keys().size(), 26u);
+  EXPECT_EQ(ConfigLoader::all_keys().size(), 28u);
 }
 
 // ---- --print-config of a real process ----

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <deque>
 
 #include "common/errors.h"
@@ -28,7 +30,30 @@ void GenRequest::validate(const StepLimits& lim, const std::string& what) const 
   for (size_t i = 0; i < prompt.size(); ++i)
     RL_REQUIRE(prompt[i] >= 0 && prompt[i] < lim.vocab_size, "{}: prompt token {} = {} is outside the vocabulary [0, {})",
                what, i, prompt[i], lim.vocab_size);
+  RL_REQUIRE(logprobs >= -1 && logprobs <= kMaxTopLogprobs, "{}: logprobs must be -1 (none) to {} (got {})", what,
+             kMaxTopLogprobs, logprobs);
   sampling.validate();
+}
+
+TokenLogprobs token_logprobs(const std::vector<float>& row, int32_t token, int64_t top) {
+  RL_REQUIRE(token >= 0 && static_cast<size_t>(token) < row.size(), "token {} outside a logits row of {}", token,
+             row.size());
+  double mx = -std::numeric_limits<double>::infinity();
+  for (float v : row) mx = std::max(mx, static_cast<double>(v));
+  double sum = 0;
+  for (float v : row) sum += std::exp(static_cast<double>(v) - mx);
+  const double log_z = mx + std::log(sum);
+  TokenLogprobs out;
+  out.logprob = static_cast<double>(row[static_cast<size_t>(token)]) - log_z;
+  const size_t k = std::min(row.size(), static_cast<size_t>(std::max<int64_t>(0, top)));
+  if (k > 0) {
+    std::vector<int32_t> idx(row.size());
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>(i);
+    std::partial_sort(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(k), idx.end(),
+                      [&](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+    for (size_t i = 0; i < k; ++i) out.top.emplace_back(idx[i], static_cast<double>(row[idx[i]]) - log_z);
+  }
+  return out;
 }
 
 RunningBatch::~RunningBatch() {
@@ -89,7 +114,9 @@ std::vector<RunningBatch::Token> RunningBatch::step(GenStats* stats) {
   // back only when they are wanted, and the draws are the same either way.
   const auto ts = Clock::now();
   std::vector<std::vector<float>> rows;
-  const std::vector<int32_t> picked = b_.step_sample(items, params, with_logits_ ? &rows : nullptr);
+  bool want_rows = with_logits_;
+  for (const StepItem& it : items) want_rows = want_rows || (it.want_logits && running_.at(it.seq).req.logprobs >= 0);
+  const std::vector<int32_t> picked = b_.step_sample(items, params, want_rows ? &rows : nullptr);
   const double dt = seconds(ts, Clock::now());
   if (stats) {
     (prefill_tokens > 0 ? stats->prefill_s : stats->decode_s) += dt;
@@ -113,6 +140,7 @@ std::vector<RunningBatch::Token> RunningBatch::step(GenStats* stats) {
     if (s.req.stop.count(t.token)) t.end = "stop";
     else if (s.req.eos.count(t.token)) t.end = "eos";
     else if (static_cast<int64_t>(s.out.size()) >= s.req.max_tokens) t.end = "length";
+    if (s.req.logprobs >= 0) t.logprobs = token_logprobs(rows[k], t.token, s.req.logprobs);
     if (with_logits_) t.logits = std::move(rows[k]);
     if (t.end) ended.push_back(it.seq);
     out.push_back(std::move(t));

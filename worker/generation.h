@@ -9,10 +9,13 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "common/protocol.h"
 #include "worker/backend.h"
 #include "worker/sampler.h"
 
@@ -24,11 +27,19 @@ struct GenRequest {
   SamplingParams sampling;
   std::set<int32_t> stop;       // ids that end the generation (kept in the output): reason "stop"
   std::set<int32_t> eos = {};   // the model's eos ids when they end it: reason "eos" (stop wins)
+  int64_t logprobs = -1;        // >= 0: each token's log-probability and this many top ones; -1 = none
 
   // Throws Error naming `what`: an empty prompt, max_tokens < 1, prompt + max_tokens over
   // max_context, ids outside the vocabulary, bad sampling parameters.
   void validate(const StepLimits& lim, const std::string& what) const;
 };
+
+inline constexpr int64_t kMaxTopLogprobs = 20;  // the most top log-probabilities a request may ask for
+
+// A drawn token's log-probability and the `top` most likely of its row (TokenLogprobs,
+// common/protocol.h): the log-softmax of the logits row it was drawn from, before temperature,
+// computed in double.
+TokenLogprobs token_logprobs(const std::vector<float>& row, int32_t token, int64_t top);
 
 struct GenResult {
   std::vector<int32_t> tokens;  // generated ids
@@ -47,7 +58,8 @@ struct GenStats {
 // from add() until it ends (its last token, or remove()), when its KV blocks go back to the pool.
 class RunningBatch {
  public:
-  // with_logits: step() also hands back each token's logits row.
+  // with_logits: step() also hands back each token's logits row. Without it, the rows of a pass
+  // come back from the backend only when one of its sequences wants log-probabilities.
   RunningBatch(Backend& b, bool with_logits) : b_(b), with_logits_(with_logits) {}
   ~RunningBatch();
   RunningBatch(const RunningBatch&) = delete;
@@ -69,6 +81,7 @@ class RunningBatch {
     int64_t index = 0;           // 0, 1, ... within the sequence
     const char* end = nullptr;   // "length", "stop" or "eos" when this token ends the sequence
     std::vector<float> logits;   // with_logits only
+    std::optional<TokenLogprobs> logprobs;  // where the request asked for them (GenRequest::logprobs)
   };
   // One pass: every running sequence's next prompt chunk (at most limits().max_item_tokens) or
   // decode token, in the order they were added. Returns the tokens drawn, in that order; the

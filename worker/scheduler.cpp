@@ -260,7 +260,7 @@ void Scheduler::run_step() {
     l.last = now;
     ++l.tokens;
     ++generated_tokens_;
-    TokenReply reply{l.sub.id, t.index, t.token, text_piece(l, t.token, t.end != nullptr)};
+    TokenReply reply{l.sub.id, t.index, t.token, text_piece(l, t.token, t.end != nullptr), t.logprobs};
     emit(Outgoing{l.sub.client, l.sub.id, std::move(reply), false});
     if (t.end) {
       const ClientReply r = done_reply(l, reason_of(t.end));

@@ -1,5 +1,6 @@
-// ringllama-worker: serves clients over ZeroMQ (DESIGN.md "The worker"): continuous batching of
-// many requests on one backend, weights from the loader daemon or from the store.
+// ringllama-worker: serves clients over ZeroMQ and, with http_listen, over an OpenAI-compatible
+// HTTP API (DESIGN.md "The worker"): continuous batching of many requests on one backend, weights
+// from the loader daemon or from the store.
 //
 //   ringllama-worker --daemon ENDPOINT --listen ENDPOINT [--backend cpu|cuda] [--config FILE] ...
 //   ringllama-worker --store DIR --listen ENDPOINT ...     no daemon: its own window, or the whole store
@@ -19,6 +20,7 @@
 #include <cstdio>
 #include <optional>
 #include <thread>
+#include <tuple>
 
 #include "common/chat_template.h"
 #include "common/config.h"
@@ -27,7 +29,10 @@
 #include "common/store.h"
 #include "common/tokenizer.h"
 #include "worker/backend_choice.h"
+#include "worker/admission.h"
 #include "worker/daemon_weights.h"
+#include "worker/http_server.h"
+#include "worker/openai_api.h"
 #include "worker/scheduler.h"
 #include "common/service.h"
 #include "worker/zmq_server.h"
@@ -119,6 +124,7 @@ int run(int argc, char** argv) {
   }
   const double weights_ms = ms_since(t0);
   const ModelConfig model = weights->manifest().model;
+  const std::string model_source = weights->manifest().source;
   const auto t1 = Clock::now();
   std::unique_ptr<Backend> backend = make_backend(backend_name, *weights, config);
   const double backend_ms = ms_since(t1);
@@ -154,7 +160,12 @@ int run(int argc, char** argv) {
   Scheduler scheduler(*backend, *weights, std::move(sched), [&waker] { waker.wake(); });
   so.listen = expand_listen(config);
   so.max_request_bytes = config.max_request_bytes;
-  so.capacity = config.batch_size + config.queue_max;
+  // One count of requests in flight for both front doors (ZeroMQ and HTTP).
+  Admission admission(config.batch_size + config.queue_max);
+  std::unique_ptr<HttpServer> http;
+  so.http_replies = [&http](Outgoing&& o) {
+    if (http) http->deliver(std::move(o));
+  };
   so.drain_timeout_ms = config.drain_timeout_ms;
   so.limits = backend->limits();
   for (int64_t id : model.eos_ids) so.eos.insert(static_cast<int32_t>(id));
@@ -170,9 +181,30 @@ int run(int argc, char** argv) {
              {"queue_max", config.queue_max},
              {"tokenizer", tokenizer ? nlohmann::json(tokenizer->source()) : nlohmann::json()},
              {"chat_template", chat ? nlohmann::json(chat->name()) : nlohmann::json()}};
-  ClientServer server(scheduler, waker, so);
+  ClientServer server(scheduler, waker, admission, so);
   const auto t2 = Clock::now();
   server.bind();
+  // The HTTP API listens once the model is ready to serve, next to the ZeroMQ socket.
+  if (!config.http_listen.empty()) {
+    HttpOptions ho;
+    std::tie(ho.host, ho.port) = split_host_port(config.http_listen);
+    ho.api_key = config.api_key;
+    ho.model = openai::model_name(model_source, config.store);
+    ho.max_request_bytes = config.max_request_bytes;
+    // A streaming response holds its thread: room for every request that can be in flight, and
+    // a few more to answer the rest (429, /health, /metrics).
+    ho.threads = std::min<int64_t>(admission.capacity() + 16, 1024);
+    ho.metrics = [&scheduler] {
+      const nlohmann::json st = scheduler.stats();
+      return fmt::format("ringllama_requests_running {}\nringllama_requests_waiting {}\n",
+                         st["requests"]["running"].get<int64_t>(), st["requests"]["waiting"].get<int64_t>());
+    };
+    http = std::make_unique<HttpServer>(scheduler, admission, so, ho);
+    const int port = http->start();
+    const bool bracket = ho.host.find(':') != std::string::npos;
+    spdlog::info("http: listening on http://{}{}{}:{} (model '{}'{})", bracket ? "[" : "", ho.host, bracket ? "]" : "",
+                 port, ho.model, ho.api_key.empty() ? "" : ", API key required");
+  }
   const double bind_ms = ms_since(t2);
 
   int engine_code = 0;
@@ -200,6 +232,11 @@ int run(int argc, char** argv) {
         if (wd && Clock::now() - scheduler.last_beat() < wd_period) service_notify("WATCHDOG=1");
       },
       [] { service_notify("STOPPING=1\nSTATUS=draining"); });
+  if (http) {
+    // Requests the stopped scheduler never took get unavailable; the responses being written end.
+    http->close_pending("the worker is stopping");
+    http->stop();
+  }
   engine.join();
   service_notify("STOPPING=1");
   const nlohmann::json st = scheduler.stats();

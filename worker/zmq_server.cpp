@@ -45,8 +45,8 @@ void Waker::clear() {
   (void)!::read(fd_, &v, sizeof v);
 }
 
-ClientServer::ClientServer(Scheduler& scheduler, Waker& waker, ServerOptions options)
-    : scheduler_(scheduler), waker_(waker), opt_(std::move(options)) {}
+ClientServer::ClientServer(Scheduler& scheduler, Waker& waker, Admission& admission, ServerOptions options)
+    : scheduler_(scheduler), waker_(waker), admission_(admission), opt_(std::move(options)) {}
 
 ClientServer::~ClientServer() {
   if (router_) router_->set(zmq::sockopt::linger, 2000);  // the last replies go out
@@ -108,7 +108,7 @@ void ClientServer::client_gone(const std::string& client, const char* why) {
   auto it = in_flight_.find(client);
   if (it == in_flight_.end()) return;
   spdlog::info("a client is gone ({}): {} requests dropped", why, it->second.size());
-  n_in_flight_ -= static_cast<int64_t>(it->second.size());
+  admission_.release(static_cast<int64_t>(it->second.size()));
   in_flight_.erase(it);
   ++clients_gone_;
   scheduler_.drop_client(client);
@@ -127,12 +127,16 @@ void ClientServer::reject(const std::string& client, const std::string& id, Erro
 
 void ClientServer::flush() {
   for (Outgoing& o : scheduler_.take_replies()) {
+    if (is_http_client(o.client)) {
+      if (opt_.http_replies) opt_.http_replies(std::move(o));
+      continue;
+    }
     auto it = in_flight_.find(o.client);
     // A request of a client already gone: nobody to tell.
     if (it == in_flight_.end() || !it->second.count(o.id)) continue;
     if (o.final) {
       it->second.erase(o.id);
-      --n_in_flight_;
+      admission_.release();
       if (it->second.empty()) in_flight_.erase(it);
     }
     send(o.client, o.reply);
@@ -142,8 +146,8 @@ void ClientServer::flush() {
 nlohmann::json ClientServer::stats() const {
   nlohmann::json j = scheduler_.stats();
   j["server"] = {{"received", received_},
-                 {"in_flight", n_in_flight_},
-                 {"capacity", opt_.capacity},
+                 {"in_flight", admission_.in_flight()},
+                 {"capacity", admission_.capacity()},
                  {"rejected", {{"bad_request", rejected_bad_},
                                {"overloaded", rejected_overloaded_},
                                {"unavailable", rejected_unavailable_}}},
@@ -152,39 +156,40 @@ nlohmann::json ClientServer::stats() const {
   return j;
 }
 
-void ClientServer::prompt_of(const GenerateRequest& g, GenRequest& r) const {
+namespace {
+
+// The prompt's ids and, for a chat, the end of turn id into r.eos. Throws Error.
+void prompt_of(const ServerOptions& opt, const GenerateRequest& g, GenRequest& r) {
   if (g.form == GenerateRequest::Form::Ids) {
     r.prompt.assign(g.prompt_ids.begin(), g.prompt_ids.end());
     return;
   }
-  if (!opt_.tokenizer) fail("generate: {}", opt_.no_tokenizer);
+  if (!opt.tokenizer) fail("generate: {}", opt.no_tokenizer);
   if (g.form == GenerateRequest::Form::Text) {
     // As a tokenizer encodes a text by default: with the special tokens it adds (Llama's bos).
-    r.prompt = opt_.tokenizer->encode(g.prompt, true);
+    r.prompt = opt.tokenizer->encode(g.prompt, true);
     return;
   }
-  if (!opt_.chat) fail("generate: {}", opt_.no_chat_template);
+  if (!opt.chat) fail("generate: {}", opt.no_chat_template);
   // The template writes bos itself; the tokenizer adds nothing more, as transformers tokenizes a
   // rendered chat.
-  r.prompt = opt_.tokenizer->encode(opt_.chat->render(g.messages, true), false);
+  r.prompt = opt.tokenizer->encode(opt.chat->render(g.messages, true), false);
   if (!g.ignore_eos)
-    if (const std::optional<int32_t> eot = opt_.tokenizer->token_id(opt_.chat->end_of_turn())) r.eos.insert(*eot);
+    if (const std::optional<int32_t> eot = opt.tokenizer->token_id(opt.chat->end_of_turn())) r.eos.insert(*eot);
 }
 
-void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
-  if (draining_ || scheduler_.stopped())
-    return reject(client, g.id, ErrorCode::Unavailable, "the worker is stopping");
-  try {
-    g.check_vocab(opt_.limits.vocab_size);
-  } catch (const ProtocolError& e) {
-    return reject(client, g.id, ErrorCode::BadRequest, e.what());
-  }
+}  // namespace
+
+GenRequest gen_request_of(const ServerOptions& opt, const GenerateRequest& g) {
+  g.check_vocab(opt.limits.vocab_size);
   GenRequest r;
-  if (!g.ignore_eos) r.eos = opt_.eos;
+  if (!g.ignore_eos) r.eos = opt.eos;
   try {
-    prompt_of(g, r);
+    prompt_of(opt, g, r);
+  } catch (const Error&) {
+    throw;
   } catch (const std::exception& e) {  // whatever the text does to the tokenizer, the worker goes on
-    return reject(client, g.id, ErrorCode::BadRequest, e.what());
+    fail("{}", e.what());
   }
   r.max_tokens = g.max_tokens;
   r.sampling.temperature = g.temperature;
@@ -192,20 +197,35 @@ void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
   r.sampling.top_p = g.top_p;
   r.sampling.seed = g.seed;
   for (int64_t s : g.stop_ids) r.stop.insert(static_cast<int32_t>(s));
+  r.validate(opt.limits, "generate");
+  return r;
+}
+
+void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
+  if (draining_ || scheduler_.stopped())
+    return reject(client, g.id, ErrorCode::Unavailable, "the worker is stopping");
+  if (is_http_client(client))
+    return reject(client, g.id, ErrorCode::BadRequest,
+                  fmt::format("routing ids starting with '{}' are reserved", kHttpClientPrefix));
+  GenRequest r;
   try {
-    r.validate(opt_.limits, "generate");
-  } catch (const Error& e) {
+    r = gen_request_of(opt_, g);
+  } catch (const std::exception& e) {
     return reject(client, g.id, ErrorCode::BadRequest, e.what());
   }
   auto it = in_flight_.find(client);
   if (it != in_flight_.end() && it->second.count(g.id))
     return reject(client, g.id, ErrorCode::BadRequest,
                   fmt::format("generate: a request with id '{}' is already in flight on this connection", g.id));
-  if (n_in_flight_ >= opt_.capacity)
-    return reject(client, g.id, ErrorCode::Overloaded,
-                  fmt::format("{} requests in flight: batch_size + queue_max ({}) reached", n_in_flight_, opt_.capacity));
+  switch (admission_.try_admit()) {
+    case Admission::Verdict::Admitted: break;
+    case Admission::Verdict::Draining: return reject(client, g.id, ErrorCode::Unavailable, "the worker is stopping");
+    case Admission::Verdict::Overloaded:
+      return reject(client, g.id, ErrorCode::Overloaded,
+                    fmt::format("{} requests in flight: batch_size + queue_max ({}) reached", admission_.in_flight(),
+                                admission_.capacity()));
+  }
   in_flight_[client].insert(g.id);
-  ++n_in_flight_;
   scheduler_.submit(Submission{client, g.id, std::move(r), SteadyClock::now()});
 }
 
@@ -249,7 +269,8 @@ void ClientServer::run(int stop_fd, int64_t tick_ms, const std::function<void()>
       (void)!::read(stop_fd, &si, sizeof si);
       if (!draining_) {
         draining_ = true;
-        spdlog::info("signal {}: draining ({} requests in flight, at most {} ms)", si.ssi_signo, n_in_flight_,
+        admission_.start_draining();
+        spdlog::info("signal {}: draining ({} requests in flight, at most {} ms)", si.ssi_signo, admission_.in_flight(),
                      opt_.drain_timeout_ms);
         scheduler_.drain(SteadyClock::now() + std::chrono::milliseconds(opt_.drain_timeout_ms));
         if (on_drain) on_drain();

@@ -17,6 +17,7 @@
 
 #include "common/chat_template.h"
 #include "common/tokenizer.h"
+#include "worker/admission.h"
 #include "worker/scheduler.h"
 
 namespace zmq {
@@ -41,10 +42,14 @@ class Waker {
   int fd_ = -1;
 };
 
+// Client ids with this prefix belong to the HTTP API (worker/http_server.h): their replies go to
+// ServerOptions::http_replies, and a ZeroMQ peer may not take such a routing id.
+inline constexpr const char* kHttpClientPrefix = "http:";
+inline bool is_http_client(const std::string& client) { return client.rfind(kHttpClientPrefix, 0) == 0; }
+
 struct ServerOptions {
   std::string listen;                 // endpoint to bind
   int64_t max_request_bytes = 1 << 20;
-  int64_t capacity = 0;               // requests in flight (running + waiting) before `overloaded`
   int64_t drain_timeout_ms = 30000;
   StepLimits limits;                  // vocabulary and max_context checks
   std::set<int32_t> eos;              // the model's eos ids (unless a request says ignore_eos)
@@ -56,13 +61,23 @@ struct ServerOptions {
   const ChatTemplate* chat = nullptr;
   std::string no_chat_template;
   nlohmann::json info;                // what health reports besides the counts (backend, model)
+  // Where the replies of HTTP clients go (called on the socket loop's thread; must not block);
+  // null: they are dropped.
+  std::function<void(Outgoing&&)> http_replies;
   // Where refused requests are counted (worker/metrics.h), by both front doors; null = nowhere.
   WorkerMetrics* metrics = nullptr;
 };
 
+// The scheduler's request for a generate request: the prompt's ids (a text tokenized, a chat
+// rendered and tokenized), eos ids (and a chat's end of turn), sampling, stop ids; checked against
+// the vocabulary and the limits. Throws Error (a ProtocolError for ids outside the vocabulary)
+// with the bad_request message. Shared by both front doors.
+GenRequest gen_request_of(const ServerOptions& opt, const GenerateRequest& g);
+
 class ClientServer {
  public:
-  ClientServer(Scheduler& scheduler, Waker& waker, ServerOptions options);
+  // `admission` (capacity and draining) is shared with the HTTP API.
+  ClientServer(Scheduler& scheduler, Waker& waker, Admission& admission, ServerOptions options);
   ~ClientServer();
   ClientServer(const ClientServer&) = delete;
   ClientServer& operator=(const ClientServer&) = delete;
@@ -77,9 +92,6 @@ class ClientServer {
  private:
   void on_frame(const std::string& client, const std::string& frame);
   void on_generate(const std::string& client, GenerateRequest g);
-  // The prompt's ids (text tokenized, a chat rendered and tokenized) and, for a chat, the end of
-  // turn id into r.eos. Throws Error with the bad_request message.
-  void prompt_of(const GenerateRequest& g, GenRequest& r) const;
   void send(const std::string& client, const ClientReply& reply);
   void reject(const std::string& client, const std::string& id, ErrorCode code, const std::string& message);
   void flush();
@@ -88,13 +100,13 @@ class ClientServer {
 
   Scheduler& scheduler_;
   Waker& waker_;
+  Admission& admission_;
   ServerOptions opt_;
   std::unique_ptr<zmq::context_t> ctx_;
   std::unique_ptr<zmq::socket_t> router_;
   std::string ipc_file_;   // the ipc socket file this server made ("" = none)
   uint64_t ipc_inode_ = 0; // its inode: only that file is removed on exit
   std::map<std::string, std::set<std::string>> in_flight_;  // client -> request ids submitted, not ended
-  int64_t n_in_flight_ = 0;
   bool draining_ = false;
   // Counters for stats.
   int64_t received_ = 0, rejected_bad_ = 0, rejected_overloaded_ = 0, rejected_unavailable_ = 0;
