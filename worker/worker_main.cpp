@@ -32,6 +32,7 @@
 #include "worker/admission.h"
 #include "worker/daemon_weights.h"
 #include "worker/http_server.h"
+#include "worker/metrics.h"
 #include "worker/openai_api.h"
 #include "worker/scheduler.h"
 #include "common/service.h"
@@ -157,7 +158,16 @@ int run(int argc, char** argv) {
   Waker waker;
   SchedulerOptions sched = scheduler_options();
   sched.tokenizer = tokenizer.get();
+  // What /metrics shows (worker/metrics.h): the scheduler's observations as they happen, and at
+  // scrape time its last published stats.
+  const Scheduler* published = nullptr;
+  WorkerMetrics metrics({openai::model_name(model_source, config.store), backend->name(), name,
+                         daemon.empty() ? "store" : "daemon"},
+                        [&published] { return published ? published->stats() : nlohmann::json(); });
+  sched.metrics = &metrics;
   Scheduler scheduler(*backend, *weights, std::move(sched), [&waker] { waker.wake(); });
+  published = &scheduler;
+  so.metrics = &metrics;
   so.listen = expand_listen(config);
   so.max_request_bytes = config.max_request_bytes;
   // One count of requests in flight for both front doors (ZeroMQ and HTTP).
@@ -194,11 +204,7 @@ int run(int argc, char** argv) {
     // A streaming response holds its thread: room for every request that can be in flight, and
     // a few more to answer the rest (429, /health, /metrics).
     ho.threads = std::min<int64_t>(admission.capacity() + 16, 1024);
-    ho.metrics = [&scheduler] {
-      const nlohmann::json st = scheduler.stats();
-      return fmt::format("ringllama_requests_running {}\nringllama_requests_waiting {}\n",
-                         st["requests"]["running"].get<int64_t>(), st["requests"]["waiting"].get<int64_t>());
-    };
+    ho.metrics = [&metrics] { return metrics.render(); };
     http = std::make_unique<HttpServer>(scheduler, admission, so, ho);
     const int port = http->start();
     const bool bracket = ho.host.find(':') != std::string::npos;
