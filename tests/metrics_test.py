@@ -8,7 +8,8 @@ completion tokens by the tokens generated, requests by outcome and front door (f
 rejected_bad; zmq and http), prompt tokens, the TTFT histogram's count. After 64 concurrent
 streaming HTTP clients every one has its tokens, and the KV blocks used and the running sequences
 are back to 0. Then the bench's JSON report (4 clients, 8 requests) has its requests, tokens and
-sane latencies, and its step count agrees with the worker's.
+sane latencies, and its step count agrees with the worker's. Last, a worker fed by a loader daemon
+whose window is half the model shows the window's pass, position and waits.
 
     metrics_test.py BIN_DIR SOURCE_DIR
 Exits 77 (skipped) when prometheus_client is missing.
@@ -45,14 +46,15 @@ def run(cmd):
 
 
 class Worker:
-    def __init__(self, work, store):
-        self.log_path = os.path.join(work, "worker.log")
-        self.zmq = "ipc://" + os.path.join(work, "worker.sock")
+    def __init__(self, work, store, name="worker", weights=None):
+        self.log_path = os.path.join(work, name + ".log")
+        self.zmq = "ipc://" + os.path.join(work, name + ".sock")
         self.log = open(self.log_path, "w")
         # batch_size 8 + queue_max 64: the 64 streams all fit in, most of them waiting at first.
-        self.proc = subprocess.Popen([os.path.join(bin_dir, "ringllama-worker"), "--backend", "cpu", "--store", store,
-                                      "--listen", self.zmq, "--http-listen", "127.0.0.1:0", "--batch-size", "8",
-                                      "--queue-max", "64"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([os.path.join(bin_dir, "ringllama-worker"), "--backend", "cpu",
+                                      *(weights or ["--store", store]), "--listen", self.zmq, "--http-listen",
+                                      "127.0.0.1:0", "--batch-size", "8", "--queue-max", "64", "--heartbeat-ms", "100"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             m = re.search(r"http: listening on http://127\.0\.0\.1:(\d+) \(model '([^']+)'", self.text())
@@ -277,6 +279,56 @@ def check_bench(w, scr, work):
           f"TPOT p50 {lv['tpot_ms_p50']:.2f} ms, {lv['steps']} steps")
 
 
+def check_daemon_window(work, store):
+    """A worker fed by a loader daemon whose window is smaller than the model: the window's figures."""
+    control = "ipc://" + os.path.join(work, "loaderd.sock")
+    dlog = open(os.path.join(work, "loaderd.log"), "w")
+    d = subprocess.Popen([os.path.join(bin_dir, "ringllama-loaderd"), "--store", store, "--control", control,
+                          "--cpu-cap-layers", "4", "--mlock", "warn", "--heartbeat-ms", "100"],
+                         stdout=dlog, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(control[len("ipc://"):]) and " info: ready" in open(dlog.name).read()):
+            assert d.poll() is None and time.monotonic() < deadline, open(dlog.name).read()
+            time.sleep(0.05)
+        w = Worker(work, store, "daemon-fed", ["--daemon", control])
+        try:
+            scr = Scraper(w.port)
+            before = scr.scrape()
+            assert get(before, "ringllama_build_info", model=w.model, backend="cpu", name=get_name(before),
+                       weights="daemon") == 1
+            with Client([w.zmq], timeout=60) as c:
+                assert len(c.generate([1, 2, 3], 6, ignore_eos=True).result()) == 6
+                stats = c.stats()
+            after = scr.scrape()
+            steps = delta(before, after, "ringllama_steps_total")
+            assert stats["weights"]["pass"] == get(after, "ringllama_window_pass"), (stats, after)
+            # One pass through the window per step, numbered from 0; each pass starts at or after the
+            # end of the one before (positions are pass * 8 layers + layer, the daemon's), and an idle
+            # worker holds none once the daemon has ended its pass (-1).
+            assert steps == 6 and get(after, "ringllama_window_pass") == steps - 1, after
+            position = get(after, "ringllama_window_position")
+            assert position == -1 or position >= 8 * (steps - 1), position
+            waits = get(after, "ringllama_window_waits_total")
+            assert waits == stats["weights"]["waits"] and waits >= 1, (waits, stats)
+            assert get(after, "ringllama_window_wait_seconds_total") > 0
+            print(f"daemon window: {steps:.0f} passes, {waits:.0f} waits on the daemon, "
+                  f"{get(after, 'ringllama_window_wait_seconds_total') * 1e3:.1f} ms")
+        except BaseException:
+            print(w.text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            w.stop()
+    finally:
+        d.send_signal(signal.SIGTERM)
+        try:
+            d.wait(30)
+        except subprocess.TimeoutExpired:
+            d.kill()
+            d.wait()
+        dlog.close()
+
+
 def main(work):
     store = os.path.join(work, "store")
     run([os.path.join(bin_dir, "ringllama-pack"), "--random", "tiny", "--layers", "8", "--out", store, "--quiet"])
@@ -294,6 +346,7 @@ def main(work):
     finally:
         w.stop()
     assert w.proc.returncode == 0, w.proc.returncode
+    check_daemon_window(work, store)
 
 
 if __name__ == "__main__":

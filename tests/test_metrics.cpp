@@ -194,8 +194,9 @@ TEST(WorkerMetricsTest, ObservationsAndStatsShowInTheExposition) {
   m.request_rejected(ErrorCode::Overloaded, "zmq");
   m.request_rejected(ErrorCode::BadRequest, "http");
   auto s = samples(m.render());
-  EXPECT_EQ(s.at("ringllama_build_info{model=\"tiny \\\"model\\\"\",backend=\"cpu\",name=\"worker-0\",weights=\"store\"}"),
-            "1");
+  EXPECT_EQ(
+      s.at("ringllama_build_info{model=\"tiny \\\"model\\\"\",backend=\"cpu\",name=\"worker-0\",weights=\"store\"}"),
+      "1");
   EXPECT_EQ(s.at("ringllama_requests_total{outcome=\"finished\",api=\"http\"}"), "1");
   EXPECT_EQ(s.at("ringllama_requests_total{outcome=\"cancelled\",api=\"zmq\"}"), "1");
   EXPECT_EQ(s.at("ringllama_requests_total{outcome=\"rejected_overloaded\",api=\"zmq\"}"), "1");

@@ -164,7 +164,8 @@ Family<Counter>& MetricsRegistry::counter(const std::string& name, const std::st
   return *e.counter;
 }
 
-Family<Gauge>& MetricsRegistry::gauge(const std::string& name, const std::string& help, std::vector<std::string> labels) {
+Family<Gauge>& MetricsRegistry::gauge(const std::string& name, const std::string& help,
+                                      std::vector<std::string> labels) {
   Entry& e = add(name, help, MetricType::Gauge, labels);
   e.gauge.reset(new Family<Gauge>(name, std::move(labels)));
   if (e.gauge->label_names().empty()) e.gauge->get();
@@ -279,7 +280,8 @@ WorkerMetrics::WorkerMetrics(const WorkerMetricsInfo& info, std::function<nlohma
                                   "Requests by how they ended: finished, cancelled, dropped (client gone), failed, "
                                   "or refused before running (rejected_bad, rejected_overloaded, rejected_unavailable)",
                                   {"outcome", "api"})),
-      prompt_tokens_(registry_.counter("ringllama_prompt_tokens_total", "Prompt tokens of the requests admitted").get()),
+      prompt_tokens_(
+          registry_.counter("ringllama_prompt_tokens_total", "Prompt tokens of the requests admitted").get()),
       completion_tokens_(registry_.counter("ringllama_completion_tokens_total", "Tokens generated").get()),
       steps_(registry_.counter("ringllama_steps_total", "Steps run (one weight pass each)").get()),
       ttft_(registry_
@@ -332,15 +334,18 @@ WorkerMetrics::WorkerMetrics(const WorkerMetricsInfo& info, std::function<nlohma
       streamed_layers_(registry_.gauge("ringllama_streamed_layers", "Layers streamed every pass").get()),
       window_position_(registry_
                            .gauge("ringllama_window_position",
-                                  "The daemon window: this worker's last applied position (pass * n_layers + layer)")
+                                  "The daemon window: the position the daemon last applied for this worker "
+                                  "(pass * n_layers + layer; -1 while it holds none)")
                            .get()),
       window_pass_(registry_.gauge("ringllama_window_pass", "The daemon window: this worker's pass").get()),
       window_waits_(registry_
                         .counter("ringllama_window_waits_total",
                                  "The daemon window: acquires that had to wait for the daemon (a layer, the window)")
                         .get()),
-      window_wait_seconds_(
-          registry_.counter("ringllama_window_wait_seconds_total", "The daemon window: time spent in those waits").get()) {
+      window_wait_seconds_(registry_
+                               .counter("ringllama_window_wait_seconds_total",
+                                        "The daemon window: time spent in those waits")
+                               .get()) {
   registry_.gauge("ringllama_build_info", "Always 1: what this worker serves", {"model", "backend", "name", "weights"})
       .with({info.model, info.backend, info.name, info.weights})
       .set(1);
