@@ -40,18 +40,18 @@ __device__ __forceinline__ KeySpan key_span(int64_t key_end, int splits) {
 }
 
 // Block (tile, kv head g): 16 query rows of one item that share kv head g (rows ordered
-// token-major, head-minor, so the rows of one token's GQA group share every K/V tile). Warp w
-// keeps rows w, w + 4, w + 8, w + 12 of the tile: a decode token's group of 4 gives every warp
-// one row (not one warp all four), and a warp skips the arithmetic of rows it does not have.
-// Scores: lane l scores key l of the tile against the warp's rows (K row from shared memory, q
-// broadcast). Output: lane l accumulates dimensions l + 32j of the 4 rows; p of
+// token-major, head-minor, so the rows of one token's GQA group share every K/V tile). Each warp
+// keeps 4 rows (a decode token's group of 4 is one warp's: each K and V value is converted once
+// for all four). Scores: lane l scores key l of the tile against the warp's 4 rows (K row from
+// shared memory, q broadcast). Output: lane l accumulates dimensions l + 32j of the 4 rows; p of
 // key t comes from lane t by shuffle. Exponentials are base 2 with log2(e) folded into the scale.
 //
 // Shared memory (bf16): K tile [32][ks2 pairs], V tile [32][head_dim], Q [16][head_dim], and the
 // tile's 32 pool rows. ks2 (the K row length in 4-byte words) is odd, so the 32 lanes reading word
-// p of 32 rows hit 32 different banks. VEC (16-byte aligned K/V rows): each thread loads its share
-// of the next tile into registers (16-byte loads, all issued at once) while the block computes the
-// current one, so global latency overlaps the arithmetic.
+// p of 32 rows hit 32 different banks. VEC (16-byte aligned K/V rows): 16-byte loads. Loading the
+// next tile into registers during this one's arithmetic, one row per warp, and Q in fp32 were each
+// measured slower on an H200: the kernel is bound by its arithmetic per tile (fp32 FMAs, about
+// 2400 warp instructions per 16 KiB tile at GQA 4), which tensor-core (mma) scores and P.V would cut.
 template <int MAXJ, bool VEC>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_paged_kernel(const __nv_bfloat16* __restrict__ q, int64_t q_stride, const __nv_bfloat16* __restrict__ k,
@@ -91,12 +91,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   int64_t pos[kRowsPerWarp];
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    const int row = row0 + rr * kWarps + warp;
+    const int row = row0 + warp * kRowsPerWarp + rr;
     pos[rr] = row < n_rows ? start_pos + row / group : -1;
   }
-  int nv = 0;  // the warp's rows in the tile: rr < nv
-#pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) nv += pos[rr] >= 0;
   int64_t warp_last = -1;  // the warp's last visible key over its rows
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) warp_last = pos[rr] > warp_last ? pos[rr] : warp_last;
@@ -119,52 +116,37 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 
   const int64_t head_off = static_cast<int64_t>(g) * head_dim;
-  // VEC: thread i holds pieces i, i + 128, ... of the tile (32 keys x head_dim / 8 pieces of 16
-  // bytes; at most MAXJ of them, as head_dim <= 32 * MAXJ).
-  const int hd8 = head_dim / 8;
-  uint4 kreg[VEC ? MAXJ : 1], vreg[VEC ? MAXJ : 1];
-  auto fetch = [&](int64_t kt0) {
-#pragma unroll
-    for (int i = 0; i < (VEC ? MAXJ : 1); ++i) {
-      const int idx = threadIdx.x + i * kWarps * 32, t = idx / hd8, p8 = idx % hd8;
-      const int key = static_cast<int>(kt0) + t;  // positions are int32 in the step's metadata
-      kreg[i] = vreg[i] = make_uint4(0, 0, 0, 0);  // zeros past the end: 0 * garbage could be NaN
-      if (idx < kTile * hd8 && key < key_stop) {
-        const int64_t at = (static_cast<int64_t>(table[key / block_tokens]) * block_tokens + key % block_tokens) * kv_stride;
-        const int64_t off = (at + head_off) / 8 + p8;
-        kreg[i] = __ldg(reinterpret_cast<const uint4*>(k) + off);
-        vreg[i] = __ldg(reinterpret_cast<const uint4*>(v) + off);
-      }
-    }
-  };
-  if constexpr (VEC) fetch(key_begin);
   // Spans start on a tile and end on one (or at key_end), so no tile crosses into the next span.
   for (int64_t kt0 = key_begin; kt0 < key_stop; kt0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and, the first time, Q is written)
+    if (threadIdx.x < kTile) {
+      const int64_t key = kt0 + threadIdx.x;
+      key_row[threadIdx.x] =
+          key < key_stop ? (static_cast<int64_t>(table[key / block_tokens]) * block_tokens + key % block_tokens) * kv_stride
+                         : -1;
+    }
+    __syncthreads();
     if constexpr (VEC) {
-#pragma unroll
-      for (int i = 0; i < MAXJ; ++i) {
-        const int idx = threadIdx.x + i * kWarps * 32, t = idx / hd8, p8 = idx % hd8;
-        if (idx >= kTile * hd8) break;
+      // 16-byte loads (8 values): a quarter of the load instructions, 4x the bytes in flight.
+      const int hd8 = head_dim / 8;
+      for (int idx = threadIdx.x; idx < kTile * hd8; idx += blockDim.x) {
+        const int t = idx / hd8, p8 = idx % hd8;
+        const int64_t at = key_row[t];
+        uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;  // zeros past the end: 0 * garbage could be NaN
+        if (at >= 0) {
+          const int64_t off = (at + head_off) / 8 + p8;
+          kv = __ldg(reinterpret_cast<const uint4*>(k) + off);
+          vv = __ldg(reinterpret_cast<const uint4*>(v) + off);
+        }
         // K rows have an odd stride in words (no bank conflicts when reading them): 4-byte stores.
         uint32_t* kd = reinterpret_cast<uint32_t*>(ks + t * ks2 + 4 * p8);
-        kd[0] = kreg[i].x;
-        kd[1] = kreg[i].y;
-        kd[2] = kreg[i].z;
-        kd[3] = kreg[i].w;
-        reinterpret_cast<uint4*>(vs + t * hd2)[p8] = vreg[i];
+        kd[0] = kv.x;
+        kd[1] = kv.y;
+        kd[2] = kv.z;
+        kd[3] = kv.w;
+        reinterpret_cast<uint4*>(vs + t * hd2)[p8] = vv;
       }
-      __syncthreads();
-      if (kt0 + kTile < key_stop) fetch(kt0 + kTile);  // in flight while this tile is computed
     } else {
-      if (threadIdx.x < kTile) {
-        const int64_t key = kt0 + threadIdx.x;
-        key_row[threadIdx.x] =
-            key < key_stop
-                ? (static_cast<int64_t>(table[key / block_tokens]) * block_tokens + key % block_tokens) * kv_stride
-                : -1;
-      }
-      __syncthreads();
       for (int idx = threadIdx.x; idx < kTile * hd2; idx += blockDim.x) {
         const int t = idx / hd2, p = idx % hd2;
         const int64_t at = key_row[t];
@@ -177,21 +159,20 @@ __global__ void __launch_bounds__(kWarps * 32)
         ks[t * ks2 + p] = kv;
         vs[idx] = vv;
       }
-      __syncthreads();
     }
+    __syncthreads();
     if (kt0 > warp_last) continue;  // every row of this warp is causally before this tile
 
     float s[kRowsPerWarp];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) s[rr] = 0.0f;
     const __nv_bfloat162* krow = ks + lane * ks2;
-    const __nv_bfloat162* qw = qs + warp * hd2;  // the warp's row rr at qw + rr * kWarps * hd2
+    const __nv_bfloat162* qw = qs + warp * kRowsPerWarp * hd2;
     for (int p = 0; p < hd2; ++p) {
       const float2 kf = __bfloat1622float2(krow[p]);
 #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        if (rr >= nv) break;  // uniform over the warp
-        const float2 qf = __bfloat1622float2(qw[rr * kWarps * hd2 + p]);
+        const float2 qf = __bfloat1622float2(qw[rr * hd2 + p]);
         s[rr] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, s[rr]));
       }
     }
@@ -216,21 +197,20 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int t = 0; t < n_keys; ++t) {
       float pt[kRowsPerWarp];
 #pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) pt[rr] = rr < nv ? __shfl_sync(0xffffffffu, pr[rr], t) : 0.0f;
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) pt[rr] = __shfl_sync(0xffffffffu, pr[rr], t);
 #pragma unroll
       for (int j = 0; j < MAXJ; ++j) {
         const int d = lane + 32 * j;
         const float vv = d < head_dim ? __bfloat162float(vs_h[t * head_dim + d]) : 0.0f;
 #pragma unroll
-        for (int rr = 0; rr < kRowsPerWarp; ++rr)
-          if (rr < nv) o[rr][j] = fmaf(pt[rr], vv, o[rr][j]);
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) o[rr][j] = fmaf(pt[rr], vv, o[rr][j]);
       }
     }
   }
 
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    const int row = row0 + rr * kWarps + warp;
+    const int row = row0 + warp * kRowsPerWarp + rr;
     if (row >= n_rows) continue;
     const int t = row / group, h = g * group + row % group;
     if (span.used > 1) {

@@ -17,10 +17,14 @@ namespace {
 
 constexpr int kWarps = 8;  // of a GEMV block: all on the same rows, each on every 8th span of columns
 constexpr int kThreads = kWarps * 32;
-// Spans per warp whose loads are issued together (bytes in flight): 64 bytes of weights per lane
-// per row tile, or 128 for fp8 with one tile (whose blocks are fewer and x smaller).
+// Spans per warp whose loads are issued together, and whether the next group's loads are issued
+// before this group is computed (software pipelining). Measured on an H200: pipelining helps every
+// shape but fp8 with two row tiles (lm_head, MLP up), which does better with 2 spans unpipelined
+// (fewer registers, two blocks per SM).
 template <PackedFormat F, int RT>
-inline constexpr int kUnroll = F == PackedFormat::FP8_E4M3 && RT == 1 ? 4 : 2;
+inline constexpr bool kPipelined = !(F == PackedFormat::FP8_E4M3 && RT == 2);
+template <PackedFormat F, int RT>
+inline constexpr int kUnroll = RT == 1 || !kPipelined<F, RT> ? 2 : 1;
 
 // Every thread reads 16 packed bytes of a row per span: 16 fp8 or 32 int4 columns (a "chunk").
 // The 4 lanes of an mma quad read 4 neighbouring chunks, so a span is 4 chunks wide.
@@ -160,9 +164,9 @@ __global__ void __launch_bounds__(kThreads)
 
   constexpr int U = kUnroll<F, RT>;
   const int n_spans = (cols + P::kSpanCols - 1) / P::kSpanCols;
-  for (int s0 = warp; s0 < n_spans; s0 += kWarps * U) {
-    uint4 wv[U][RT][2];
-    uint4 xv[U][P::kChunkCols / 8];
+  uint4 wv[U][RT][2];
+  uint4 xv[U][P::kChunkCols / 8];
+  auto fetch = [&](int s0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c0 = (s0 + u * kWarps) * P::kSpanCols + q * P::kChunkCols;
@@ -177,11 +181,26 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < P::kChunkCols / 8; ++i)
         xv[u][i] = valid && has_token ? __ldg(reinterpret_cast<const uint4*>(xrow + c0) + i) : make_uint4(0, 0, 0, 0);
     }
+  };
+  constexpr bool pipelined = kPipelined<F, RT>;
+  if constexpr (pipelined) fetch(warp);
+  for (int s0 = warp; s0 < n_spans; s0 += kWarps * U) {
+    if constexpr (!pipelined) fetch(s0);
+    uint4 wc[U][RT][2];
+    uint4 xc[U][P::kChunkCols / 8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) wc[u][rt][0] = wv[u][rt][0], wc[u][rt][1] = wv[u][rt][1];
+#pragma unroll
+      for (int i = 0; i < P::kChunkCols / 8; ++i) xc[u][i] = xv[u][i];
+    }
+    if (pipelined && s0 + kWarps * U < n_spans) fetch(s0 + kWarps * U);  // in flight while this group is computed
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s0 + u * kWarps >= n_spans) break;  // uniform over the warp: every lane runs each mma
       const int c0 = (s0 + u * kWarps) * P::kSpanCols + q * P::kChunkCols;
-      const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv[u]);
+      const uint32_t* xw = reinterpret_cast<const uint32_t*>(xc[u]);
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
         uint32_t lo[P::kChunkCols / 2], hi[P::kChunkCols / 2];
@@ -193,8 +212,8 @@ __global__ void __launch_bounds__(kThreads)
             scale_min(s[row_of[rt][1] * groups + c0 / group], s_hi, m_hi);
           }
         }
-        dequant_chunk<F>(wv[u][rt][0], 1.0f, s_lo, m_lo, lo);
-        dequant_chunk<F>(wv[u][rt][1], 1.0f, s_hi, m_hi, hi);
+        dequant_chunk<F>(wc[u][rt][0], 1.0f, s_lo, m_lo, lo);
+        dequant_chunk<F>(wc[u][rt][1], 1.0f, s_hi, m_hi, hi);
 #pragma unroll
         for (int j = 0; j < P::kSteps; ++j) {
           uint32_t b0, b1;
