@@ -8,7 +8,7 @@
 // scheduler's last published stats), then writes every family in registration order.
 //
 // WorkerMetrics is what ringllama-worker exports on top of it: the scheduler's observation points
-// (requests by outcome, tokens, steps, TTFT/TPOT/latency histograms), the servers' rejections, and
+// (requests by outcome, tokens, steps, TTFT/TPOT/latency histograms), the ZeroMQ side's refusals, and
 // at scrape time the gauges and the link figures of the stats JSON (KV blocks, running and waiting
 // sequences, the CUDA backend's H2D bytes and seconds, waits on the weight source, the daemon
 // window's position).
@@ -158,7 +158,7 @@ class WorkerMetrics {
   // the gauges and the backend's link figures; may be empty.
   WorkerMetrics(const WorkerMetricsInfo& info, std::function<nlohmann::json()> stats);
 
-  // "http" for a client id the HTTP side made ("http:..."), else "zmq".
+  // "http" for a client id the HTTP side made ("http:...", worker/zmq_server.h kHttpClientPrefix), else "zmq".
   static const char* api_of(std::string_view client);
 
   // ---- observation points (any thread) ----
