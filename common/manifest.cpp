@@ -17,20 +17,81 @@ uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 const char* dtype_name(DType t) {
   switch (t) {
     case DType::BF16: return "bf16";
+    case DType::FP8_E4M3: return "fp8_e4m3";
+    case DType::INT4: return "int4";
   }
   return "?";
 }
 
 DType parse_dtype(const std::string& s) {
   if (s == "bf16") return DType::BF16;
-  throw StoreError(fmt::format("unsupported tensor dtype '{}' (this build reads bf16)", s));
+  if (s == "fp8_e4m3") return DType::FP8_E4M3;
+  if (s == "int4") return DType::INT4;
+  throw StoreError(fmt::format("unsupported tensor dtype '{}' (this build reads bf16, fp8_e4m3 and int4)", s));
 }
 
-uint64_t dtype_bytes(DType t) {
-  switch (t) {
-    case DType::BF16: return 2;
+bool dtype_packed(DType t) { return t != DType::BF16; }
+
+bool int4_group_allowed(int64_t g) { return g == 32 || g == 128; }
+
+bool tensor_packable(const std::string& name) {
+  static const std::set<std::string> names = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"};
+  return names.count(name) > 0;
+}
+
+void check_tensor_format(const std::string& name, const std::vector<int64_t>& shape, const TensorFormat& f) {
+  if (f.dtype != DType::INT4 && f.group_size != 0)
+    throw StoreError(fmt::format("tensor '{}': group_size {} given for dtype {} (only int4 has groups)", name,
+                                 f.group_size, dtype_name(f.dtype)));
+  if (!dtype_packed(f.dtype)) return;
+  if (!tensor_packable(name) || shape.size() != 2)
+    throw StoreError(fmt::format("tensor '{}' is stored as bf16 only, not {} (only the linear weights are packed)",
+                                 name, dtype_name(f.dtype)));
+  if (f.dtype == DType::INT4) {
+    if (!int4_group_allowed(f.group_size))
+      throw StoreError(fmt::format("tensor '{}': int4 group_size {} is not supported (32 or 128)", name,
+                                   f.group_size));
+    if (shape[1] % f.group_size != 0)
+      throw StoreError(fmt::format("tensor '{}': {} inputs do not split into int4 groups of {}", name, shape[1],
+                                   f.group_size));
+  }
+}
+
+namespace {
+
+uint64_t checked_numel(const std::vector<int64_t>& shape) {
+  uint64_t n = 1;
+  for (int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, static_cast<uint64_t>(d), &n))
+      throw StoreError(fmt::format("shape {} overflows", fmt::join(shape, "x")));
+  return n;
+}
+
+uint64_t checked_mul(uint64_t a, uint64_t b) {
+  uint64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) throw StoreError(fmt::format("{} x {} bytes overflow", a, b));
+  return r;
+}
+
+}  // namespace
+
+uint64_t tensor_data_bytes(const std::vector<int64_t>& shape, const TensorFormat& f) {
+  const uint64_t n = checked_numel(shape);
+  switch (f.dtype) {
+    case DType::BF16: return checked_mul(n, 2);
+    case DType::FP8_E4M3: return n;
+    case DType::INT4: return (n + 1) / 2;
   }
   return 0;
+}
+
+uint64_t tensor_scales_bytes(const std::vector<int64_t>& shape, const TensorFormat& f) {
+  if (!dtype_packed(f.dtype) || shape.size() != 2) return 0;
+  const uint64_t rows = static_cast<uint64_t>(std::max<int64_t>(shape[0], 0));
+  if (f.dtype == DType::FP8_E4M3) return checked_mul(rows, 4);  // one float32 per row
+  if (f.group_size <= 0) return 0;
+  // One (scale, min) pair of halves per row and group.
+  return checked_mul(checked_mul(rows, static_cast<uint64_t>(std::max<int64_t>(shape[1], 0) / f.group_size)), 4);
 }
 
 const char* group_kind_name(GroupKind k) {
@@ -89,7 +150,10 @@ std::vector<TensorSpec> group_layout(const ModelConfig& m, GroupKind kind) {
   return {};
 }
 
-static GroupEntry plan_group(const ModelConfig& m, GroupKind kind, int64_t layer, uint64_t offset) {
+// A packed tensor's scales follow its values in the same group, so a layer stays one read and a
+// kernel finds both from the group's base.
+static GroupEntry plan_group(const ModelConfig& m, GroupKind kind, int64_t layer, uint64_t offset,
+                             const FormatChooser& choose) {
   GroupEntry g;
   g.kind = kind;
   g.layer = layer;
@@ -98,30 +162,42 @@ static GroupEntry plan_group(const ModelConfig& m, GroupKind kind, int64_t layer
   for (const TensorSpec& spec : group_layout(m, kind)) {
     TensorEntry t;
     t.name = spec.name;
-    t.dtype = DType::BF16;
     t.shape = spec.shape;
-    t.offset = align_up(at, kTensorAlign);
-    if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), dtype_bytes(t.dtype), &t.size) ||
-        __builtin_add_overflow(t.offset, t.size, &at))
-      throw StoreError(fmt::format("tensor '{}': shape {} overflows", t.name, fmt::join(t.shape, "x")));
+    const TensorFormat f = choose ? choose(g, spec) : TensorFormat{};
+    try {
+      check_tensor_format(spec.name, spec.shape, f);
+      t.dtype = f.dtype;
+      t.group_size = f.group_size;
+      t.offset = align_up(at, kTensorAlign);
+      t.size = tensor_data_bytes(t.shape, f);
+      if (__builtin_add_overflow(t.offset, t.size, &at)) throw StoreError("the layout overflows 64 bits");
+      if (dtype_packed(t.dtype)) {
+        t.scales_offset = align_up(at, kTensorAlign);
+        t.scales_size = tensor_scales_bytes(t.shape, f);
+        if (__builtin_add_overflow(t.scales_offset, t.scales_size, &at))
+          throw StoreError("the layout overflows 64 bits");
+      }
+    } catch (const StoreError& e) {
+      throw StoreError(fmt::format("{}: {}", g.label(), e.what()));
+    }
     g.tensors.push_back(std::move(t));
   }
   g.size = align_up(at, kGroupAlign);
   return g;
 }
 
-Manifest Manifest::plan(const ModelConfig& m, const std::string& source) {
+Manifest Manifest::plan(const ModelConfig& m, const std::string& source, const FormatChooser& choose) {
   m.validate();
   Manifest man;
   man.model = m;
   man.source = source;
   uint64_t at = 0;
   man.groups.reserve(1 + 2 * static_cast<size_t>(m.n_layers));
-  man.groups.push_back(plan_group(m, GroupKind::Globals, -1, at));
+  man.groups.push_back(plan_group(m, GroupKind::Globals, -1, at, choose));
   at += man.groups.back().size;
   for (int64_t l = 0; l < m.n_layers; ++l) {
     for (GroupKind k : {GroupKind::Attn, GroupKind::Ffn}) {
-      man.groups.push_back(plan_group(m, k, l, at));
+      man.groups.push_back(plan_group(m, k, l, at, choose));
       if (__builtin_add_overflow(at, man.groups.back().size, &at))
         throw StoreError("model config: the layout overflows 64 bits");
     }
@@ -145,8 +221,46 @@ void Manifest::validate() const {
   if (groups.size() != need_groups)
     throw StoreError(fmt::format("manifest has {} groups, n_layers {} needs {}", groups.size(), model.n_layers,
                                  need_groups));
-  // The layout is a pure function of the model config: anything else was edited or corrupted.
-  Manifest expect = plan(model, source);
+  // Each tensor's own record first, so that a wrong one is named for what is wrong with it.
+  for (const GroupEntry& g : groups) {
+    for (const TensorEntry& t : g.tensors) {
+      try {
+        check_tensor_format(t.name, t.shape, t.format());
+        if (t.size != tensor_data_bytes(t.shape, t.format()))
+          throw StoreError(fmt::format("tensor '{}': size {} does not match shape {} as {} ({} bytes)", t.name,
+                                       t.size, fmt::join(t.shape, "x"), dtype_name(t.dtype),
+                                       tensor_data_bytes(t.shape, t.format())));
+        const uint64_t want_scales = tensor_scales_bytes(t.shape, t.format());
+        if (t.scales_size != want_scales)
+          throw StoreError(fmt::format("tensor '{}': scales_size {} does not match shape {} as {} ({} bytes)", t.name,
+                                       t.scales_size, fmt::join(t.shape, "x"), dtype_name(t.dtype), want_scales));
+        uint64_t end = 0;
+        if (__builtin_add_overflow(t.offset, t.size, &end) || end > g.size)
+          throw StoreError(fmt::format("tensor '{}': bytes [{}, +{}) run outside the group ({} bytes)", t.name,
+                                       t.offset, t.size, g.size));
+        if (dtype_packed(t.dtype)) {
+          if (__builtin_add_overflow(t.scales_offset, t.scales_size, &end) || end > g.size ||
+              t.scales_offset < t.offset + t.size)
+            throw StoreError(fmt::format("tensor '{}': scales [{}, +{}) run outside the group ({} bytes) or into "
+                                         "the values",
+                                         t.name, t.scales_offset, t.scales_size, g.size));
+        } else if (t.scales_offset != 0) {
+          throw StoreError(fmt::format("tensor '{}': a bf16 tensor has no scales (scales_offset {})", t.name,
+                                       t.scales_offset));
+        }
+      } catch (const StoreError& e) {
+        throw StoreError(fmt::format("{}: {}", g.label(), e.what()));
+      }
+    }
+  }
+  // The layout is a pure function of the model config and the formats recorded: anything else
+  // was edited or corrupted.
+  auto recorded = [this](const GroupEntry& g, const TensorSpec& spec) {
+    const size_t i = g.kind == GroupKind::Globals ? 0 : 1 + 2 * static_cast<size_t>(g.layer) + (g.kind == GroupKind::Ffn);
+    const TensorEntry* t = i < groups.size() ? groups[i].find(spec.name) : nullptr;
+    return t ? t->format() : TensorFormat{};
+  };
+  Manifest expect = plan(model, source, recorded);
   for (size_t i = 0; i < groups.size(); ++i) {
     const GroupEntry& g = groups[i];
     const GroupEntry& e = expect.groups[i];
@@ -160,7 +274,8 @@ void Manifest::validate() const {
     for (size_t j = 0; j < g.tensors.size(); ++j) {
       const TensorEntry& t = g.tensors[j];
       const TensorEntry& te = e.tensors[j];
-      if (t.name != te.name || t.shape != te.shape || t.offset != te.offset || t.size != te.size || t.dtype != te.dtype)
+      if (t.name != te.name || t.shape != te.shape || t.offset != te.offset || t.size != te.size ||
+          !(t.format() == te.format()) || t.scales_offset != te.scales_offset || t.scales_size != te.scales_size)
         throw StoreError(fmt::format("{}: tensor '{}' disagrees with the model config (expected '{}' {} at {})",
                                      g.label(), t.name, te.name, fmt::join(te.shape, "x"), te.offset));
     }
@@ -255,6 +370,12 @@ std::string Manifest::to_yaml() const {
       out << YAML::Key << "shape" << YAML::Value << YAML::Flow << t.shape;
       out << YAML::Key << "offset" << YAML::Value << t.offset;
       out << YAML::Key << "size" << YAML::Value << t.size;
+      // Only packed tensors carry these keys: a bf16 store reads as before this field existed.
+      if (t.dtype == DType::INT4) out << YAML::Key << "group_size" << YAML::Value << t.group_size;
+      if (dtype_packed(t.dtype)) {
+        out << YAML::Key << "scales_offset" << YAML::Value << t.scales_offset;
+        out << YAML::Key << "scales_size" << YAML::Value << t.scales_size;
+      }
       out << YAML::EndMap;
     }
     out << YAML::EndSeq;
@@ -340,6 +461,18 @@ Manifest Manifest::from_yaml(const std::string& text, const std::string& what) {
       t.shape = get<std::vector<int64_t>>(tn, "shape", what);
       t.offset = get<uint64_t>(tn, "offset", what);
       t.size = get<uint64_t>(tn, "size", what);
+      // Each key where its dtype has it, and nowhere else.
+      const bool packed = dtype_packed(t.dtype), int4 = t.dtype == DType::INT4;
+      for (const auto& [key, wanted] : {std::pair<const char*, bool>{"group_size", int4}, {"scales_offset", packed},
+                                        {"scales_size", packed}})
+        if (!wanted && tn[key])
+          throw StoreError(fmt::format("{}: tensor '{}' is {} and has no '{}'", where_of(tn, what), t.name,
+                                       dtype_name(t.dtype), key));
+      if (int4) t.group_size = get<int64_t>(tn, "group_size", what);
+      if (packed) {
+        t.scales_offset = get<uint64_t>(tn, "scales_offset", what);
+        t.scales_size = get<uint64_t>(tn, "scales_size", what);
+      }
       g.tensors.push_back(std::move(t));
     }
     man.groups.push_back(std::move(g));

@@ -13,6 +13,7 @@
 
 #include "common/bf16.h"
 #include "common/errors.h"
+#include "common/quant.h"
 
 namespace ringllama {
 
@@ -365,30 +366,103 @@ GgufSource::GgufSource(const GgufFile& f, const Manifest& plan) : file_(f) {
   }
 }
 
-void GgufSource::fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t count, bf16_t* out) const {
-  const Ref& r = refs_.at(store_index(g)).at(ti);
+void GgufSource::read_row(const Ref& r, int64_t row, std::vector<unsigned char>& raw) const {
   const GgufTensorInfo& t = *r.tensor;
   const uint64_t row_len = static_cast<uint64_t>(t.ne[0]);
   const uint64_t rows = t.numel / row_len;
   uint64_t be = 0, bb = 0;
   ggml_type_layout(static_cast<uint32_t>(t.type), &be, &bb);
   const uint64_t row_bytes = row_len / be * bb;
-  std::vector<unsigned char> raw(row_bytes);
+  const uint64_t src_row =
+      r.permute_heads > 0 ? static_cast<uint64_t>(gguf_permuted_row(row, static_cast<int64_t>(rows), r.permute_heads))
+                          : static_cast<uint64_t>(row);
+  raw.resize(row_bytes);
+  file_.read(t, src_row * row_bytes, row_bytes, raw.data());
+}
+
+void GgufSource::fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t count, bf16_t* out) const {
+  const Ref& r = refs_.at(store_index(g)).at(ti);
+  const GgufTensorInfo& t = *r.tensor;
+  const uint64_t row_len = static_cast<uint64_t>(t.ne[0]);
+  uint64_t be = 0, bb = 0;
+  ggml_type_layout(static_cast<uint32_t>(t.type), &be, &bb);
+  std::vector<unsigned char> raw;
   std::vector<float> vals(row_len);
   uint64_t done = 0;
   while (done < count) {
     const uint64_t e = first + done;
     const uint64_t row = e / row_len, col = e % row_len;
     const uint64_t n = std::min(count - done, row_len - col);
-    const uint64_t src_row =
-        r.permute_heads > 0
-            ? static_cast<uint64_t>(gguf_permuted_row(static_cast<int64_t>(row), static_cast<int64_t>(rows), r.permute_heads))
-            : row;
-    file_.read(t, src_row * row_bytes, row_bytes, raw.data());
+    read_row(r, static_cast<int64_t>(row), raw);
     dequantize_blocks(t.type, raw.data(), row_len / be, vals.data());
     for (uint64_t k = 0; k < n; ++k) out[done + k] = f32_to_bf16(vals[col + k]);
     done += n;
   }
+}
+
+void GgufSource::fill_rows_f32(const GroupEntry& g, size_t ti, int64_t row0, int64_t rows, float* out) const {
+  const Ref& r = refs_.at(store_index(g)).at(ti);
+  const GgufTensorInfo& t = *r.tensor;
+  const int64_t row_len = t.ne[0];
+  uint64_t be = 0, bb = 0;
+  ggml_type_layout(static_cast<uint32_t>(t.type), &be, &bb);
+  std::vector<unsigned char> raw;
+  for (int64_t i = 0; i < rows; ++i) {
+    read_row(r, row0 + i, raw);
+    dequantize_blocks(t.type, raw.data(), static_cast<uint64_t>(row_len) / be, out + i * row_len);
+  }
+}
+
+GgmlType GgufSource::tensor_type(const GgufFile& f, const GroupEntry& g, const std::string& name) {
+  const GgufTensorInfo* info = f.find_tensor(gguf_tensor_name(g, name));
+  if (!info) throw StoreError(fmt::format("{}: tensor '{}' is missing", f.what(), gguf_tensor_name(g, name)));
+  return info->type;
+}
+
+bool GgufSource::fill_int4(const GroupEntry& g, size_t ti, int64_t row0, int64_t rows, uint8_t* q,
+                           uint16_t* sm) const {
+  const Ref& r = refs_.at(store_index(g)).at(ti);
+  const GgufTensorInfo& t = *r.tensor;
+  const TensorEntry& te = g.tensors.at(ti);
+  const bool q4_1 = t.type == GgmlType::Q4_1;
+  if ((t.type != GgmlType::Q4_0 && !q4_1) || te.group_size != 32) return false;
+  const int64_t row_len = t.ne[0], blocks = row_len / 32;
+  const size_t block_bytes = q4_1 ? 20 : 18;
+  std::vector<unsigned char> raw;
+  for (int64_t i = 0; i < rows; ++i) {
+    read_row(r, row0 + i, raw);
+    uint8_t* qr = q + i * (row_len / 2);
+    uint16_t* sr = sm + i * blocks * 2;
+    for (int64_t k = 0; k < blocks; ++k) {
+      const unsigned char* b = raw.data() + static_cast<size_t>(k) * block_bytes;
+      const uint16_t d = le16(b);
+      uint16_t min;
+      if (q4_1) {
+        min = le16(b + 2);
+      } else {
+        // Q4_0 is (q - 8) * d: min -8d, exact in half (a power-of-two multiple) unless it overflows.
+        const float m = -8.0f * f16_to_f32(d);
+        min = float_to_half(m);
+        if (half_to_float(min) != m)
+          throw StoreError(fmt::format("{}: tensor '{}' row {} block {}: -8 x scale {} does not fit a half; pack "
+                                       "with --group-size 128 to requantize it",
+                                       file_.what(), t.name, row0 + i, k, f16_to_f32(d)));
+      }
+      sr[2 * k] = d;
+      sr[2 * k + 1] = min;
+      // GGUF: element j in the low nibble of byte j, j + 16 in its high nibble; the store pairs
+      // neighbours (2j low, 2j + 1 high).
+      const unsigned char* nib = b + (q4_1 ? 4 : 2);
+      uint8_t* out = qr + k * 16;
+      for (int j = 0; j < 16; ++j) {
+        const int e0 = 2 * j, e1 = 2 * j + 1;
+        const int v0 = e0 < 16 ? nib[e0] & 0xF : nib[e0 - 16] >> 4;
+        const int v1 = e1 < 16 ? nib[e1] & 0xF : nib[e1 - 16] >> 4;
+        out[j] = static_cast<uint8_t>(v0 | (v1 << 4));
+      }
+    }
+  }
+  return true;
 }
 
 }  // namespace ringllama

@@ -44,12 +44,20 @@ class GgufSource : public PackSource {
  public:
   GgufSource(const GgufFile& f, const Manifest& plan);
   void fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t count, bf16_t* out) const override;
+  // Packed tensors are quantized from the dequantized floats, not from their bf16 rounding.
+  void fill_rows_f32(const GroupEntry& g, size_t ti, int64_t row0, int64_t rows, float* out) const override;
+  // Q4_0 and Q4_1 tensors packed as int4 with group size 32 are taken over block by block, exactly.
+  bool fill_int4(const GroupEntry& g, size_t ti, int64_t row0, int64_t rows, uint8_t* q, uint16_t* sm) const override;
+  // The GGUF type of store tensor `name` of `g` (the plan asks before the source exists).
+  static GgmlType tensor_type(const GgufFile& f, const GroupEntry& g, const std::string& name);
 
  private:
   struct Ref {
     const GgufTensorInfo* tensor = nullptr;
     int64_t permute_heads = 0;  // > 0: rows are in the converter's q/k order for this many heads
   };
+  // The raw bytes of HF row `row` of a tensor (the converter's permutation undone).
+  void read_row(const Ref& r, int64_t row, std::vector<unsigned char>& raw) const;
   const GgufFile& file_;
   std::vector<std::vector<Ref>> refs_;  // [group (store order)][tensor]
 };

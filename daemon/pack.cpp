@@ -158,6 +158,36 @@ void HfSource::fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t cou
   r.file->read_bf16(*r.tensor, first, count, out);
 }
 
+TensorFormat choose_format(const PackOptions& opts, const TensorSpec& t, int64_t native_group,
+                           std::set<std::string>* kept_bf16) {
+  if (opts.weights == DType::BF16 || !tensor_packable(t.name) || t.shape.size() != 2) return {};
+  if (opts.weights == DType::FP8_E4M3) return {DType::FP8_E4M3, 0};
+  const int64_t g = opts.group_size > 0 ? opts.group_size : native_group > 0 ? native_group : kInt4GroupDefault;
+  if (!int4_group_allowed(g)) throw Error(fmt::format("--group-size {}: int4 groups are 32 or 128", g));
+  if (t.shape[1] % g != 0) {
+    if (kept_bf16) kept_bf16->insert(fmt::format("{} ({} inputs)", t.name, t.shape[1]));
+    return {};
+  }
+  return {DType::INT4, g};
+}
+
+namespace {
+
+// Plans the store for `opts.weights`, saying which tensors could not take it.
+Manifest plan_for(const ModelConfig& m, const std::string& source, const PackOptions& opts,
+                  const std::function<int64_t(const GroupEntry&, const TensorSpec&)>& native_group = nullptr) {
+  std::set<std::string> kept;
+  Manifest plan = Manifest::plan(m, source, [&](const GroupEntry& g, const TensorSpec& t) {
+    return choose_format(opts, t, native_group ? native_group(g, t) : 0, &kept);
+  });
+  if (!kept.empty())
+    spdlog::warn("kept as bf16 (inputs not a multiple of the int4 group size {}): {}",
+                 opts.group_size > 0 ? opts.group_size : kInt4GroupDefault, fmt::join(kept, ", "));
+  return plan;
+}
+
+}  // namespace
+
 // The writer's options for a pack into opts.out.
 static WriteOptions write_options(const PackOptions& opts) {
   WriteOptions w;
@@ -172,7 +202,7 @@ static WriteOptions write_options(const PackOptions& opts) {
 WriteResult pack_hf(const std::string& hf_dir, const PackOptions& opts) {
   check_output(opts.out, opts.force);
   ModelConfig m = load_hf_config(hf_dir);
-  Manifest plan = Manifest::plan(m, "hf:" + fs::absolute(hf_dir).lexically_normal().string());
+  Manifest plan = plan_for(m, "hf:" + fs::absolute(hf_dir).lexically_normal().string(), opts);
   HfSource src(hf_dir, plan);
 
   WriteOptions w = write_options(opts);
@@ -187,7 +217,14 @@ WriteResult pack_gguf(const std::string& gguf_path, const PackOptions& opts) {
   check_output(opts.out, opts.force);
   const GgufFile f = GgufFile::open(gguf_path);
   ModelConfig m = gguf_model_config(f);
-  Manifest plan = Manifest::plan(m, "gguf:" + fs::absolute(gguf_path).lexically_normal().string());
+  // Q4_0 and Q4_1 blocks are int4 groups of 32 already: taken over as they are unless another
+  // group size is asked for.
+  auto native = [&](const GroupEntry& g, const TensorSpec& t) -> int64_t {
+    if (opts.weights != DType::INT4 || !tensor_packable(t.name)) return 0;
+    const GgmlType type = GgufSource::tensor_type(f, g, t.name);
+    return type == GgmlType::Q4_0 || type == GgmlType::Q4_1 ? 32 : 0;
+  };
+  Manifest plan = plan_for(m, "gguf:" + fs::absolute(gguf_path).lexically_normal().string(), opts, native);
   GgufSource src(f, plan);
 
   WriteOptions w = write_options(opts);
@@ -203,7 +240,7 @@ WriteResult pack_random(const std::string& shape, uint64_t seed, int64_t layers,
   check_output(opts.out, opts.force);
   ModelConfig m = random_shape(shape);
   if (layers > 0) m.n_layers = layers;
-  Manifest plan = Manifest::plan(m, fmt::format("random:{} seed={}", shape, seed));
+  Manifest plan = plan_for(m, fmt::format("random:{} seed={}", shape, seed), opts);
   RandomSource src(plan, seed);
 
   WriteOptions w = write_options(opts);
@@ -212,15 +249,27 @@ WriteResult pack_random(const std::string& shape, uint64_t seed, int64_t layers,
   return write_store(std::move(plan), src, w);
 }
 
+// "bf16", or the packed formats of the linear weights ("int4 g32 x 210, bf16 x 0").
+static std::string weight_formats(const Manifest& m) {
+  std::map<std::string, int> count;
+  for (const GroupEntry& g : m.groups)
+    for (const TensorEntry& t : g.tensors)
+      if (tensor_packable(t.name))
+        ++count[t.dtype == DType::INT4 ? fmt::format("int4 g{}", t.group_size) : dtype_name(t.dtype)];
+  std::vector<std::string> parts;
+  for (const auto& [name, n] : count) parts.push_back(fmt::format("{} x {}", name, n));
+  return fmt::format("{}", fmt::join(parts, ", "));
+}
+
 std::string pack_summary(const WriteResult& r, const std::string& out) {
   const ModelConfig& m = r.manifest.model;
   const double mbs = r.seconds > 0 ? r.bytes / r.seconds / 1e6 : 0;
   return fmt::format(
       "{}: llama dim {}, {} layers, {} heads ({} kv) x {}, ffn {}, vocab {}, {} embeddings, rope {}\n"
-      "  {} groups, {} in {:.2f} s ({:.0f} MB/s){}\n",
+      "  {} groups, {} in {:.2f} s ({:.0f} MB/s), weights {}{}\n",
       out, m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim, m.vocab_size,
       m.tie_word_embeddings ? "tied" : "untied", m.rope_scaling.type, r.manifest.groups.size(),
-      human_bytes(r.bytes), r.seconds, mbs,
+      human_bytes(r.bytes), r.seconds, mbs, weight_formats(r.manifest),
       r.manifest.tokenizer_files.empty() ? ""
                                          : fmt::format(", tokenizer files: {}", fmt::join(r.manifest.tokenizer_files, " ")));
 }

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <ostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -48,7 +49,17 @@ struct PackOptions {
   int threads = 0;                              // 0 = one per core
   bool progress = true;                         // progress on stderr
   const std::atomic<bool>* cancel = nullptr;    // stops the write with an error when set
+  // --weights: the format of the linear weights (norms and the embedding stay bf16).
+  DType weights = DType::BF16;
+  // --group-size for int4: 32 or 128. 0: 128, except GGUF Q4_0/Q4_1 tensors, taken over at 32.
+  int64_t group_size = 0;
 };
+
+// The format each tensor takes under `opts` (DESIGN.md "The packed store"): packable tensors take
+// opts.weights, int4 in groups of opts.group_size (or `native_group` where it is > 0); a tensor
+// whose inputs do not split into such groups stays bf16, and its name goes into `kept_bf16`.
+TensorFormat choose_format(const PackOptions& opts, const TensorSpec& t, int64_t native_group = 0,
+                           std::set<std::string>* kept_bf16 = nullptr);
 
 // Both throw Error/StoreError; on failure no output and no temporary directory remain.
 WriteResult pack_hf(const std::string& hf_dir, const PackOptions& opts);

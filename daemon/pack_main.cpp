@@ -4,6 +4,7 @@
 //   ringllama-pack --gguf FILE --out STORE [--force]
 //   ringllama-pack --random SHAPE --out STORE [--seed N] [--layers N] [--force]
 //   ringllama-pack --verify STORE
+//   any pack: [--weights bf16|fp8|int4] [--group-size 32|128]
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -36,6 +37,8 @@ int run(int argc, char** argv) {
   uint64_t seed = 0;
   int64_t layers = 0;
   int threads = 0;
+  int64_t group_size = 0;
+  std::string weights = "bf16";
   bool force = false, quiet = false;
   ringllama::ConfigLoader config_loader(ringllama::kPack);
 
@@ -51,6 +54,14 @@ int run(int argc, char** argv) {
                        ->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "threads filling chunks (default: one per core)")
       ->check(CLI::NonNegativeNumber);
+  auto* o_weights = app.add_option("--weights", weights,
+                                   "format of the linear weights: bf16 (default), fp8 (e4m3, a scale per row) or "
+                                   "int4 (a scale and min per group of inputs); norms and embeddings stay bf16")
+                        ->check(CLI::IsMember({"bf16", "fp8", "int4"}));
+  auto* o_group = app.add_option("--group-size", group_size,
+                                 "int4 inputs per scale: 32 or 128 (default 128; GGUF Q4_0/Q4_1 tensors keep 32 "
+                                 "exactly unless this is given)")
+                      ->check(CLI::IsMember({32, 128}));
   app.add_flag("--force", force, "replace an existing STORE");
   app.add_flag("--quiet", quiet, "no progress on stderr");
   config_loader.add_flags(app);  // --config, --print-config, --verbose
@@ -60,6 +71,8 @@ int run(int argc, char** argv) {
   o_verify->excludes(o_out);
   o_seed->needs(o_random);
   o_layers->needs(o_random);
+  o_weights->excludes(o_verify);
+  o_group->excludes(o_verify);
 
   try {
     app.parse(argc, argv);
@@ -92,6 +105,11 @@ int run(int argc, char** argv) {
   opts.threads = threads;
   opts.progress = !quiet;
   opts.cancel = &g_interrupted;
+  opts.weights = weights == "fp8" ? ringllama::DType::FP8_E4M3
+                 : weights == "int4" ? ringllama::DType::INT4
+                                     : ringllama::DType::BF16;
+  RL_REQUIRE(group_size == 0 || opts.weights == ringllama::DType::INT4, "--group-size goes with --weights int4");
+  opts.group_size = group_size;
   ringllama::WriteResult r = !hf.empty()     ? ringllama::pack_hf(hf, opts)
                               : !gguf.empty() ? ringllama::pack_gguf(gguf, opts)
                                               : ringllama::pack_random(shape, seed, layers, opts);

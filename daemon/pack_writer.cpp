@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "common/errors.h"
+#include "common/quant.h"
 #include "common/store.h"
 
 namespace fs = std::filesystem;
@@ -105,23 +106,63 @@ struct TmpGuard {
   }
 };
 
-// Group bytes [off, off + len): tensor values where tensors lie, zeros in the padding.
+// Bytes [pos, stop) of a packed tensor's values (scales: false) or scales (true), `base` being
+// where that block starts in the group. A slice of a chunk may begin or end inside a row: the rows
+// it touches are packed whole and the bytes asked for copied out.
+void fill_packed(const GroupEntry& g, size_t ti, const PackSource& src, bool scales, uint64_t base, uint64_t pos,
+                 uint64_t stop, char* dst) {
+  const TensorEntry& t = g.tensors[ti];
+  const int64_t rows = t.shape[0];
+  const uint64_t data_row = t.size / static_cast<uint64_t>(rows), scale_row = t.scales_size / static_cast<uint64_t>(rows);
+  const uint64_t row_bytes = scales ? scale_row : data_row;
+  // A few rows at a time: the scratch stays small whatever the tensor.
+  constexpr int64_t kRowsPerBatch = 64;
+  std::vector<uint8_t> d, s;
+  for (uint64_t at = pos; at < stop;) {
+    const int64_t r0 = static_cast<int64_t>((at - base) / row_bytes);
+    const int64_t n = std::min<int64_t>(kRowsPerBatch, rows - r0);
+    d.resize(static_cast<size_t>(n) * data_row);
+    s.resize(static_cast<size_t>(n) * scale_row);
+    pack_rows(g, ti, src, r0, n, d.data(), s.data());
+    const uint64_t b0 = base + static_cast<uint64_t>(r0) * row_bytes;
+    const uint64_t b1 = std::min(stop, b0 + static_cast<uint64_t>(n) * row_bytes);
+    std::memcpy(dst + (at - pos), (scales ? s.data() : d.data()) + (at - b0), b1 - at);
+    at = b1;
+  }
+}
+
+// Group bytes [off, off + len): tensor values (and packed tensors' scales) where they lie, zeros
+// in the padding.
 void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst) {
+  struct Block {
+    size_t ti;
+    bool scales;
+    uint64_t begin, end;
+  };
+  std::vector<Block> blocks;
+  for (size_t ti = 0; ti < g.tensors.size(); ++ti) {
+    const TensorEntry& t = g.tensors[ti];
+    blocks.push_back({ti, false, t.offset, t.offset + t.size});
+    if (dtype_packed(t.dtype)) blocks.push_back({ti, true, t.scales_offset, t.scales_offset + t.scales_size});
+  }
   uint64_t pos = off;
   const uint64_t end = off + len;
-  for (size_t ti = 0; ti < g.tensors.size() && pos < end; ++ti) {
-    const TensorEntry& t = g.tensors[ti];
-    const uint64_t tb = t.offset, te = t.offset + t.size;
-    if (te <= pos) continue;
-    if (tb >= end) break;
-    if (tb > pos) {
-      std::memset(dst + (pos - off), 0, tb - pos);
-      pos = tb;
+  for (const Block& b : blocks) {
+    if (pos >= end) break;
+    if (b.end <= pos) continue;
+    if (b.begin >= end) break;
+    if (b.begin > pos) {
+      std::memset(dst + (pos - off), 0, b.begin - pos);
+      pos = b.begin;
     }
-    const uint64_t stop = std::min(te, end);
-    const uint64_t eb = dtype_bytes(t.dtype);
-    // Slices start on kGroupAlign boundaries and tensors on kTensorAlign ones: never mid-element.
-    src.fill(g, ti, (pos - tb) / eb, (stop - pos) / eb, reinterpret_cast<bf16_t*>(dst + (pos - off)));
+    const uint64_t stop = std::min(b.end, end);
+    const TensorEntry& t = g.tensors[b.ti];
+    if (dtype_packed(t.dtype)) {
+      fill_packed(g, b.ti, src, b.scales, b.begin, pos, stop, dst + (pos - off));
+    } else {
+      // Slices start on kGroupAlign boundaries and tensors on kTensorAlign ones: never mid-element.
+      src.fill(g, b.ti, (pos - b.begin) / 2, (stop - pos) / 2, reinterpret_cast<bf16_t*>(dst + (pos - off)));
+    }
     pos = stop;
   }
   if (pos < end) std::memset(dst + (pos - off), 0, end - pos);
@@ -219,6 +260,36 @@ struct Pipe {
 };
 
 }  // namespace
+
+void PackSource::fill_rows_f32(const GroupEntry& g, size_t ti, int64_t row0, int64_t rows, float* out) const {
+  const int64_t in = g.tensors.at(ti).shape.at(1);
+  std::vector<bf16_t> b(static_cast<size_t>(rows * in));
+  fill(g, ti, static_cast<uint64_t>(row0 * in), b.size(), b.data());
+  for (size_t i = 0; i < b.size(); ++i) out[i] = bf16_to_f32(b[i]);
+}
+
+void pack_rows(const GroupEntry& g, size_t ti, const PackSource& src, int64_t row0, int64_t rows, uint8_t* data,
+               uint8_t* scales) {
+  const TensorEntry& t = g.tensors.at(ti);
+  const int64_t in = t.shape.at(1);
+  if (t.dtype == DType::INT4) {
+    auto* sm = reinterpret_cast<uint16_t*>(scales);
+    if (src.fill_int4(g, ti, row0, rows, data, sm)) return;
+    std::vector<float> w(static_cast<size_t>(rows * in));
+    src.fill_rows_f32(g, ti, row0, rows, w.data());
+    const int64_t G = t.group_size;
+    for (int64_t r = 0; r < rows; ++r)
+      quantize_row_int4(w.data() + r * in, in, G, data + r * (in / 2), sm + r * (in / G) * 2);
+    return;
+  }
+  if (t.dtype != DType::FP8_E4M3) throw Error(fmt::format("{}: tensor '{}' is not packed", g.label(), t.name));
+  std::vector<float> w(static_cast<size_t>(rows * in));
+  src.fill_rows_f32(g, ti, row0, rows, w.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    const float scale = quantize_row_fp8(w.data() + r * in, in, data + r * in);
+    std::memcpy(scales + 4 * r, &scale, 4);
+  }
+}
 
 void write_all(int fd, const void* data, uint64_t n, const std::string& path) {
   const char* p = static_cast<const char*>(data);

@@ -25,7 +25,20 @@ class PackSource {
   // Elements [first, first + count) of tensor `ti` of group `g`, as bf16 bits. Called from several
   // threads at once, for disjoint ranges. Throws Error/StoreError.
   virtual void fill(const GroupEntry& g, size_t ti, uint64_t first, uint64_t count, bf16_t* out) const = 0;
+  // Rows [row0, row0 + rows) of the 2-D tensor `ti` as float: what a packed tensor is quantized
+  // from. By default fill()'s bf16 values; a source with finer values (a dequantized GGUF block)
+  // gives those instead.
+  virtual void fill_rows_f32(const GroupEntry& g, size_t ti, int64_t row0, int64_t rows, float* out) const;
+  // The same rows already in the int4 format of the tensor's group size (q: rows * in / 2 bytes,
+  // sm: rows * in / group_size (scale, min) pairs), where the source holds exactly that (GGUF
+  // Q4_0/Q4_1 at group size 32). false: the writer quantizes fill_rows_f32's values instead.
+  virtual bool fill_int4(const GroupEntry&, size_t, int64_t, int64_t, uint8_t*, uint16_t*) const { return false; }
 };
+
+// Rows [row0, row0 + rows) of packed tensor `ti` of `g` in its stored form: values into `data`
+// (rows * the bytes of one row), scales into `scales` (rows * the scale bytes of one row).
+void pack_rows(const GroupEntry& g, size_t ti, const PackSource& src, int64_t row0, int64_t rows, uint8_t* data,
+               uint8_t* scales);
 
 // write(2) until all n bytes are out, retrying short writes and EINTR. Throws StoreError naming
 // `path`; a full disk or quota (ENOSPC, EDQUOT) reads "PATH: no space left on device".

@@ -121,9 +121,9 @@ void run_and_check(WeightSource& source, HostSlots* slots, const GpuPoolPlan& pl
         const DeviceLayer d = gw.acquire(l);
         EXPECT_EQ(d.resident, l < plan.resident_layers);
         // Tensors at their offsets inside their groups.
-        EXPECT_EQ(reinterpret_cast<const char*>(d.w.wk) - static_cast<const char*>(d.attn),
+        EXPECT_EQ(reinterpret_cast<const char*>(d.w.wk.data) - static_cast<const char*>(d.attn),
                   static_cast<std::ptrdiff_t>(m.attn(l).tensor("wk").offset));
-        EXPECT_EQ(reinterpret_cast<const char*>(d.w.w2) - static_cast<const char*>(d.ffn),
+        EXPECT_EQ(reinterpret_cast<const char*>(d.w.w2.data) - static_cast<const char*>(d.ffn),
                   static_cast<std::ptrdiff_t>(m.ffn(l).tensor("w2").offset));
         unsigned long long* out = sums.get() + (static_cast<size_t>(p) * kLayers + l) * 2;
         launch_sum(d.attn, m.attn(l).size, out, compute.get());

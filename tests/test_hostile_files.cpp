@@ -328,5 +328,102 @@ TEST(HostileFiles, ConfigFifoDeviceDirectoryAndOversizeAreRefused) {
   }
 }
 
+// ---- packed tensors: the scales and sizes a manifest records are checked against the layout ----
+
+// small_model with every linear weight int4 in groups of 32 (attention) or fp8 (ffn).
+std::string packed_yaml() {
+  return Manifest::plan(small_model(), "test", [](const GroupEntry& g, const TensorSpec& t) {
+           if (!tensor_packable(t.name)) return TensorFormat{};
+           return g.kind == GroupKind::Ffn ? TensorFormat{DType::FP8_E4M3, 0} : TensorFormat{DType::INT4, 32};
+         }).to_yaml();
+}
+
+// The YAML with `from` replaced once inside the first tensor entry named `tensor`.
+std::string edit_tensor(const std::string& yaml, const std::string& tensor, const std::string& from,
+                        const std::string& to) {
+  const size_t at = yaml.find("name: " + tensor + ",");
+  const size_t end = yaml.find('}', at);
+  const size_t p = yaml.find(from, at);
+  if (at == std::string::npos || p == std::string::npos || p > end) {
+    ADD_FAILURE() << "no '" << from << "' in tensor " << tensor;
+    return yaml;
+  }
+  return yaml.substr(0, p) + to + yaml.substr(p + from.size());
+}
+
+// The value of `key` in the first tensor entry named `tensor`.
+uint64_t tensor_value(const std::string& yaml, const std::string& tensor, const std::string& key) {
+  const size_t at = yaml.find("name: " + tensor + ",");
+  const size_t p = yaml.find(key + ": ", at);
+  return std::stoull(yaml.substr(p + key.size() + 2));
+}
+
+TEST(HostilePackedManifest, APackedManifestRoundTrips) {
+  const std::string y = packed_yaml();
+  EXPECT_EQ(manifest_error(y), "");
+  EXPECT_EQ(Manifest::from_yaml(y, "x").to_yaml(), y);
+  const Manifest m = Manifest::from_yaml(y, "x");
+  EXPECT_EQ(m.attn(0).tensor("wq").dtype, DType::INT4);
+  EXPECT_EQ(m.attn(0).tensor("wq").group_size, 32);
+  EXPECT_EQ(m.attn(0).tensor("wq").scales_size, 64u * 2 * 4);  // [64 rows][2 groups] x (scale, min) halves
+  EXPECT_EQ(m.ffn(1).tensor("w2").dtype, DType::FP8_E4M3);
+  EXPECT_EQ(m.ffn(1).tensor("w2").scales_size, 64u * 4);
+  EXPECT_EQ(m.globals().tensor("output").dtype, DType::INT4);
+  EXPECT_EQ(m.globals().tensor("tok_embeddings").dtype, DType::BF16);
+  // A bf16 manifest carries none of the new keys: it reads as before they existed.
+  EXPECT_EQ(good_yaml().find("scales_offset"), std::string::npos);
+  EXPECT_EQ(good_yaml().find("group_size"), std::string::npos);
+}
+
+TEST(HostilePackedManifest, ScalesOutsideTheGroupAreRefused) {
+  const std::string y = packed_yaml();
+  const uint64_t so = tensor_value(y, "wo", "scales_offset");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wo", "scales_offset: " + std::to_string(so), "scales_offset: 1048576")),
+             "layer 0 attn: tensor 'wo': scales [1048576, +");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wo", "scales_offset: " + std::to_string(so),
+                                        "scales_offset: 18446744073709551615")),
+             "run outside the group");
+  // Into the tensor's own values.
+  const uint64_t off = tensor_value(y, "wo", "offset");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wo", "scales_offset: " + std::to_string(so),
+                                        "scales_offset: " + std::to_string(off))),
+             "into the values");
+  // Inside the group, but not where the layout puts them.
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wo", "scales_offset: " + std::to_string(so),
+                                        "scales_offset: " + std::to_string(so + 256))),
+             "disagrees with the model config");
+}
+
+TEST(HostilePackedManifest, SizesThatDoNotMatchShapeAndDtypeAreRefused) {
+  const std::string y = packed_yaml();
+  const uint64_t ss = tensor_value(y, "w1", "scales_size");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "w1", "scales_size: " + std::to_string(ss), "scales_size: 4")),
+             "layer 0 ffn: tensor 'w1': scales_size 4 does not match shape 128x64 as fp8_e4m3 (512 bytes)");
+  const uint64_t sz = tensor_value(y, "wq", "size");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wq", "size: " + std::to_string(sz), "size: " + std::to_string(2 * sz))),
+             "tensor 'wq': size 4096 does not match shape 64x64 as int4 (2048 bytes)");
+  // The dtype changed under the same sizes.
+  EXPECT_HAS(manifest_error(edit_tensor(y, "w1", "dtype: fp8_e4m3", "dtype: bf16")), "has no 'scales_offset'");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wq", "dtype: int4", "dtype: fp8_e4m3")), "has no 'group_size'");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wq", "dtype: int4", "dtype: int8")), "unsupported tensor dtype 'int8'");
+}
+
+TEST(HostilePackedManifest, FormatsATensorCannotTakeAreRefused) {
+  const std::string y = packed_yaml();
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wk", "group_size: 32", "group_size: 64")),
+             "tensor 'wk': int4 group_size 64 is not supported (32 or 128)");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wk", "group_size: 32", "group_size: 128")),
+             "tensor 'wk': 64 inputs do not split into int4 groups of 128");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wk", "group_size: 32", "group_size: -9223372036854775808")),
+             "not supported");
+  // Norms and the embedding are bf16 only; a bf16 tensor has no group size.
+  EXPECT_HAS(manifest_error(edit_tensor(y, "attn_norm", "dtype: bf16", "dtype: fp8_e4m3, scales_offset: 0, "
+                                                                       "scales_size: 0")),
+             "tensor 'attn_norm' is stored as bf16 only, not fp8_e4m3");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "tok_embeddings", "dtype: bf16", "dtype: bf16, group_size: 32")),
+             "is bf16 and has no 'group_size'");
+  EXPECT_HAS(manifest_error(edit_tensor(y, "wq", "group_size: 32, ", "")), "missing key 'group_size'");
+}
+
 }  // namespace
 }  // namespace ringllama

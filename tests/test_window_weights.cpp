@@ -49,10 +49,10 @@ void expect_same_layer(const Manifest& m, int64_t l, const LayerWeights& got, co
   EXPECT_TRUE(group_bytes(got.ffn_norm, m.ffn(l), "ffn_norm") == group_bytes(want.ffn_norm, m.ffn(l), "ffn_norm"))
       << "layer " << l << " ffn differs";
   // Every tensor at the same offset from its group as in the store's view.
-  EXPECT_EQ(reinterpret_cast<const char*>(got.w2) - reinterpret_cast<const char*>(got.ffn_norm),
-            reinterpret_cast<const char*>(want.w2) - reinterpret_cast<const char*>(want.ffn_norm));
-  EXPECT_EQ(reinterpret_cast<const char*>(got.wo) - reinterpret_cast<const char*>(got.attn_norm),
-            reinterpret_cast<const char*>(want.wo) - reinterpret_cast<const char*>(want.attn_norm));
+  EXPECT_EQ(reinterpret_cast<const char*>(got.w2.data) - reinterpret_cast<const char*>(got.ffn_norm),
+            reinterpret_cast<const char*>(want.w2.data) - reinterpret_cast<const char*>(want.ffn_norm));
+  EXPECT_EQ(reinterpret_cast<const char*>(got.wo.data) - reinterpret_cast<const char*>(got.attn_norm),
+            reinterpret_cast<const char*>(want.wo.data) - reinterpret_cast<const char*>(want.attn_norm));
 }
 
 TEST(WindowWeights, BitIdenticalToStoreOverSeveralPasses) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/bf16.h"
+#include "common/quant.h"
 #include "common/manifest.h"
 #include "common/store.h"
 #include "worker/weights.h"
@@ -56,22 +57,42 @@ inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t see
 }
 
 // The manifest and the bytes of weights.bin (globals and groups at their offsets, checksums set).
-// Weights ~ N(0, std); norm weights ~ 1 + N(0, 0.1), as trained models have them.
+// Weights ~ N(0, std); norm weights ~ 1 + N(0, 0.1), as trained models have them. With a packed
+// `linear` format the linear weights are those same bf16 values quantized (common/quant.h), so
+// models of one seed differ only by the packing.
 struct TinyModel {
   Manifest manifest;
   std::vector<char> image;
 
-  explicit TinyModel(const ModelConfig& m, uint64_t seed = 1, float std = 0.08f) {
-    manifest = Manifest::plan(m, "random:test");
+  explicit TinyModel(const ModelConfig& m, uint64_t seed = 1, float std = 0.08f, TensorFormat linear = {}) {
+    manifest = Manifest::plan(m, "random:test", [&](const GroupEntry&, const TensorSpec& t) {
+      return tensor_packable(t.name) ? linear : TensorFormat{};
+    });
     image.assign(manifest.weights_size, 0);
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (GroupEntry& g : manifest.groups) {
       for (const TensorEntry& t : g.tensors) {
-        auto* p = reinterpret_cast<bf16_t*>(image.data() + g.offset + t.offset);
         const bool norm = t.shape.size() == 1;
-        for (int64_t i = 0; i < t.numel(); ++i)
-          p[i] = f32_to_bf16(norm ? 1.0f + 0.1f * normal(rng) : std * normal(rng));
+        std::vector<float> v(static_cast<size_t>(t.numel()));
+        for (float& x : v) x = bf16_to_f32(f32_to_bf16(norm ? 1.0f + 0.1f * normal(rng) : std * normal(rng)));
+        char* base = image.data() + g.offset;
+        if (t.dtype == DType::BF16) {
+          auto* p = reinterpret_cast<bf16_t*>(base + t.offset);
+          for (size_t i = 0; i < v.size(); ++i) p[i] = f32_to_bf16(v[i]);
+          continue;
+        }
+        const int64_t rows = t.shape[0], in = t.shape[1];
+        auto* q = reinterpret_cast<uint8_t*>(base + t.offset);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (t.dtype == DType::FP8_E4M3) {
+            const float scale = quantize_row_fp8(v.data() + r * in, in, q + r * in);
+            std::memcpy(base + t.scales_offset + 4 * r, &scale, 4);
+          } else {
+            auto* sm = reinterpret_cast<uint16_t*>(base + t.scales_offset) + r * (in / t.group_size) * 2;
+            quantize_row_int4(v.data() + r * in, in, t.group_size, q + r * (in / 2), sm);
+          }
+        }
       }
       g.xxh3 = checksum(image.data() + g.offset, g.size);
     }

@@ -110,6 +110,35 @@ std::vector<float> Backend::forward(const std::vector<int32_t>& tokens, int64_t 
   return last;
 }
 
+void Backend::score(const std::vector<int32_t>& tokens, int64_t start_pos,
+                    const std::function<void(int64_t, const float*)>& row) {
+  RL_REQUIRE(scores_every_row(), "the {} backend returns no logits for every position", name());
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  if (!has_sequence(0)) add_sequence(0);
+  RL_REQUIRE(start_pos == cached_tokens(0), "score at position {}, but the sequence has {} cached positions",
+             start_pos, cached_tokens(0));
+  const size_t vocab = static_cast<size_t>(model_.vocab_size);
+  for (int64_t c0 = 0; c0 < T; c0 += limits_.max_item_tokens) {
+    const int64_t n = std::min(limits_.max_item_tokens, T - c0);
+    StepLayout layout = kv_.prepare({StepItem{0, std::vector<int32_t>(tokens.begin() + c0, tokens.begin() + c0 + n),
+                                              true}},
+                                    limits_);
+    // Every row of the one item, not only its last.
+    layout.logit_rows.clear();
+    layout.logit_item.clear();
+    for (int64_t r = 0; r < layout.rows(); ++r) {
+      layout.logit_rows.push_back(layout.row0[0] + r);
+      layout.logit_item.push_back(0);
+    }
+    std::vector<float> logits;
+    StepOutput out;
+    out.logits = &logits;
+    run_step(layout, out);
+    kv_.commit(layout);
+    for (int64_t r = 0; r < n; ++r) row(start_pos + c0 + r, logits.data() + static_cast<size_t>(r) * vocab);
+  }
+}
+
 void Backend::reset() {
   if (has_sequence(0)) free_sequence(0);
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -56,6 +57,13 @@ class Backend {
   // equal the cached positions. reset() forgets the sequence.
   std::vector<float> forward(const std::vector<int32_t>& tokens, int64_t start_pos);
   void reset();
+  // Teacher forcing for scoring text: runs `tokens` as forward() does (sequence 0, chunks of
+  // max_item_tokens) and hands the logits of every position to `row` (position, vocab_size
+  // floats) in order. Only backends whose pass can return a logits row per token
+  // (scores_every_row) take it; the others throw Error.
+  void score(const std::vector<int32_t>& tokens, int64_t start_pos,
+             const std::function<void(int64_t pos, const float* logits)>& row);
+  virtual bool scores_every_row() const { return false; }
 
   const StepLimits& limits() const { return limits_; }
   const KvBlockPool& kv() const { return kv_; }

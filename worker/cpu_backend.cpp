@@ -8,6 +8,7 @@
 #include <new>
 
 #include "common/errors.h"
+#include "common/quant.h"
 #include "worker/backend.h"
 #include "worker/sampler.h"
 
@@ -154,6 +155,34 @@ RL_SIMD_CLONES void matmul_block(const float* x, int64_t n_tokens, int64_t in, c
   }
 }
 
+// Values [c0, c0 + n) of row r of a packed matrix, dequantized. For int4, c0 and n are multiples
+// of the group size (kKC is a multiple of every allowed group and `in` of the one in use).
+void dequant_range(const MatrixView& w, int64_t r, int64_t c0, int64_t n, float* out) {
+  if (w.dtype == DType::FP8_E4M3) {
+    const auto* q = static_cast<const uint8_t*>(w.data) + r * w.cols + c0;
+    float scale;
+    std::memcpy(&scale, static_cast<const char*>(w.scales) + 4 * r, 4);
+    dequantize_row_fp8(q, scale, n, out);
+  } else {
+    const auto* q = static_cast<const uint8_t*>(w.data) + r * (w.cols / 2) + c0 / 2;
+    const auto* sm = static_cast<const uint16_t*>(w.scales) + (r * (w.cols / w.group) + c0 / w.group) * 2;
+    dequantize_row_int4(q, sm, n, w.group, out);
+  }
+}
+
+RL_SIMD_CLONES void matmul_block_packed(const float* x, int64_t n_tokens, const MatrixView& w, int64_t o0,
+                                        int64_t rows, float* tile, float* y) {
+  const int64_t in = w.cols, out = w.rows;
+  for (int64_t t = 0; t < n_tokens; ++t) std::fill(y + t * out + o0, y + t * out + o0 + rows, 0.0f);
+  for (int64_t k0 = 0; k0 < in; k0 += kKC) {
+    const int64_t kc = std::min(kKC, in - k0);
+    for (int64_t r = 0; r < rows; ++r) dequant_range(w, o0 + r, k0, kc, tile + r * kKC);
+    int64_t t = 0;
+    for (; t + 2 <= n_tokens; t += 2) tile_rows<2>(tile, kKC, rows, x + t * in + k0, in, kc, y + t * out + o0, out);
+    if (t < n_tokens) tile_rows<1>(tile, kKC, rows, x + t * in + k0, in, kc, y + t * out + o0, out);
+  }
+}
+
 RL_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
   v8f acc = {};
   int64_t i = 0;
@@ -188,6 +217,21 @@ void matmul_bf16(ThreadPool* pool, const float* x, int64_t n_tokens, int64_t in,
       alignas(32) float tile[kRB * kKC];
       matmul_block(x, n_tokens, in, w, out, o0, rows, tile, y);
     }
+  });
+}
+
+void matmul(ThreadPool* pool, const float* x, int64_t n_tokens, int64_t in, const MatrixView& w, int64_t out,
+            float* y) {
+  if (w.rows != out || w.cols != in)
+    throw Error(fmt::format("matmul: the weight is {}x{}, the layer needs {}x{}", w.rows, w.cols, out, in));
+  if (!w.packed()) return matmul_bf16(pool, x, n_tokens, in, w.bf16(), out, y);
+  if (w.dtype == DType::INT4 && (w.group <= 0 || kKC % w.group != 0 || in % w.group != 0))
+    throw Error(fmt::format("matmul: int4 group size {} does not suit {} inputs", w.group, in));
+  const int64_t n_blocks = (out + kRB - 1) / kRB;
+  maybe_parallel(pool, n_blocks, n_tokens * in * out, [&](int64_t b, int) {
+    const int64_t o0 = b * kRB, rows = std::min(kRB, out - o0);
+    alignas(32) float tile[kRB * kKC];
+    matmul_block_packed(x, n_tokens, w, o0, rows, tile, y);
   });
 }
 
@@ -292,6 +336,7 @@ class CpuBackend : public Backend {
   }
 
   const char* name() const override { return "cpu"; }
+  bool scores_every_row() const override { return true; }  // run() computes logits for any rows
 
  protected:
   void run_step(const StepLayout& L, const StepOutput& out) override {
@@ -337,7 +382,7 @@ class CpuBackend : public Backend {
       for (int64_t r = 0; r < R; ++r)
         cpu::rms_norm(x_.data() + L.logit_rows[r] * dim, g.norm, 1, dim, static_cast<float>(m_.norm_eps),
                       last.data() + r * dim);
-      cpu::matmul_bf16(&pool_, last.data(), R, dim, g.output, m_.vocab_size, out_rows.data());
+      cpu::matmul(&pool_, last.data(), R, dim, g.output, m_.vocab_size, out_rows.data());
     }
     if (out.ids) {
       // The GPU sampler's rule and generator (kernels/sample_common.h): the same draw per row.
@@ -366,9 +411,9 @@ class CpuBackend : public Backend {
 
     // Attention block. New keys and values go to their sequences' cache rows, keys rotated.
     cpu::rms_norm(x_.data(), w.attn_norm, T, dim, eps, xn_.data());
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wq, q_dim, q_.data());
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wk, kv_dim, k_.data());
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.wv, kv_dim, v_.data());
+    cpu::matmul(&pool_, xn_.data(), T, dim, w.wq, q_dim, q_.data());
+    cpu::matmul(&pool_, xn_.data(), T, dim, w.wk, kv_dim, k_.data());
+    cpu::matmul(&pool_, xn_.data(), T, dim, w.wv, kv_dim, v_.data());
     for (int64_t t = 0; t < T; ++t) {
       cpu::rope(q_.data() + t * q_dim, m_.n_heads, m_.head_dim, L.pos[t], inv_freq_);
       cpu::rope(k_.data() + t * kv_dim, m_.n_kv_heads, m_.head_dim, L.pos[t], inv_freq_);
@@ -380,15 +425,15 @@ class CpuBackend : public Backend {
       cpu::attention(&pool_, m_, q_.data() + L.row0[i] * q_dim, pages, L.count[i], L.start[i],
                      att_.data() + L.row0[i] * q_dim);
     }
-    cpu::matmul_bf16(&pool_, att_.data(), T, q_dim, w.wo, dim, xn_.data());
+    cpu::matmul(&pool_, att_.data(), T, q_dim, w.wo, dim, xn_.data());
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
 
     // FFN block: SwiGLU, the product written over the gate.
     cpu::rms_norm(x_.data(), w.ffn_norm, T, dim, eps, xn_.data());
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.w1, ffn, gate_.data());
-    cpu::matmul_bf16(&pool_, xn_.data(), T, dim, w.w3, ffn, up_.data());
+    cpu::matmul(&pool_, xn_.data(), T, dim, w.w1, ffn, gate_.data());
+    cpu::matmul(&pool_, xn_.data(), T, dim, w.w3, ffn, up_.data());
     cpu::silu_mul(gate_.data(), up_.data(), T * ffn);
-    cpu::matmul_bf16(&pool_, gate_.data(), T, ffn, w.w2, dim, xn_.data());
+    cpu::matmul(&pool_, gate_.data(), T, ffn, w.w2, dim, xn_.data());
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xn_[i];
   }
 

@@ -10,12 +10,19 @@
 #include "common/bf16.h"
 #include "common/model_config.h"
 #include "worker/thread_pool.h"
+#include "worker/weights.h"
 
 namespace ringllama::cpu {
 
 // y[t, o] = sum_i x[t, i] * w[o, i] for t < n_tokens, o < out: a linear layer with the weight in
 // transformers' [out, in] layout. fp32 accumulation; the bf16 rows are widened as they are used.
 void matmul_bf16(ThreadPool* pool, const float* x, int64_t n_tokens, int64_t in, const bf16_t* w, int64_t out, float* y);
+
+// The same for a weight in any stored format: bf16 goes to matmul_bf16; a packed weight is
+// dequantized (common/quant.h) a block of rows at a time into float32 and multiplied like the
+// widened bf16 block, so each output is the fp32 dot product of x with the dequantized row, in
+// the same order whatever n_tokens. Throws Error when w is not [out, in].
+void matmul(ThreadPool* pool, const float* x, int64_t n_tokens, int64_t in, const MatrixView& w, int64_t out, float* y);
 
 // y[t] = w * (x[t] * rsqrt(mean(x[t]^2) + eps)), as LlamaRMSNorm in float32. x and y may alias.
 void rms_norm(const float* x, const bf16_t* w, int64_t n_tokens, int64_t dim, float eps, float* y);

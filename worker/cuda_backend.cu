@@ -378,10 +378,10 @@ class CudaBackend : public Backend {
     report_.allocated_bytes += gw_->device_bytes();
     streaming_ = gw_->resident_layers() < m_.n_layers;
     const GlobalWeights& g = gw_->globals();
-    RL_REQUIRE(g.tok_embeddings && g.norm && g.output, "the weight source lacks a global tensor");
+    RL_REQUIRE(g.tok_embeddings && g.norm && g.output.data, "the weight source lacks a global tensor");
     tok_embeddings_ = dev(g.tok_embeddings);
     norm_ = dev(g.norm);
-    output_ = dev(g.output);
+    output_ = dev(g.output.bf16());
     qkv_fused_.resize(static_cast<size_t>(m_.n_layers));
     gu_fused_.resize(static_cast<size_t>(m_.n_layers));
     for (int64_t l = 0; l < m_.n_layers; ++l) {
@@ -397,14 +397,14 @@ class CudaBackend : public Backend {
   LayerPtrs layer_ptrs(int64_t l, const DeviceLayer& d) const {
     LayerPtrs w;
     w.attn_norm = dev(d.w.attn_norm);
-    w.wq = dev(d.w.wq);
-    w.wk = dev(d.w.wk);
-    w.wv = dev(d.w.wv);
-    w.wo = dev(d.w.wo);
+    w.wq = dev(d.w.wq.bf16());
+    w.wk = dev(d.w.wk.bf16());
+    w.wv = dev(d.w.wv.bf16());
+    w.wo = dev(d.w.wo.bf16());
     w.ffn_norm = dev(d.w.ffn_norm);
-    w.w1 = dev(d.w.w1);
-    w.w3 = dev(d.w.w3);
-    w.w2 = dev(d.w.w2);
+    w.w1 = dev(d.w.w1.bf16());
+    w.w3 = dev(d.w.w3.bf16());
+    w.w2 = dev(d.w.w2.bf16());
     w.qkv_fused = qkv_fused_[static_cast<size_t>(l)];
     w.gu_fused = gu_fused_[static_cast<size_t>(l)];
     return w;
@@ -666,6 +666,9 @@ class CudaBackend : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& config,
                                            const CudaBackendOptions& options) {
+  // The CUDA forward multiplies bf16 through cuBLASLt; packed weights need kernels of their own.
+  if (store_packed(weights.manifest()))
+    throw Error("packed weights (fp8/int4) need the packed kernels: not yet on the CUDA backend");
   return std::make_unique<CudaBackend>(weights, config, options);
 }
 

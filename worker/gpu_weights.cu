@@ -86,14 +86,14 @@ DeviceLayer device_layer(const Manifest& m, int64_t layer, const char* attn, con
   d.ffn = ffn;
   d.resident = resident;
   d.w.attn_norm = at(ga, "attn_norm", attn);
-  d.w.wq = at(ga, "wq", attn);
-  d.w.wk = at(ga, "wk", attn);
-  d.w.wv = at(ga, "wv", attn);
-  d.w.wo = at(ga, "wo", attn);
+  d.w.wq = matrix_view(ga, "wq", attn);
+  d.w.wk = matrix_view(ga, "wk", attn);
+  d.w.wv = matrix_view(ga, "wv", attn);
+  d.w.wo = matrix_view(ga, "wo", attn);
   d.w.ffn_norm = at(gf, "ffn_norm", ffn);
-  d.w.w1 = at(gf, "w1", ffn);
-  d.w.w3 = at(gf, "w3", ffn);
-  d.w.w2 = at(gf, "w2", ffn);
+  d.w.w1 = matrix_view(gf, "w1", ffn);
+  d.w.w3 = matrix_view(gf, "w3", ffn);
+  d.w.w2 = matrix_view(gf, "w2", ffn);
   return d;
 }
 

@@ -40,7 +40,9 @@ MemoryPlan plan_core(const Manifest& man, const Config& c, const PlanInputs& in,
     const TensorEntry* lm_head = g.find("output");
     p.globals_note = fmt::format("embedding {} + final norm {} + {}", format_bytes(g.tensor("tok_embeddings").size),
                                  format_bytes(g.tensor("norm").size),
-                                 lm_head ? "lm_head " + format_bytes(lm_head->size) : "lm_head tied to the embedding");
+                                 // A packed lm_head counts its scales too.
+                                 lm_head ? "lm_head " + format_bytes(lm_head->end() - lm_head->offset)
+                                         : "lm_head tied to the embedding");
   }
   for (int64_t l = 0; l < m.n_layers; ++l) {
     p.layer_bytes = std::max(p.layer_bytes, man.layer_size(l));

@@ -12,12 +12,38 @@ namespace {
 const bf16_t* tensor_at(const GroupEntry& g, const std::string& name, const char* base) {
   const TensorEntry& t = g.tensor(name);
   if (t.dtype != DType::BF16)
-    throw StoreError(fmt::format("{}: tensor '{}' is {}; this engine reads bf16 only", g.label(), name,
-                                 dtype_name(t.dtype)));
+    throw StoreError(fmt::format("{}: tensor '{}' is {}; it must be bf16", g.label(), name, dtype_name(t.dtype)));
   return reinterpret_cast<const bf16_t*>(base + t.offset);
 }
 
 }  // namespace
+
+const bf16_t* MatrixView::bf16() const {
+  if (packed())
+    throw Error(fmt::format("a {}x{} weight is {}, and this code multiplies bf16 weights only", rows, cols,
+                            dtype_name(dtype)));
+  return static_cast<const bf16_t*>(data);
+}
+
+MatrixView matrix_view(const GroupEntry& g, const std::string& name, const void* group_base) {
+  const TensorEntry& t = g.tensor(name);
+  const char* b = static_cast<const char*>(group_base);
+  MatrixView v;
+  v.data = b + t.offset;
+  v.dtype = t.dtype;
+  v.rows = t.shape.at(0);
+  v.cols = t.shape.at(1);
+  v.scales = dtype_packed(t.dtype) ? b + t.scales_offset : nullptr;
+  v.group = t.group_size;
+  return v;
+}
+
+bool store_packed(const Manifest& m) {
+  for (const GroupEntry& g : m.groups)
+    for (const TensorEntry& t : g.tensors)
+      if (dtype_packed(t.dtype)) return true;
+  return false;
+}
 
 GlobalWeights globals_view(const Manifest& m, const void* base) {
   const GroupEntry& g = m.globals();
@@ -25,7 +51,7 @@ GlobalWeights globals_view(const Manifest& m, const void* base) {
   GlobalWeights w;
   w.tok_embeddings = tensor_at(g, "tok_embeddings", b);
   w.norm = tensor_at(g, "norm", b);
-  w.output = m.model.tie_word_embeddings ? w.tok_embeddings : tensor_at(g, "output", b);
+  w.output = matrix_view(g, m.model.tie_word_embeddings ? "tok_embeddings" : "output", b);
   return w;
 }
 
@@ -37,14 +63,14 @@ LayerWeights layer_view(const Manifest& m, int64_t layer, const void* base) {
   const char* f = a + (ffn.offset - attn.offset);
   LayerWeights w;
   w.attn_norm = tensor_at(attn, "attn_norm", a);
-  w.wq = tensor_at(attn, "wq", a);
-  w.wk = tensor_at(attn, "wk", a);
-  w.wv = tensor_at(attn, "wv", a);
-  w.wo = tensor_at(attn, "wo", a);
+  w.wq = matrix_view(attn, "wq", a);
+  w.wk = matrix_view(attn, "wk", a);
+  w.wv = matrix_view(attn, "wv", a);
+  w.wo = matrix_view(attn, "wo", a);
   w.ffn_norm = tensor_at(ffn, "ffn_norm", f);
-  w.w1 = tensor_at(ffn, "w1", f);
-  w.w3 = tensor_at(ffn, "w3", f);
-  w.w2 = tensor_at(ffn, "w2", f);
+  w.w1 = matrix_view(ffn, "w1", f);
+  w.w3 = matrix_view(ffn, "w3", f);
+  w.w2 = matrix_view(ffn, "w2", f);
   return w;
 }
 

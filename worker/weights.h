@@ -16,28 +16,51 @@
 
 namespace ringllama {
 
+// One linear weight [rows = out, cols = in] as stored: bf16 values, or packed values followed by
+// their scales (DESIGN.md "The packed store", common/quant.h for the formulas).
+struct MatrixView {
+  const void* data = nullptr;
+  DType dtype = DType::BF16;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* scales = nullptr;  // fp8_e4m3: float[rows]; int4: half pairs (scale, min) [rows][cols / group]
+  int64_t group = 0;             // int4: inputs per scale pair
+
+  bool packed() const { return dtype != DType::BF16; }
+  // The values as bf16, for code that multiplies bf16 only; throws Error naming the dtype when
+  // the matrix is packed.
+  const bf16_t* bf16() const;
+};
+
+// The view of tensor `name` of `g`, whose group starts at `group_base` (host or device memory).
+MatrixView matrix_view(const GroupEntry& g, const std::string& name, const void* group_base);
+
+// Norms and the embedding are always bf16 (an embedding lookup gathers rows); the linear weights
+// may be packed.
 struct GlobalWeights {
   const bf16_t* tok_embeddings = nullptr;  // [vocab, dim]
   const bf16_t* norm = nullptr;            // [dim]
-  const bf16_t* output = nullptr;          // [vocab, dim]; == tok_embeddings when tied
+  MatrixView output;                       // [vocab, dim]; the embedding (bf16) when tied
 };
 
 struct LayerWeights {
   const bf16_t* attn_norm = nullptr;  // [dim]
-  const bf16_t* wq = nullptr;         // [q_dim, dim]
-  const bf16_t* wk = nullptr;         // [kv_dim, dim]
-  const bf16_t* wv = nullptr;         // [kv_dim, dim]
-  const bf16_t* wo = nullptr;         // [dim, q_dim]
+  MatrixView wq;                      // [q_dim, dim]
+  MatrixView wk;                      // [kv_dim, dim]
+  MatrixView wv;                      // [kv_dim, dim]
+  MatrixView wo;                      // [dim, q_dim]
   const bf16_t* ffn_norm = nullptr;   // [dim]
-  const bf16_t* w1 = nullptr;         // gate [ffn, dim]
-  const bf16_t* w3 = nullptr;         // up [ffn, dim]
-  const bf16_t* w2 = nullptr;         // down [dim, ffn]
+  MatrixView w1;                      // gate [ffn, dim]
+  MatrixView w3;                      // up [ffn, dim]
+  MatrixView w2;                      // down [dim, ffn]
 };
 
-// Pointers into a globals group that starts at `base`.
+// Views into a globals group that starts at `base`.
 GlobalWeights globals_view(const Manifest& m, const void* base);
-// Pointers into a layer span (attn group then ffn group) that starts at `base`.
+// Views into a layer span (attn group then ffn group) that starts at `base`.
 LayerWeights layer_view(const Manifest& m, int64_t layer, const void* base);
+// Whether any tensor of the store is packed (fp8 or int4).
+bool store_packed(const Manifest& m);
 
 // A span of host memory that holds weights (to be registered with cudaHostRegister).
 struct HostRange {

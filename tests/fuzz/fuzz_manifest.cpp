@@ -29,6 +29,14 @@ bool same(const Manifest& a, const Manifest& b) {
     if (a.groups[i].xxh3 != b.groups[i].xxh3 || a.groups[i].offset != b.groups[i].offset ||
         a.groups[i].size != b.groups[i].size || a.groups[i].tensors.size() != b.groups[i].tensors.size())
       return false;
+  for (size_t i = 0; i < a.groups.size(); ++i)
+    for (size_t j = 0; j < a.groups[i].tensors.size(); ++j) {
+      const TensorEntry& s = a.groups[i].tensors[j];
+      const TensorEntry& t = b.groups[i].tensors[j];
+      if (!(s.format() == t.format()) || s.offset != t.offset || s.size != t.size || s.scales_offset != t.scales_offset ||
+          s.scales_size != t.scales_size)
+        return false;
+    }
   return true;
 }
 
@@ -42,6 +50,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fuzz::expect(m.groups.size() == 1 + 2 * static_cast<size_t>(m.model.n_layers), "manifest: group count");
     uint64_t max_layer = m.max_layer_size();
     fuzz::expect(max_layer <= m.weights_size, "manifest: a layer larger than weights.bin");
+    // Every tensor, scales included, lies inside its group: the readers index them without checks.
+    for (const GroupEntry& g : m.groups)
+      for (const TensorEntry& t : g.tensors) fuzz::expect(t.end() <= g.size, "manifest: a tensor outside its group");
     Manifest again;
     try {
       again = Manifest::from_yaml(m.to_yaml(), "round trip");
