@@ -117,7 +117,11 @@ class HttpServer::Call {
 HttpServer::HttpServer(Scheduler& scheduler, Admission& admission, const ServerOptions& text, HttpOptions options)
     : scheduler_(scheduler), admission_(admission), text_(text), opt_(std::move(options)) {}
 
-HttpServer::~HttpServer() { stop(); }
+HttpServer::~HttpServer() {
+  // Leaving early (an error before the scheduler ran): no handler may wait for replies forever.
+  close_pending("the worker is stopping");
+  stop();
+}
 
 void HttpServer::deliver(Outgoing&& o) {
   std::shared_ptr<Channel> ch;
@@ -136,6 +140,7 @@ void HttpServer::deliver(Outgoing&& o) {
 
 void HttpServer::close_pending(const std::string& why) {
   std::lock_guard<std::mutex> lk(mu_);
+  closed_ = true;
   for (auto& [client, ch] : channels_) {
     ch->push(ErrorReply{"0", ErrorCode::Unavailable, why});
     admission_.release();
@@ -196,6 +201,11 @@ void HttpServer::handle_generate(const httplib::Request& http_req, httplib::Resp
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
+    // The scheduler stopped after the checks above: nobody would answer this request.
+    if (closed_) {
+      admission_.release();
+      throw ApiError(503, "service_unavailable", "the worker is stopping", "", "unavailable");
+    }
     call->client = fmt::format("{}{}", kHttpClientPrefix, next_client_++);
     channels_[call->client] = call->channel;
   }

@@ -53,7 +53,8 @@ class HttpServer {
   int start();
   // A reply for one of this server's requests (from the socket loop; never blocks for long).
   void deliver(Outgoing&& o);
-  // The scheduler has stopped: requests still waiting for replies get `unavailable`.
+  // The scheduler has stopped: requests still waiting for replies get `unavailable`, later ones
+  // are refused.
   void close_pending(const std::string& why);
   // Stops accepting, lets the handlers finish their responses, joins the threads.
   void stop();
@@ -77,6 +78,7 @@ class HttpServer {
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Channel>> channels_;  // requests submitted, final reply not yet in
   uint64_t next_client_ = 0;
+  bool closed_ = false;  // close_pending() ran: no request is taken any more
 };
 
 }  // namespace ringllama
