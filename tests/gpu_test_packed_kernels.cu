@@ -549,8 +549,8 @@ TEST(PackedKernelLaunchers, SplitCountRule) {
   EXPECT_EQ(attention_paged_splits(1, 8, 32768, 132, 1, 32, 128, ws), kAttentionPagedMaxSplits);
   // A short context: no span under the minimum.
   EXPECT_EQ(attention_paged_splits(1, 8, 300, 132, 1, 32, 128, ws), 2);
-  // 64 sequences already give 512 blocks: a split of 2 brings it to 4 per SM.
-  EXPECT_EQ(attention_paged_splits(64, 8, 32768, 132, 64, 32, 128, ws), 2);
+  // 64 sequences already give 512 blocks: a split of 3 brings it to 8 per SM.
+  EXPECT_EQ(attention_paged_splits(64, 8, 32768, 132, 64, 32, 128, ws), 3);
   // A prefill step of many tiles: none.
   EXPECT_EQ(attention_paged_splits(2048, 8, 32768, 132, 8192, 32, 128, ws), 1);
   // The workspace caps it.
