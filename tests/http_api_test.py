@@ -250,6 +250,10 @@ def check_main(work, store, w):
         raise AssertionError("an unknown model was accepted")
     except openai.NotFoundError as e:
         assert e.body["code"] == "model_not_found", e.body
+    # user and unknown fields are ignored.
+    st, body, _ = w.request("POST", "/v1/completions", {"model": w.model, "prompt": PROMPT, "max_tokens": 3, "user": "u",
+                                                        "frobnicate": {"x": [1]}})
+    assert st == 200 and body["usage"]["completion_tokens"] <= 3, (st, body)
     expect_status(w.request("GET", "/v1/nowhere"), 404, where="an unknown path")
     expect_status(w.request("GET", "/v1/models/gpt-4"), 404, code="model_not_found")
     assert w.request("GET", f"/v1/models/{w.model}")[1]["id"] == w.model
@@ -340,7 +344,7 @@ def check_keyed(k):
     # batch_size 1 + queue_max 1: two long streams fill it, a third gets 429.
     streams, firsts = [], []
     for _ in range(2):
-        s = c.completions.create(model=k.model, prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+        s = c.completions.create(model=k.model, prompt=PROMPT, max_tokens=600, temperature=0, stream=True,
                                  extra_body={"ignore_eos": True})
         streams.append(s)
     it = [iter(s) for s in streams]
