@@ -244,6 +244,7 @@ WriteResult pack_random(const std::string& shape, uint64_t seed, int64_t layers,
   RandomSource src(plan, seed);
 
   WriteOptions w = write_options(opts);
+  w.copy_files = opts.tokenizer_files;
   spdlog::info("packing random {} ({} layers, {}, seed {}) into {}", shape, m.n_layers,
                human_bytes(plan.weights_size), seed, opts.out);
   return write_store(std::move(plan), src, w);

@@ -2,7 +2,7 @@
 //
 //   ringllama-pack --hf DIR --out STORE [--force]
 //   ringllama-pack --gguf FILE --out STORE [--force]
-//   ringllama-pack --random SHAPE --out STORE [--seed N] [--layers N] [--force]
+//   ringllama-pack --random SHAPE --out STORE [--seed N] [--layers N] [--tokenizer FILE] [--force]
 //   ringllama-pack --verify STORE
 //   any pack: [--weights bf16|fp8|int4] [--group-size 32|128]
 #include <CLI/CLI.hpp>
@@ -11,11 +11,13 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "common/config.h"
 #include "common/errors.h"
 #include "common/log.h"
+#include "common/tokenizer.h"
 #include "daemon/pack.h"
 #include "daemon/random_model.h"
 
@@ -33,7 +35,7 @@ void on_signal(int sig) {
 
 int run(int argc, char** argv) {
   CLI::App app{"Packs a Llama model into a ringllama store, or checks one."};
-  std::string hf, gguf, shape, verify, out;
+  std::string hf, gguf, shape, verify, out, tokenizer;
   uint64_t seed = 0;
   int64_t layers = 0;
   int threads = 0;
@@ -50,6 +52,10 @@ int run(int argc, char** argv) {
   auto* o_verify = app.add_option("--verify", verify, "check every group checksum of STORE");
   auto* o_out = app.add_option("--out", out, "store directory to create");
   auto* o_seed = app.add_option("--seed", seed, "random seed (--random)");
+  auto* o_tokenizer = app.add_option("--tokenizer", tokenizer,
+                                     "a tokenizer.json copied into the store (--random): random weights with a real "
+                                     "vocabulary, e.g. Llama 3's for llama-3.1-8b, so that text and the HTTP API work")
+                          ->check(CLI::ExistingFile);
   auto* o_layers = app.add_option("--layers", layers, "layer count overriding the shape's (--random)")
                        ->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "threads filling chunks (default: one per core)")
@@ -71,6 +77,7 @@ int run(int argc, char** argv) {
   o_verify->excludes(o_out);
   o_seed->needs(o_random);
   o_layers->needs(o_random);
+  o_tokenizer->needs(o_random);
   o_weights->excludes(o_verify);
   o_group->excludes(o_verify);
 
@@ -110,6 +117,21 @@ int run(int argc, char** argv) {
                                      : ringllama::DType::BF16;
   RL_REQUIRE(group_size == 0 || opts.weights == ringllama::DType::INT4, "--group-size goes with --weights int4");
   opts.group_size = group_size;
+  if (!tokenizer.empty()) {
+    // Loaded first: a file that is no tokenizer, or whose vocabulary is another model's, fails
+    // now. A few added ids past the embedding pass with a warning (Llama 3.2's tokenizer.json has
+    // <|image|> at 128256 for a 128256-row model): requests that hold them are refused.
+    const int64_t vocab = ringllama::random_shape(shape).vocab_size;
+    const auto t = ringllama::Tokenizer::from_file(tokenizer);
+    RL_REQUIRE(t->vocab_size() <= vocab + 1024, "--tokenizer {}: {} ids, far more than the {} of {}", tokenizer,
+               t->vocab_size(), vocab, shape);
+    if (t->vocab_size() > vocab)
+      spdlog::warn("--tokenizer {}: ids {}..{} are past the {} rows of {}'s embedding: requests holding them are refused",
+                   tokenizer, vocab, t->vocab_size() - 1, vocab, shape);
+    RL_REQUIRE(std::filesystem::path(tokenizer).filename() == "tokenizer.json",
+               "--tokenizer {}: the file must be named tokenizer.json (the store keeps the name)", tokenizer);
+    opts.tokenizer_files.push_back(tokenizer);
+  }
   ringllama::WriteResult r = !hf.empty()     ? ringllama::pack_hf(hf, opts)
                               : !gguf.empty() ? ringllama::pack_gguf(gguf, opts)
                                               : ringllama::pack_random(shape, seed, layers, opts);

@@ -37,6 +37,22 @@ void require_backend(const std::string& name) {
   fail("--backend '{}' is unknown (cpu, cuda)", name);
 }
 
+std::future<void> prepare_backend(const std::string& name, int64_t gpu) {
+#ifdef RINGLLAMA_HAVE_CUDA
+  if (name == "cuda" && gpu >= 0 && gpu < cuda_device_count()) {
+    return std::async(std::launch::async, [gpu] {
+      CUDA_CHECK(cudaSetDevice(static_cast<int>(gpu)));
+      CUDA_CHECK(cudaFree(nullptr));
+    });
+  }
+#endif
+  (void)name;
+  (void)gpu;
+  std::promise<void> ready;
+  ready.set_value();
+  return ready.get_future();
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name, WeightSource& weights, const Config& config) {
   require_backend(name);
 #ifdef RINGLLAMA_HAVE_CUDA

@@ -184,6 +184,15 @@ class CudaBackend : public Backend {
                             std::chrono::duration<double, std::milli>(now - mark).count());
       mark = now;
     };
+    // The host memory of a source without HostSlots (the daemon's segment: ~13 GiB for an 8B)
+    // starts registering now, on a thread, so that its pinning (~0.6 s) overlaps cuBLAS, the plan
+    // and the allocations instead of following them: a restarted worker's first pass waits for it.
+    // Those calls wait at most for one piece (a slot, ~20 ms) while the driver pins it.
+    if (!dynamic_cast<HostSlots*>(&ws)) {
+      registration_ = std::make_unique<BackgroundRegistration>(ws.host_memory(), device_);
+      registration_->start();
+      phase("host registration started (first piece)");
+    }
     report_.context_bytes = process_context_bytes(device_);
     phase("CUDA context");
     const uint64_t used_before = device_memory().used();
@@ -374,7 +383,7 @@ class CudaBackend : public Backend {
   void upload_weights(WeightSource& ws, const Config& config) {
     const Manifest& man = ws.manifest();
     gw_ = std::make_unique<GpuWeights>(ws, pool_plan(report_.plan, config), stream_.get(),
-                                       dynamic_cast<HostSlots*>(&ws));
+                                       dynamic_cast<HostSlots*>(&ws), std::move(registration_));
     report_.allocated_bytes += gw_->device_bytes();
     streaming_ = gw_->resident_layers() < m_.n_layers;
     const GlobalWeights& g = gw_->globals();
@@ -624,6 +633,7 @@ class CudaBackend : public Backend {
   CudaMemoryReport report_;     // the plan and what was measured
   std::unique_ptr<Gemm> gemm_;  // made after the context is measured, before the plan
 
+  std::unique_ptr<BackgroundRegistration> registration_;  // from the start until gw_ takes it
   std::unique_ptr<GpuWeights> gw_;  // the globals, the resident layers and the group pool
   bool streaming_ = false;          // some layers stream through the pool
   const bf16* tok_embeddings_ = nullptr;
@@ -669,6 +679,12 @@ std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& 
   // The CUDA forward multiplies bf16 through cuBLASLt; packed weights need kernels of their own.
   if (store_packed(weights.manifest()))
     throw Error("packed weights (fp8/int4) need the packed kernels: not yet on the CUDA backend");
+  // The device's primary context first, timed on its own: the backend's start phases follow it.
+  const auto t0 = std::chrono::steady_clock::now();
+  select_device(config.gpu);
+  CUDA_CHECK(cudaFree(nullptr));
+  spdlog::info("CUDA context on GPU {}: {:.0f} ms", config.gpu,
+               std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   return std::make_unique<CudaBackend>(weights, config, options);
 }
 

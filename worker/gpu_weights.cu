@@ -159,7 +159,8 @@ struct GpuWeights::Impl {
   double pass_copy_seconds = 0;
   GpuWeightsStats st;
 
-  Impl(WeightSource& src, const GpuPoolPlan& plan, cudaStream_t compute_stream, HostSlots* host_slots)
+  Impl(WeightSource& src, const GpuPoolPlan& plan, cudaStream_t compute_stream, HostSlots* host_slots,
+       std::unique_ptr<BackgroundRegistration> registration)
       : source(src), slots(host_slots), m(src.manifest()), compute(compute_stream) {
     n = m.model.n_layers;
     st.layer_copy_seconds.assign(static_cast<size_t>(n), 0.0);
@@ -188,7 +189,8 @@ struct GpuWeights::Impl {
       // The whole store, or the daemon's globals and slots (read-only where supported): page-locked,
       // the copies are true async DMA; a refusal leaves them pageable. The first range now, the
       // others on a thread while the start goes on (worker/host_registration.h says why).
-      background = std::make_unique<BackgroundRegistration>(source.host_memory(), device);
+      background = registration ? std::move(registration)
+                                : std::make_unique<BackgroundRegistration>(source.host_memory(), device);
     }
 
     // Device memory, all of it now: nothing is allocated per pass.
@@ -499,8 +501,9 @@ struct GpuWeights::Impl {
   }
 };
 
-GpuWeights::GpuWeights(WeightSource& source, const GpuPoolPlan& plan, cudaStream_t compute, HostSlots* slots)
-    : impl_(std::make_unique<Impl>(source, plan, compute, slots)) {}
+GpuWeights::GpuWeights(WeightSource& source, const GpuPoolPlan& plan, cudaStream_t compute, HostSlots* slots,
+                       std::unique_ptr<BackgroundRegistration> registration)
+    : impl_(std::make_unique<Impl>(source, plan, compute, slots, std::move(registration))) {}
 
 GpuWeights::~GpuWeights() = default;
 

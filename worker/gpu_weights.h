@@ -83,6 +83,7 @@
 #include <vector>
 
 #include "common/config.h"
+#include "worker/host_registration.h"
 #include "worker/planner.h"
 #include "worker/weights.h"
 #include "worker/window_weights.h"
@@ -135,7 +136,11 @@ class GpuWeights {
   // events, registers the HostSlots' ranges, and copies the globals and the resident layers
   // (blocking). `source` and `slots` (usually the same object, or null) and the compute stream
   // must outlive this object. Throws Error / ConfigError (a plan that cannot work, named).
-  GpuWeights(WeightSource& source, const GpuPoolPlan& plan, cudaStream_t compute, HostSlots* slots = nullptr);
+  // `registration`: the source's host memory (WeightSource::host_memory), already being registered
+  // by the owner (it starts that before planning, so the pinning overlaps the start); null = made
+  // here. Only for sources without HostSlots.
+  GpuWeights(WeightSource& source, const GpuPoolPlan& plan, cudaStream_t compute, HostSlots* slots = nullptr,
+             std::unique_ptr<BackgroundRegistration> registration = nullptr);
   // Waits for the copy and compute streams (the buffers are freed), releases the host layers still
   // held, unregisters the host memory.
   ~GpuWeights();
@@ -156,8 +161,8 @@ class GpuWeights {
   cudaStream_t copy_stream() const;
   GpuWeightsStats stats() const;
   // A source that names its host memory in pieces (the daemon's globals and slots) has the first
-  // registered by the constructor and the others on a thread started here, once the owner's
-  // device memory is allocated (or by the first copy that needs one): worker/host_registration.h.
+  // registered at once and the others on a thread (worker/host_registration.h), started by the
+  // owner or here, or by the first copy that needs one.
   void start_background_registration();
   bool registers_in_background() const;
 

@@ -44,8 +44,9 @@ class HostRegistration {
 //
 // The driver serializes its calls while it pins (a cudaMalloc or a copy waits for the
 // cudaHostRegister in flight), so the thread pauses between pieces: the caller's own calls get
-// in, and the first pass copies each piece as soon as it is registered instead of after all of
-// them. The owner allocates its device memory before start() for the same reason.
+// in, each after one piece at most, and the first pass copies each piece as soon as it is
+// registered instead of after all of them. The CUDA backend starts it before cuBLAS, the plan and
+// its allocations, so that the pinning overlaps them.
 class BackgroundRegistration {
  public:
   BackgroundRegistration(std::vector<HostRange> pieces, int device);

@@ -89,6 +89,14 @@ int run(int argc, char** argv) {
                  fmt::format("the chat template for `messages` requests, by family ({}), instead of the store's",
                              chat_template_names()));
   if (const std::optional<int> done = parse_command_line(app, argc, argv)) return *done;
+  // Declared first, destroyed last: how long the release of everything took once stopped (the
+  // backend's device memory and host registrations, the daemon's goodbye), for restart figures.
+  struct ReleaseTimer {
+    std::optional<Clock::time_point> since;
+    ~ReleaseTimer() {
+      if (since) spdlog::info("released in {:.0f} ms", ms_since(*since));
+    }
+  } release_timer;
   Config config = loader.load();
   init_logging("ringllama-worker", config.verbose);
   for (const std::string& ep : {config.control, config.listen})
@@ -113,6 +121,7 @@ int run(int argc, char** argv) {
   if (!chat_template.empty()) named_chat_template(chat_template);  // a bad name fails now, not per request
 
   const auto t0 = Clock::now();
+  std::future<void> device_ready = prepare_backend(backend_name, config.gpu);
   std::unique_ptr<WeightSource> weights;
   if (!daemon.empty()) {
     weights = open_daemon_weights(daemon, config, &config.store, name);
@@ -127,6 +136,7 @@ int run(int argc, char** argv) {
   const ModelConfig model = weights->manifest().model;
   const std::string model_source = weights->manifest().source;
   const auto t1 = Clock::now();
+  device_ready.get();
   std::unique_ptr<Backend> backend = make_backend(backend_name, *weights, config);
   const double backend_ms = ms_since(t1);
 
@@ -250,6 +260,7 @@ int run(int argc, char** argv) {
                st["tokens"]["generated"].get<int64_t>(), st["steps"].get<int64_t>(),
                engine_code ? " (the weights became unavailable)" : "");
   ::close(stop_fd);
+  release_timer.since = Clock::now();
   return engine_code;
 }
 
