@@ -36,6 +36,9 @@ bin_dir, src = sys.argv[1:3]
 sys.path.insert(0, os.path.join(src, "scripts"))
 from ringllama_client import Client  # noqa: E402
 
+sys.path.insert(0, os.path.join(src, "tests"))
+from http_worker import HttpWorker  # noqa: E402
+
 KEY = "sk-test-0123456789"
 PROMPT = "Hello! How are you today?"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is the station?"}]
@@ -47,29 +50,11 @@ def run(cmd, **kw):
     return r
 
 
-class Worker:
-    """A worker process on `store` with HTTP on any free port (read back from its log)."""
+class Worker(HttpWorker):
+    """A worker on `store` (CPU backend) with its HTTP API; raw requests and openai clients to it."""
 
     def __init__(self, work, name, store, extra=(), env=None):
-        self.log_path = os.path.join(work, name + ".log")
-        self.zmq = "ipc://" + os.path.join(work, name + ".sock")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([os.path.join(bin_dir, "ringllama-worker"), "--backend", "cpu", "--store", store,
-                                      "--listen", self.zmq, "--http-listen", "127.0.0.1:0", *extra],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"http: listening on http://127\.0\.0\.1:(\d+) \(model '([^']+)'", self.text())
-            if m and "info: ready" in self.text():
-                self.port, self.model = int(m.group(1)), m.group(2)
-                return
-            assert self.proc.poll() is None, self.text()
-            time.sleep(0.05)
-        raise AssertionError("the worker did not come up:\n" + self.text())
-
-    def text(self):
-        with open(self.log_path) as f:
-            return f.read()
+        super().__init__(bin_dir, work, name, ["--backend", "cpu", "--store", store, *extra], env)
 
     def client(self, key="unused"):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
@@ -90,10 +75,7 @@ class Worker:
         return r.status, data, dict(r.getheaders())
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        super().stop(drain=False)
 
 
 def expect_status(got, status, param=None, code=None, where=""):

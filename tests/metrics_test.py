@@ -37,6 +37,9 @@ bin_dir, src = sys.argv[1:3]
 sys.path.insert(0, os.path.join(src, "scripts"))
 from ringllama_client import Client, WorkerError  # noqa: E402
 
+sys.path.insert(0, os.path.join(src, "tests"))
+from http_worker import HttpWorker  # noqa: E402
+
 N_STREAMS = 64
 
 
@@ -46,39 +49,11 @@ def run(cmd):
     return r
 
 
-class Worker:
+class Worker(HttpWorker):
     def __init__(self, work, store, name="worker", weights=None):
-        self.log_path = os.path.join(work, name + ".log")
-        self.zmq = "ipc://" + os.path.join(work, name + ".sock")
-        self.log = open(self.log_path, "w")
         # batch_size 8 + queue_max 64: the 64 streams all fit in, most of them waiting at first.
-        self.proc = subprocess.Popen([os.path.join(bin_dir, "ringllama-worker"), "--backend", "cpu",
-                                      *(weights or ["--store", store]), "--listen", self.zmq, "--http-listen",
-                                      "127.0.0.1:0", "--batch-size", "8", "--queue-max", "64", "--heartbeat-ms", "100"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"http: listening on http://127\.0\.0\.1:(\d+) \(model '([^']+)'", self.text())
-            if m and "info: ready" in self.text():
-                self.port, self.model = int(m.group(1)), m.group(2)
-                return
-            assert self.proc.poll() is None, self.text()
-            time.sleep(0.05)
-        raise AssertionError("the worker did not come up:\n" + self.text())
-
-    def text(self):
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(bin_dir, work, name, ["--backend", "cpu", *(weights or ["--store", store]), "--batch-size", "8",
+                                               "--queue-max", "64", "--heartbeat-ms", "100"])
 
 
 class Scraper:
