@@ -247,6 +247,22 @@ def check_http_streams(w, scr):
     assert get(s, "ringllama_kv_blocks_used") == 0 and get(s, "ringllama_running_sequences") == 0, s
     print("http: a client gone mid-stream counted as dropped, its blocks freed")
 
+    # Refused generations count as the ZeroMQ side's do: an id outside the vocabulary and n=2 are
+    # bad requests.
+    before = scr.scrape()
+    for body in ({"model": w.model, "prompt": [1, 10 ** 6], "max_tokens": 4},
+                 {"model": w.model, "prompt": [1, 2], "max_tokens": 4, "n": 2}):
+        c = http.client.HTTPConnection("127.0.0.1", w.port, timeout=30)
+        c.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps(body))
+        r = c.getresponse()
+        assert r.status == 400, (r.status, r.read())
+        r.read()
+        c.close()
+    after = scr.scrape()
+    assert delta(before, after, "ringllama_requests_total", outcome="rejected_bad", api="http") == 2
+    assert delta(before, after, "ringllama_requests_total", outcome="rejected_bad", api="zmq") == 0
+    print("http: two refused requests counted as rejected_bad")
+
 
 def check_bench(w, scr, work):
     before = scr.scrape()

@@ -10,6 +10,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "worker/metrics.h"
 #include "worker/openai_api.h"
 
 namespace ringllama {
@@ -333,12 +334,24 @@ int HttpServer::start() {
     }
   });
 
-  s.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handle_generate(req, res, static_cast<int>(Endpoint::Completions));
-  });
-  s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handle_generate(req, res, static_cast<int>(Endpoint::Chat));
-  });
+  // A generation refused before the scheduler saw it counts in the metrics as the ZeroMQ side's
+  // refusals do: 429 overloaded, 503 unavailable, any other status a bad request.
+  auto generate = [this](Endpoint endpoint) {
+    return [this, endpoint](const httplib::Request& req, httplib::Response& res) {
+      try {
+        handle_generate(req, res, static_cast<int>(endpoint));
+      } catch (const ApiError& e) {
+        if (text_.metrics)
+          text_.metrics->request_rejected(e.status == 429   ? ErrorCode::Overloaded
+                                          : e.status == 503 ? ErrorCode::Unavailable
+                                                            : ErrorCode::BadRequest,
+                                          "http");
+        throw;
+      }
+    };
+  };
+  s.Post("/v1/completions", generate(Endpoint::Completions));
+  s.Post("/v1/chat/completions", generate(Endpoint::Chat));
   auto model_json = [this] {
     return json{{"id", opt_.model}, {"object", "model"}, {"created", created_}, {"owned_by", "ringllama"}};
   };

@@ -349,11 +349,11 @@ WorkerMetrics::WorkerMetrics(const WorkerMetricsInfo& info, std::function<nlohma
   registry_.gauge("ringllama_build_info", "Always 1: what this worker serves", {"model", "backend", "name", "weights"})
       .with({info.model, info.backend, info.name, info.weights})
       .set(1);
-  // Every outcome shows from the start, so that rate() sees the first increment of each. The HTTP
-  // side answers its refusals with status codes of its own and does not count them here.
+  // Every outcome shows from the start, so that rate() sees the first increment of each.
   for (const char* api : {"zmq", "http"})
     for (const char* o : {"finished", "cancelled", "dropped", "failed"}) requests_.with({o, api});
-  for (const char* o : {"rejected_bad", "rejected_overloaded", "rejected_unavailable"}) requests_.with({o, "zmq"});
+  for (const char* o : {"rejected_bad", "rejected_overloaded", "rejected_unavailable"})
+    for (const char* api : {"zmq", "http"}) requests_.with({o, api});
   registry_.on_scrape([this] { scrape(); });
 }
 

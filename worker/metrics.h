@@ -8,7 +8,7 @@
 // scheduler's last published stats), then writes every family in registration order.
 //
 // WorkerMetrics is what ringllama-worker exports on top of it: the scheduler's observation points
-// (requests by outcome, tokens, steps, TTFT/TPOT/latency histograms), the ZeroMQ side's refusals, and
+// (requests by outcome, tokens, steps, TTFT/TPOT/latency histograms), both front doors' refusals, and
 // at scrape time the gauges and the link figures of the stats JSON (KV blocks, running and waiting
 // sequences, the CUDA backend's H2D bytes and seconds, waits on the weight source, the daemon
 // window's position).
