@@ -72,6 +72,7 @@ struct TinyCase {
   ModelConfig model;
   int64_t prompt_len;
   int64_t prefill_chunk;  // < prompt_len: the prompt runs in chunks (the last one may be 1 token)
+  TensorFormat linear = {};  // packed (fp8, int4): the GEMV for decode rows, dequant + GEMM for prefill
 };
 
 ModelConfig with_shape(int64_t dim, int64_t layers, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t ffn,
@@ -103,6 +104,12 @@ std::vector<TinyCase> tiny_cases() {
   m = with_shape(72, 2, 8, 2, 24, 200, 389);  // GQA 4:1, head_dim 24, hidden 72
   m.tie_word_embeddings = true;
   cases.push_back({"gqa4_hd24_tied", m, 7, 512});
+  // Packed linear weights: both backends multiply the same dequantized values; a 40-token prompt
+  // takes the dequant + GEMM path, the decode rows the GEMV, and lm_head (untied) is packed too.
+  m = with_shape(128, 2, 4, 2, 32, 256, 384);
+  cases.push_back({"fp8", m, 40, 512, {DType::FP8_E4M3, 0}});
+  cases.push_back({"int4_g32", m, 40, 512, {DType::INT4, 32}});
+  cases.push_back({"int4_g128_chunked", m, 40, 24, {DType::INT4, 128}});
   return cases;
 }
 
@@ -145,7 +152,7 @@ GreedyRun greedy(Backend& b, const std::vector<int32_t>& prompt, int steps) {
 // token comparison tests the CUDA backend, not a coin flip between near-equal logits.
 uint64_t screened_seed(const TinyCase& c, const std::vector<int32_t>& prompt, double* min_gap) {
   for (uint64_t seed = 1; seed <= 200; ++seed) {
-    test::TinyModel model(c.model, seed);
+    test::TinyModel model(c.model, seed, 0.08f, c.linear);
     test::MemoryWeights ws(model);
     auto cpu = make_cpu_backend(ws, backend_config(c.prefill_chunk));
     GreedyRun r = greedy(*cpu, prompt, kDecodeSteps);
@@ -171,7 +178,7 @@ TEST_P(CudaVsCpu, PrefillAndDecodeAgree) {
   double min_gap = 0;
   const uint64_t seed = screened_seed(c, prompt, &min_gap);
   ASSERT_GE(min_gap, kScreenMargin) << "no weight seed in 1..200 keeps a clear top-2 gap on the CPU";
-  test::TinyModel model(c.model, seed);
+  test::TinyModel model(c.model, seed, 0.08f, c.linear);
   test::MemoryWeights ws(model);
   auto cpu = make_cpu_backend(ws, backend_config(c.prefill_chunk));
   auto gpu = make_cuda_backend(ws, backend_config(c.prefill_chunk));

@@ -376,12 +376,18 @@ int run(int argc, char** argv) {
 
   const Store store = Store::open(store_dir);
   const ModelConfig& m = store.model();
-  // What one step reads: every layer, the final norm and lm_head (the embedding rows are few).
-  const double layer_bytes = 2.0 * m.n_layers *
-                             (2.0 * m.dim + (m.q_dim() + 2.0 * m.kv_dim()) * m.dim + m.dim * m.q_dim() +
-                              3.0 * m.ffn_dim * m.dim);
-  const double step_bytes = layer_bytes + 2.0 * m.dim + 2.0 * m.vocab_size * m.dim;
-  const double flops_per_token = layer_bytes;  // 2 FLOPs per weight, 2 bytes per weight
+  // What one step reads: every layer, the final norm and lm_head (the embedding rows are few), as
+  // stored (packed weights count their packed bytes and scales).
+  const Manifest& man = store.manifest();
+  double step_bytes = 0;
+  for (int64_t l = 0; l < m.n_layers; ++l) step_bytes += double(man.layer_size(l));
+  const TensorEntry* head = man.globals().find("output");
+  if (!head) head = &man.globals().tensor("tok_embeddings");
+  step_bytes += double(head->end() - head->offset) + double(man.globals().tensor("norm").size);
+  // 2 FLOPs per weight of the layers.
+  const double flops_per_token = 2.0 * m.n_layers *
+                                 (2.0 * m.dim + (m.q_dim() + 2.0 * m.kv_dim()) * m.dim + m.dim * m.q_dim() +
+                                  3.0 * m.ffn_dim * m.dim);
 
   CUDA_CHECK(cudaSetDevice(0));
   cudaDeviceProp prop{};

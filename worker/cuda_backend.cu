@@ -21,6 +21,7 @@
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
 #include "kernels/gemm.h"
+#include "kernels/gemv_packed.cuh"
 #include "kernels/kv_store.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/sample.cuh"
@@ -85,21 +86,48 @@ int select_device(int64_t gpu) {
 // to back, as it does whenever their sizes are multiples of 256 bytes (every real Llama), each
 // triple (pair) is one GEMM: one pass over x, one launch; otherwise one GEMM per tensor. The
 // choice depends on the manifest only, so a streamed run launches exactly what a resident one does.
-struct LayerPtrs {
-  const bf16* attn_norm = nullptr;  // [dim]
-  const bf16* wq = nullptr;         // [q_dim, dim]; with qkv_fused, [q_dim + 2 kv_dim, dim]: wq, wk, wv
-  const bf16* wk = nullptr;         // [kv_dim, dim]
-  const bf16* wv = nullptr;         // [kv_dim, dim]
-  const bf16* wo = nullptr;         // [dim, q_dim]
-  const bf16* ffn_norm = nullptr;   // [dim]
-  const bf16* w1 = nullptr;         // gate [ffn, dim]; with gu_fused, [2 ffn, dim]: gate, then up
-  const bf16* w3 = nullptr;         // up [ffn, dim]
-  const bf16* w2 = nullptr;         // down [dim, ffn]
-  bool qkv_fused = false;
-  bool gu_fused = false;
+// A linear layer's weight [out, in] on the device: bf16 for cuBLASLt, or packed (fp8, int4) for
+// kernels/gemv_packed.cuh.
+struct Linear {
+  const bf16* w = nullptr;  // bf16 values; null when packed
+  PackedWeight p;           // packed: p.data set
+  bool packed() const { return p.data != nullptr; }
 };
 
 const bf16* dev(const bf16_t* p) { return reinterpret_cast<const bf16*>(p); }
+
+// Rows of a step up to which a packed matrix goes through the GEMV (each kGemvPackedTokens rows
+// read the packed bytes once more); past it, dequantizing to bf16 for cuBLASLt reads less.
+constexpr int64_t kPackedGemvRows = 2 * kGemvPackedTokens;
+
+Linear linear_of(const MatrixView& v) {
+  Linear l;
+  if (!v.packed()) {
+    l.w = dev(v.bf16());
+    return l;
+  }
+  l.p.format = v.dtype == DType::FP8_E4M3 ? PackedFormat::FP8_E4M3 : PackedFormat::INT4;
+  l.p.data = v.data;
+  l.p.scales = v.scales;
+  l.p.rows = v.rows;
+  l.p.cols = v.cols;
+  l.p.group = v.group;
+  return l;
+}
+
+struct LayerPtrs {
+  const bf16* attn_norm = nullptr;  // [dim]
+  Linear wq;                        // [q_dim, dim]; with qkv_fused, [q_dim + 2 kv_dim, dim]: wq, wk, wv
+  Linear wk;                        // [kv_dim, dim]
+  Linear wv;                        // [kv_dim, dim]
+  Linear wo;                        // [dim, q_dim]
+  const bf16* ffn_norm = nullptr;   // [dim]
+  Linear w1;                        // gate [ffn, dim]; with gu_fused, [2 ffn, dim]: gate, then up
+  Linear w3;                        // up [ffn, dim]
+  Linear w2;                        // down [dim, ffn]
+  bool qkv_fused = false;           // bf16 only: packed values have their scales between them
+  bool gu_fused = false;
+};
 
 // True when the tensors named follow each other in their group with no padding between them.
 bool adjacent(const GroupEntry& g, std::initializer_list<const char*> names) {
@@ -390,7 +418,7 @@ class CudaBackend : public Backend {
     RL_REQUIRE(g.tok_embeddings && g.norm && g.output.data, "the weight source lacks a global tensor");
     tok_embeddings_ = dev(g.tok_embeddings);
     norm_ = dev(g.norm);
-    output_ = dev(g.output.bf16());
+    output_ = linear_of(g.output);
     qkv_fused_.resize(static_cast<size_t>(m_.n_layers));
     gu_fused_.resize(static_cast<size_t>(m_.n_layers));
     for (int64_t l = 0; l < m_.n_layers; ++l) {
@@ -406,16 +434,16 @@ class CudaBackend : public Backend {
   LayerPtrs layer_ptrs(int64_t l, const DeviceLayer& d) const {
     LayerPtrs w;
     w.attn_norm = dev(d.w.attn_norm);
-    w.wq = dev(d.w.wq.bf16());
-    w.wk = dev(d.w.wk.bf16());
-    w.wv = dev(d.w.wv.bf16());
-    w.wo = dev(d.w.wo.bf16());
+    w.wq = linear_of(d.w.wq);
+    w.wk = linear_of(d.w.wk);
+    w.wv = linear_of(d.w.wv);
+    w.wo = linear_of(d.w.wo);
     w.ffn_norm = dev(d.w.ffn_norm);
-    w.w1 = dev(d.w.w1.bf16());
-    w.w3 = dev(d.w.w3.bf16());
-    w.w2 = dev(d.w.w2.bf16());
-    w.qkv_fused = qkv_fused_[static_cast<size_t>(l)];
-    w.gu_fused = gu_fused_[static_cast<size_t>(l)];
+    w.w1 = linear_of(d.w.w1);
+    w.w3 = linear_of(d.w.w3);
+    w.w2 = linear_of(d.w.w2);
+    w.qkv_fused = qkv_fused_[static_cast<size_t>(l)] && !w.wq.packed() && !w.wk.packed() && !w.wv.packed();
+    w.gu_fused = gu_fused_[static_cast<size_t>(l)] && !w.w1.packed() && !w.w3.packed();
     return w;
   }
 
@@ -577,7 +605,34 @@ class CudaBackend : public Backend {
       launch_gather_rows(xn_.get(), dim, meta + ml.logit, ml.logit_rows, dim, xg_.get(), s);
       rows = xg_.get();
     }
-    gemm_->matmul(rows, ml.logit_rows, dim, output_, m_.vocab_size, logits_.get(), ElemType::F32, m_.vocab_size, s);
+    linear(rows, ml.logit_rows, dim, output_, m_.vocab_size, logits_.get(), ElemType::F32, m_.vocab_size, s);
+  }
+
+  // y[n, out] = x[n, in] · Lᵀ (ldx: x's row stride, 0 = in). bf16 weights: one cuBLASLt GEMM.
+  // Packed ones: up to kPackedGemvRows rows the GEMV, which reads the packed bytes once per
+  // kGemvPackedTokens rows and dequantizes in registers; past that the matrix is dequantized to
+  // bf16 in slices of rows through the workspace (it is free here: attention's split partials are
+  // consumed before any linear layer runs), each slice one GEMM into its columns of y.
+  void linear(const bf16* x, int64_t n, int64_t in, const Linear& l, int64_t out, void* y, ElemType y_type,
+              int64_t ldy, cudaStream_t s, int64_t ldx = 0) {
+    if (!l.packed()) {
+      gemm_->matmul(x, n, in, l.w, out, y, y_type, ldy, s, 0.0f, ldx);
+      return;
+    }
+    if (n <= kPackedGemvRows && in % 32 == 0) {
+      launch_gemv_packed(x, n, ldx ? ldx : in, l.p, y, y_type, ldy, s);
+      return;
+    }
+    const int64_t esize = y_type == ElemType::F32 ? 4 : 2;
+    const int64_t slice = std::max<int64_t>(8, static_cast<int64_t>(workspace_.bytes()) / (in * 2) / 8 * 8);
+    RL_REQUIRE(static_cast<size_t>(std::min(slice, out) * in * 2) <= workspace_.bytes(),
+               "the workspace ({} bytes) holds no slice of a packed [{}, {}] matrix", workspace_.bytes(), out, in);
+    auto* ws = reinterpret_cast<bf16*>(workspace_.get());
+    for (int64_t r0 = 0; r0 < out; r0 += slice) {
+      const int64_t rows = std::min(slice, out - r0);
+      launch_dequant_packed(l.p, r0, rows, ws, in, s);
+      gemm_->matmul(x, n, in, ws, rows, static_cast<char*>(y) + r0 * esize, y_type, ldy, s, 0.0f, ldx);
+    }
   }
 
   // xn → q|k|v (one GEMM) → RoPE on q and k → k, v into their cache rows → attention over the
@@ -591,11 +646,11 @@ class CudaBackend : public Backend {
     bf16* k = q + q_dim;
     bf16* v = k + kv_dim;
     if (w.qkv_fused) {
-      gemm_->matmul(xn_.get(), n, dim, w.wq, qkv_dim, q, ElemType::BF16, qkv_dim, s);
+      linear(xn_.get(), n, dim, w.wq, qkv_dim, q, ElemType::BF16, qkv_dim, s);
     } else {
-      gemm_->matmul(xn_.get(), n, dim, w.wq, q_dim, q, ElemType::BF16, qkv_dim, s);
-      gemm_->matmul(xn_.get(), n, dim, w.wk, kv_dim, k, ElemType::BF16, qkv_dim, s);
-      gemm_->matmul(xn_.get(), n, dim, w.wv, kv_dim, v, ElemType::BF16, qkv_dim, s);
+      linear(xn_.get(), n, dim, w.wq, q_dim, q, ElemType::BF16, qkv_dim, s);
+      linear(xn_.get(), n, dim, w.wk, kv_dim, k, ElemType::BF16, qkv_dim, s);
+      linear(xn_.get(), n, dim, w.wv, kv_dim, v, ElemType::BF16, qkv_dim, s);
     }
     launch_rope(q, qkv_dim, m_.n_heads, k, qkv_dim, m_.n_kv_heads, m_.head_dim, meta_.get() + ml.pos, inv_freq_.get(),
                 n, s);
@@ -603,7 +658,7 @@ class CudaBackend : public Backend {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m_.head_dim)));
     launch_attention_paged(q, qkv_dim, kc, vc, kv_dim, kv_.block_tokens(), att_.get(), q_dim, batch, m_.n_heads,
                            m_.n_kv_heads, m_.head_dim, scale, s);
-    gemm_->matmul(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
+    linear(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
   }
 
   // xn → gate|up (one GEMM) → SiLU(gate)·up over the gate half → down projection into proj_.
@@ -611,13 +666,13 @@ class CudaBackend : public Backend {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, ffn = m_.ffn_dim;
     if (w.gu_fused) {
-      gemm_->matmul(xn_.get(), n, dim, w.w1, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+      linear(xn_.get(), n, dim, w.w1, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
     } else {
-      gemm_->matmul(xn_.get(), n, dim, w.w1, ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
-      gemm_->matmul(xn_.get(), n, dim, w.w3, ffn, gu_.get() + ffn, ElemType::BF16, 2 * ffn, s);
+      linear(xn_.get(), n, dim, w.w1, ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+      linear(xn_.get(), n, dim, w.w3, ffn, gu_.get() + ffn, ElemType::BF16, 2 * ffn, s);
     }
     launch_silu_mul_rows(gu_.get(), n, ffn, s);
-    gemm_->matmul(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 0.0f, 2 * ffn);
+    linear(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 2 * ffn);
   }
 
   // ------------------------------------------------------------------------------------------
@@ -638,7 +693,7 @@ class CudaBackend : public Backend {
   bool streaming_ = false;          // some layers stream through the pool
   const bf16* tok_embeddings_ = nullptr;
   const bf16* norm_ = nullptr;
-  const bf16* output_ = nullptr;  // == tok_embeddings_ when tied
+  Linear output_;  // lm_head; the embedding (bf16) when tied
   std::vector<bool> qkv_fused_, gu_fused_;  // per layer: see LayerPtrs
   std::vector<TimingEvent> layer_events_;   // profile_layers: [2 l] after the wait, [2 l + 1] after the last kernel
   std::vector<double> layer_compute_;       // the last profiled step, seconds per layer
@@ -676,9 +731,6 @@ class CudaBackend : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(WeightSource& weights, const Config& config,
                                            const CudaBackendOptions& options) {
-  // The CUDA forward multiplies bf16 through cuBLASLt; packed weights need kernels of their own.
-  if (store_packed(weights.manifest()))
-    throw Error("packed weights (fp8/int4) need the packed kernels: not yet on the CUDA backend");
   // The device's primary context first, timed on its own: the backend's start phases follow it.
   const auto t0 = std::chrono::steady_clock::now();
   select_device(config.gpu);

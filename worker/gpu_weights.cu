@@ -225,6 +225,9 @@ struct GpuWeights::Impl {
       rec_end.emplace_back(true);
     }
 
+    // A window that served another pool before (a benchmark's next batch size) may have been told
+    // that fewer or more layers were resident: it serves every layer while this one uploads its own.
+    if (slots) slots->set_streamed_from(0);
     upload_resident(gg);
     if (slots) slots->set_streamed_from(r);
     spdlog::debug("gpu pool: {} resident layers, {} streamed through {} attn + {} ffn buffers ({} + {} bytes each), "

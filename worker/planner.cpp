@@ -99,6 +99,13 @@ MemoryPlan plan_core(const Manifest& man, const Config& c, const PlanInputs& in,
   for (const auto& a : p.activations) p.activation_bytes += a.bytes;
 
   p.workspace_bytes = u(c.batch_size) * u(kDecodeAttentionSplits) * u(m.n_heads) * u(m.head_dim + 2) * kFp32;
+  // Packed weights multiplied by more rows than the GEMV serves are dequantized to bf16 in slices
+  // of rows through the workspace: the largest packed matrix, or 64 MiB of it (lm_head in slices).
+  for (const GroupEntry& g : man.groups)
+    for (const TensorEntry& t : g.tensors)
+      if (dtype_packed(t.dtype) && t.shape.size() == 2)
+        p.dequant_bytes = std::max(p.dequant_bytes, std::min(u(t.shape[0]) * u(t.shape[1]) * 2, 64 * kMiB));
+  p.workspace_bytes = std::max(p.workspace_bytes, p.dequant_bytes);
   p.guard_bytes = u(c.free_guard_mb) * kMiB;
 
   if (c.gpu_memory_limit > 0) {
@@ -393,8 +400,11 @@ std::vector<TableLine> MemoryPlan::lines() const {
   for (const auto& a : activations) v.push_back({a.name, a.bytes, a.note, true});
   v.push_back({"workspace", workspace_bytes,
                fmt::format("decode attention: {} seqs x {} splits x (head_dim + 2) fp32 per head; the sampler's "
-                           "scratch comes out of it",
-                           batch_size, kDecodeAttentionSplits)});
+                           "scratch comes out of it{}",
+                           batch_size, kDecodeAttentionSplits,
+                           dequant_bytes ? fmt::format("; at least {} for packed weights dequantized in slices",
+                                                       format_bytes(dequant_bytes))
+                                         : std::string())});
   v.push_back({"free guard", guard_bytes, fmt::format("free_guard_mb {}", guard_bytes / kMiB)});
   return v;
 }

@@ -132,6 +132,7 @@ struct MemoryPlan {
   uint64_t activation_bytes = 0;
 
   uint64_t workspace_bytes = 0;
+  uint64_t dequant_bytes = 0;      // packed stores: a slice of a packed matrix as bf16 (within the workspace)
   uint64_t guard_bytes = 0;
 
   uint64_t total_bytes = 0;
