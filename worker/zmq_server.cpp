@@ -152,7 +152,7 @@ nlohmann::json ClientServer::stats() const {
                                {"overloaded", rejected_overloaded_},
                                {"unavailable", rejected_unavailable_}}},
                  {"clients_gone", clients_gone_}};
-  j["draining"] = draining_;
+  j["draining"] = admission_.draining();
   return j;
 }
 
@@ -202,7 +202,7 @@ GenRequest gen_request_of(const ServerOptions& opt, const GenerateRequest& g) {
 }
 
 void ClientServer::on_generate(const std::string& client, GenerateRequest g) {
-  if (draining_ || scheduler_.stopped())
+  if (admission_.draining() || scheduler_.stopped())
     return reject(client, g.id, ErrorCode::Unavailable, "the worker is stopping");
   if (is_http_client(client))
     return reject(client, g.id, ErrorCode::BadRequest,
@@ -246,13 +246,13 @@ void ClientServer::on_frame(const std::string& client, const std::string& frame)
   }
   if (std::holds_alternative<ClientStatsRequest>(req)) return send(client, StatsReply{stats()});
   HealthReply h;
-  const bool up = !draining_ && !scheduler_.stopped();
+  const bool up = !admission_.draining() && !scheduler_.stopped();
   h.status = up ? "ok" : "unavailable";
   h.detail = opt_.info;
   const nlohmann::json s = scheduler_.stats();
   h.detail["running"] = s["requests"]["running"];
   h.detail["waiting"] = s["requests"]["waiting"];
-  h.detail["draining"] = draining_;
+  h.detail["draining"] = admission_.draining();
   send(client, h);
 }
 
@@ -267,8 +267,7 @@ void ClientServer::run(int stop_fd, int64_t tick_ms, const std::function<void()>
     if (items[2].revents & ZMQ_POLLIN) {
       signalfd_siginfo si{};
       (void)!::read(stop_fd, &si, sizeof si);
-      if (!draining_) {
-        draining_ = true;
+      if (!admission_.draining()) {
         admission_.start_draining();
         spdlog::info("signal {}: draining ({} requests in flight, at most {} ms)", si.ssi_signo, admission_.in_flight(),
                      opt_.drain_timeout_ms);

@@ -107,7 +107,6 @@ class ClientServer {
   std::string ipc_file_;   // the ipc socket file this server made ("" = none)
   uint64_t ipc_inode_ = 0; // its inode: only that file is removed on exit
   std::map<std::string, std::set<std::string>> in_flight_;  // client -> request ids submitted, not ended
-  bool draining_ = false;
   // Counters for stats.
   int64_t received_ = 0, rejected_bad_ = 0, rejected_overloaded_ = 0, rejected_unavailable_ = 0;
   int64_t clients_gone_ = 0;
