@@ -133,10 +133,20 @@ std::optional<std::string> Scheduler::text_piece(Live& l, int32_t token, bool la
   return piece;
 }
 
-void Scheduler::end(int64_t seq, const ClientReply* reply) {
+void Scheduler::end(int64_t seq, const ClientReply* reply, Outcome outcome) {
   auto it = live_.find(seq);
   if (it == live_.end()) return;
   Live& l = it->second;
+  static constexpr const char* kOutcomeNames[] = {"finished", "cancelled", "dropped", "failed"};
+  int64_t* const counts[] = {&finished_, &cancelled_, &dropped_, &failed_};
+  ++*counts[static_cast<int>(outcome)];
+  if (options_.metrics) {
+    const double tpot =
+        l.tokens > 1 ? std::chrono::duration<double>(l.last - l.first).count() / double(l.tokens - 1) : 0;
+    options_.metrics->request_ended(kOutcomeNames[static_cast<int>(outcome)], WorkerMetrics::api_of(l.sub.client),
+                                    std::chrono::duration<double>(SteadyClock::now() - l.sub.arrived).count(),
+                                    l.tokens, tpot);
+  }
   if (l.admitted) {
     batch_.remove(seq);  // nothing when the batch already ended it
     reserved_blocks_ -= l.blocks;
@@ -148,22 +158,12 @@ void Scheduler::end(int64_t seq, const ClientReply* reply) {
   live_.erase(it);
 }
 
-void Scheduler::observe_end(const Live& l, const char* outcome) {
-  if (!options_.metrics) return;
-  const auto now = SteadyClock::now();
-  const double tpot = l.tokens > 1 ? std::chrono::duration<double>(l.last - l.first).count() / double(l.tokens - 1) : 0;
-  options_.metrics->request_ended(outcome, WorkerMetrics::api_of(l.sub.client),
-                                  std::chrono::duration<double>(now - l.sub.arrived).count(), l.tokens, tpot);
-}
-
 void Scheduler::fail_all(ErrorCode code, const std::string& message) {
   std::vector<int64_t> seqs;
   for (const auto& [seq, l] : live_) seqs.push_back(seq);
   for (int64_t seq : seqs) {
-    observe_end(live_.at(seq), "failed");
     const ClientReply r = ErrorReply{live_.at(seq).sub.id, code, message};
-    end(seq, &r);
-    ++failed_;
+    end(seq, &r, Outcome::Failed);
   }
 }
 
@@ -185,18 +185,12 @@ void Scheduler::apply(std::vector<Command>& cmds) {
       if (it == by_key_.end()) continue;  // already ended: its final reply is on its way
       const int64_t seq = it->second;
       const ClientReply r = done_reply(live_.at(seq), DoneReason::Cancelled);
-      observe_end(live_.at(seq), "cancelled");
-      end(seq, &r);
-      ++cancelled_;
+      end(seq, &r, Outcome::Cancelled);
     } else {
       std::vector<int64_t> seqs;
       for (const auto& [seq, l] : live_)
         if (l.sub.client == c.sub.client) seqs.push_back(seq);
-      for (int64_t seq : seqs) {
-        observe_end(live_.at(seq), "dropped");
-        end(seq, nullptr);
-      }
-      dropped_ += static_cast<int64_t>(seqs.size());
+      for (int64_t seq : seqs) end(seq, nullptr, Outcome::Dropped);
     }
   }
 }
@@ -240,9 +234,7 @@ void Scheduler::run_step() {
       if (l.admitted) running.push_back(seq);
     for (int64_t seq : running) {
       const ClientReply r = ErrorReply{live_.at(seq).sub.id, ErrorCode::Internal, e.what()};
-      observe_end(live_.at(seq), "failed");
-      end(seq, &r);
-      ++failed_;
+      end(seq, &r, Outcome::Failed);
     }
     return;
   }
@@ -264,9 +256,7 @@ void Scheduler::run_step() {
     emit(Outgoing{l.sub.client, l.sub.id, std::move(reply), false});
     if (t.end) {
       const ClientReply r = done_reply(l, reason_of(t.end));
-      observe_end(l, "finished");
-      end(t.seq, &r);
-      ++finished_;
+      end(t.seq, &r, Outcome::Finished);
     }
   }
   if (options_.backend_stats) backend_json_ = options_.backend_stats(backend_);

@@ -110,15 +110,17 @@ class Scheduler {
   };
 
   void apply(std::vector<Command>& cmds);
-  // Ends the request: its final reply (none for a vanished client), its sequence and blocks freed.
-  void end(int64_t seq, const ClientReply* reply);
+  // How a request ended: counted in stats, and in the metrics as "finished", "cancelled",
+  // "dropped" or "failed".
+  enum class Outcome { Finished, Cancelled, Dropped, Failed };
+  // Ends the request: counted under `outcome`, its final reply (none for a vanished client), its
+  // sequence and blocks freed.
+  void end(int64_t seq, const ClientReply* reply, Outcome outcome);
   DoneReply done_reply(const Live& l, DoneReason reason) const;
   // The text `token` completes (all that is held back too when it is the last); nullopt without a
   // tokenizer.
   std::optional<std::string> text_piece(Live& l, int32_t token, bool last);
   void fail_all(ErrorCode code, const std::string& message);
-  // Tells the metrics how the request ends (before end() forgets it).
-  void observe_end(const Live& l, const char* outcome);
   void admit();
   void run_step();
   void emit(Outgoing o);
