@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "common/errors.h"
 #include "kernels/attention_paged.cuh"
 #include "kernels/check.h"
 #include "kernels/device_info.h"
@@ -209,11 +210,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace ringllama
 
-int main(int argc, char** argv) {
-  try {
-    return ringllama::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringllama-kernel-bench: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return ringllama::run_main("ringllama-kernel-bench", ringllama::run, argc, argv); }

@@ -366,14 +366,4 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace ringllama
 
-int main(int argc, char** argv) {
-  try {
-    return ringllama::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::string msg = e.what();
-    for (char& c : msg)
-      if (c == '\n') c = ' ';
-    std::fprintf(stderr, "ringllama-generate: error: %s\n", msg.c_str());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return ringllama::run_main("ringllama-generate", ringllama::run, argc, argv); }
