@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -168,25 +169,43 @@ void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64
   if (pos < end) std::memset(dst + (pos - off), 0, end - pos);
 }
 
+// The chunk [off, off + len) in pieces that cost about the same: each tensor's values and each
+// packed tensor's scales split `threads` ways (a scales block is small but costs as much as its
+// values: its rows are quantized to find them), cut at multiples of kTensorAlign so that no piece
+// starts mid-element; the padding between blocks rides with the piece before it. Threads take
+// pieces in turn.
 void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst, int threads) {
-  const uint64_t slice = align_up((len + threads - 1) / threads, kGroupAlign);
-  std::vector<std::exception_ptr> errors(threads);
+  const uint64_t end = off + len;
+  std::vector<uint64_t> cuts{off};
+  auto cut = [&](uint64_t at) {
+    if (at > cuts.back() && at < end) cuts.push_back(at);
+  };
+  for (const TensorEntry& t : g.tensors) {
+    const uint64_t begins[2] = {t.offset, t.scales_offset}, sizes[2] = {t.size, t.scales_size};
+    for (int b = 0; b < (dtype_packed(t.dtype) ? 2 : 1); ++b) {
+      const uint64_t lo = std::max(off, begins[b]), hi = std::min(end, begins[b] + sizes[b]);
+      if (lo >= hi) continue;
+      cut(lo);
+      const uint64_t step = align_up((hi - lo + threads - 1) / threads, kTensorAlign);
+      for (uint64_t at = lo + step; at < hi; at += step) cut(at);
+    }
+  }
+  cuts.push_back(end);
+  const size_t pieces = cuts.size() - 1;
+  std::atomic<size_t> next{0};
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
+  auto work = [&](int k) {
+    try {
+      for (size_t i; (i = next.fetch_add(1)) < pieces;)
+        fill_range(g, src, cuts[i], cuts[i + 1] - cuts[i], dst + (cuts[i] - off));
+    } catch (...) {
+      errors[static_cast<size_t>(k)] = std::current_exception();
+      next = pieces;  // the others stop at their next piece
+    }
+  };
   std::vector<std::thread> pool;
-  for (int k = 1; k < threads && k * slice < len; ++k) {
-    const uint64_t b = k * slice, e = std::min(len, b + slice);
-    pool.emplace_back([&, k, b, e] {
-      try {
-        fill_range(g, src, off + b, e - b, dst + b);
-      } catch (...) {
-        errors[k] = std::current_exception();
-      }
-    });
-  }
-  try {
-    fill_range(g, src, off, std::min(len, slice), dst);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
+  for (int k = 1; k < threads && static_cast<size_t>(k) < pieces; ++k) pool.emplace_back(work, k);
+  work(0);
   for (auto& t : pool) t.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
