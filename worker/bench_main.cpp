@@ -3,6 +3,7 @@
 //
 //   ringllama-bench --store DIR [--decode-steps 64] [--batches 1,8,64] [--prompt-tokens 512]
 //   ringllama-bench --store DIR --gpu-budget-gib 4 [--decode-steps 8] ...
+//   ringllama-bench --store DIR --batches 1 --long-context 32768
 //
 // With --gpu-budget-gib the planner's budget is that many GiB: the layers that do not fit stream
 // through the group pool from a pinned ring window that holds the whole model (the SSD is read
@@ -149,6 +150,31 @@ double prefill_rate(Backend& be, int64_t b, int64_t n) {
   }
   std::sort(t.begin(), t.end());
   return static_cast<double>(b * n) / t[t.size() / 2];
+}
+
+// One sequence of `context` prompt tokens (prefilled in chunks of `chunk`), then `steps` greedy
+// decode steps: seconds per decode step.
+double long_decode_step_s(Backend& be, int64_t context, int64_t chunk, int64_t steps) {
+  const int64_t vocab = be.model().vocab_size;
+  const std::vector<int32_t> p = prompt(context, vocab, 300);
+  be.add_sequence(0);
+  std::vector<int32_t> ids;
+  for (int64_t at = 0; at < context; at += chunk) {
+    const int64_t n = std::min(chunk, context - at);
+    const bool last = at + n == context;
+    ids = be.step_greedy({{0, std::vector<int32_t>(p.begin() + at, p.begin() + at + n), last}});
+  }
+  std::vector<StepItem> items{{0, {ids.at(0)}, true}};
+  auto next = [&] {
+    ids = be.step_greedy(items);
+    items[0].tokens = {ids.at(0)};
+  };
+  for (int i = 0; i < 3; ++i) next();
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < steps; ++i) next();
+  const double dt = seconds_since(t0) / static_cast<double>(steps);
+  be.free_sequence(0);
+  return dt;
 }
 
 struct StreamRow {
@@ -339,6 +365,10 @@ int run(int argc, char** argv) {
   app.add_option("--prompt-tokens", prompt_tokens, "prefill prompt length")->capture_default_str();
   app.add_option("--decode-prompt", decode_prompt, "prompt tokens of each sequence before the timed decode steps")
       ->capture_default_str();
+  int64_t long_context = 0;
+  app.add_option("--long-context", long_context,
+                 "also decode one sequence after this many tokens of context (resident run): the step time against "
+                 "weights + KV over the bandwidth, and the attention's extra time against the KV's bytes over it");
   double budget_gib = 0;
   app.add_option("--gpu-budget-gib", budget_gib,
                  "plan for this many GiB of device memory: the layers that do not fit are streamed (0: resident run)");
@@ -430,6 +460,28 @@ int run(int argc, char** argv) {
     }
   }
 
+  if (long_context > 0) {
+    // Decode at a long context: the step reads every weight and the sequence's K and V rows of
+    // every layer. Its extra time over a short context's step is the attention's, held against the
+    // time the KV's bytes take at the measured bandwidth (flash-decoding's target).
+    const int64_t chunk = std::min<int64_t>(long_context, 2048);
+    Config lc = c;
+    lc.batch_size = 1;
+    lc.max_context = long_context + steps + 16;
+    lc.prefill_chunk_tokens = chunk;
+    t0 = Clock::now();
+    auto be = make_cuda_backend(*ws, lc, CudaBackendOptions{true});
+    const double short_s = long_decode_step_s(*be, 16, chunk, steps);
+    const double long_s = long_decode_step_s(*be, long_context, chunk, steps);
+    std::fprintf(stderr, "long context %lld: %.1f s; step %.3f ms at 16 tokens, %.3f ms at %lld\n",
+                 static_cast<long long>(long_context), seconds_since(t0), short_s * 1e3, long_s * 1e3,
+                 static_cast<long long>(long_context));
+    const double kv_bytes = 2.0 * m.n_layers * static_cast<double>(long_context) * m.kv_dim() * 2.0;
+    rows.push_back({fmt::format("decode b1 @{}", long_context), "tok/s", 1.0 / long_s, bw / (step_bytes + kv_bytes)});
+    rows.push_back({fmt::format("attention KV @{}", long_context), "GB/s", kv_bytes / (long_s - short_s) / 1e9,
+                    bw / 1e9});
+  }
+
   std::printf("\n%-24s %12s %12s %7s  %s\n", "figure", "measured", "floor", "ratio", "unit");
   for (const Row& r : rows) {
     if (r.floor > 0)
@@ -439,6 +491,9 @@ int run(int argc, char** argv) {
   }
   std::printf("floors: decode = b x bandwidth / %.2f GB per step; prefill = tokens / max(weights / bandwidth, FLOPs / GEMM rate)\n",
               step_bytes / 1e9);
+  if (long_context > 0)
+    std::printf("at a long context the step also reads the KV (2 x layers x context x kv_dim bf16); its attention's "
+                "rate is that KV over (step - a 16-token context's step), against the bandwidth\n");
   return 0;
 }
 

@@ -17,6 +17,7 @@
 #include "kernels/add_rms_norm.cuh"
 #include "kernels/argmax.cuh"
 #include "kernels/attention_paged.cuh"
+#include "kernels/device_info.h"
 #include "kernels/check.h"
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
@@ -196,6 +197,7 @@ class CudaBackend : public Backend {
         max_meta_(MetaLayout(max_rows_, limits_.max_items, max_tiles_, limits_.max_items,
                              kv_.max_blocks_per_sequence())
                       .total),
+        sm_count_(cuda_sm_count(device_)),
         host_meta_(static_cast<size_t>(max_meta_)),
         host_logits_(static_cast<size_t>(limits_.max_items * m_.vocab_size)),
         host_picked_(static_cast<size_t>(limits_.max_items)),
@@ -657,8 +659,22 @@ class CudaBackend : public Backend {
     launch_kv_store(k, v, qkv_dim, n, kv_dim, meta_.get() + ml.slot, kc, vc, kv_dim, s);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m_.head_dim)));
     launch_attention_paged(q, qkv_dim, kc, vc, kv_dim, kv_.block_tokens(), att_.get(), q_dim, batch, m_.n_heads,
-                           m_.n_kv_heads, m_.head_dim, scale, s);
+                           m_.n_kv_heads, m_.head_dim, scale, s, attention_split(ml));
     linear(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
+  }
+
+  // Flash-decoding's split of the keys for a step of ml's shape. It is sized for the longest context
+  // a sequence may reach, not the step's own: a decode step then splits the same way whether it
+  // replays a graph (resident) or runs its kernels (streamed), so both give the same bits, and the
+  // kernel's spans follow each tile's own context (a short one uses fewer of them).
+  PagedAttentionSplit attention_split(const MetaLayout& ml) const {
+    PagedAttentionSplit split;
+    split.n_tokens = ml.rows;
+    split.workspace = workspace_.get();
+    split.workspace_bytes = workspace_.bytes();
+    split.splits = attention_paged_splits(ml.tiles, m_.n_kv_heads, limits_.max_context, sm_count_, ml.rows,
+                                          m_.n_heads, m_.head_dim, workspace_.bytes());
+    return split;
   }
 
   // xn → gate|up (one GEMM) → SiLU(gate)·up over the gate half → down projection into proj_.
@@ -684,6 +700,7 @@ class CudaBackend : public Backend {
   const int64_t group_;      // query heads per kv head
   const int64_t max_tiles_;  // attention work tiles of one step, at most
   const int64_t max_meta_;   // int32s of one step's metadata, at most
+  const int sm_count_;       // the device's multiprocessors (the attention split fills them)
   Stream stream_;
   CudaMemoryReport report_;     // the plan and what was measured
   std::unique_ptr<Gemm> gemm_;  // made after the context is measured, before the plan
