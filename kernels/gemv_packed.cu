@@ -166,6 +166,9 @@ __global__ void __launch_bounds__(kThreads)
   const int n_spans = (cols + P::kSpanCols - 1) / P::kSpanCols;
   uint4 wv[U][RT][2];
   uint4 xv[U][P::kChunkCols / 8];
+  // int4: each chunk's (scale, min), fetched with its bytes (a load issued only when the chunk is
+  // computed would put a full memory latency in every iteration).
+  uint32_t sv[U][RT][2];
   auto fetch = [&](int s0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -174,9 +177,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h) {
           wv[u][rt][h] = valid ? load_stream(data + row_of[rt][h] * row_bytes + (F == PackedFormat::FP8_E4M3 ? c0 : c0 / 2))
                                : make_uint4(0, 0, 0, 0);
+          if constexpr (F == PackedFormat::INT4)
+            sv[u][rt][h] = valid ? __ldg(static_cast<const uint32_t*>(scales) + row_of[rt][h] * groups + c0 / group) : 0u;
+        }
 #pragma unroll
       for (int i = 0; i < P::kChunkCols / 8; ++i)
         xv[u][i] = valid && has_token ? __ldg(reinterpret_cast<const uint4*>(xrow + c0) + i) : make_uint4(0, 0, 0, 0);
@@ -188,10 +194,14 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (!pipelined) fetch(s0);
     uint4 wc[U][RT][2];
     uint4 xc[U][P::kChunkCols / 8];
+    uint32_t sc[U][RT][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) wc[u][rt][0] = wv[u][rt][0], wc[u][rt][1] = wv[u][rt][1];
+      for (int rt = 0; rt < RT; ++rt) {
+        wc[u][rt][0] = wv[u][rt][0], wc[u][rt][1] = wv[u][rt][1];
+        if constexpr (F == PackedFormat::INT4) sc[u][rt][0] = sv[u][rt][0], sc[u][rt][1] = sv[u][rt][1];
+      }
 #pragma unroll
       for (int i = 0; i < P::kChunkCols / 8; ++i) xc[u][i] = xv[u][i];
     }
@@ -206,11 +216,9 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t lo[P::kChunkCols / 2], hi[P::kChunkCols / 2];
         __nv_bfloat162 s_lo = __float2bfloat162_rn(0.0f), m_lo = s_lo, s_hi = s_lo, m_hi = s_lo;
         if constexpr (F == PackedFormat::INT4) {
-          if (c0 < cols) {  // past the end: x is 0 and so is every product
-            const __half2* s = static_cast<const __half2*>(scales);
-            scale_min(s[row_of[rt][0] * groups + c0 / group], s_lo, m_lo);
-            scale_min(s[row_of[rt][1] * groups + c0 / group], s_hi, m_hi);
-          }
+          // Past the end the pair is 0: x is 0 there and so is every product.
+          scale_min(*reinterpret_cast<const __half2*>(&sc[u][rt][0]), s_lo, m_lo);
+          scale_min(*reinterpret_cast<const __half2*>(&sc[u][rt][1]), s_hi, m_hi);
         }
         dequant_chunk<F>(wc[u][rt][0], 1.0f, s_lo, m_lo, lo);
         dequant_chunk<F>(wc[u][rt][1], 1.0f, s_hi, m_hi, hi);
