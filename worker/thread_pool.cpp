@@ -1,6 +1,11 @@
 #include "worker/thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
+
+#include <cerrno>
+
+#include "common/errors.h"
 
 namespace ringllama {
 
@@ -11,9 +16,25 @@ int usable_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-ThreadPool::ThreadPool(int threads) {
+ThreadPool::ThreadPool(int threads, bool pin) {
   if (threads <= 0) threads = usable_cores();
-  for (int t = 1; t < threads; ++t) workers_.emplace_back([this, t] { work(t); });
+  std::vector<int> cores;
+  if (pin) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) fail("sched_getaffinity: {}", errno_text(errno));
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cores.push_back(c);
+  }
+  for (int t = 1; t < threads; ++t) {
+    workers_.emplace_back([this, t] { work(t); });
+    if (cores.empty()) continue;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cores[static_cast<size_t>(t) % cores.size()], &one);
+    // A refusal (a cpuset changed under us) only costs locality, never correctness.
+    (void)pthread_setaffinity_np(workers_.back().native_handle(), sizeof one, &one);
+  }
 }
 
 ThreadPool::~ThreadPool() {

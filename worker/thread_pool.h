@@ -19,7 +19,10 @@ namespace ringllama {
 class ThreadPool {
  public:
   // threads: how many run a loop, the caller included; 0 = the cores this process may use.
-  explicit ThreadPool(int threads = 0);
+  // pin: worker t runs only on the (t mod n)-th core of this process's affinity mask, so that a
+  // loop over contiguous rows keeps each thread's cache and memory channel; the caller's thread is
+  // left as it is (it is the caller's to place) and is counted as core 0's user.
+  explicit ThreadPool(int threads = 0, bool pin = false);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
