@@ -75,6 +75,13 @@ Reference reference(const std::vector<uint16_t>& w, int64_t in, int64_t row_begi
 // sum |x||w|, u = 2^-24.
 double tolerance(int64_t in, double abs_sum) { return double(in + 16) * std::ldexp(1.0, -24) * abs_sum; }
 
+}  // namespace
+
+// Names the kernel in gtest's output instead of its bytes.
+void PrintTo(CpuIsa isa, std::ostream* os) { *os << cpu_isa_name(isa); }
+
+namespace {
+
 class HybridCpuIsa : public ::testing::TestWithParam<CpuIsa> {
  protected:
   void SetUp() override {

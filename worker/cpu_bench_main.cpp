@@ -74,8 +74,10 @@ int run(int argc, char** argv) {
   }
   std::vector<CpuIsa> isas;
   if (o.isas.empty()) {
+    // Every kernel up to the one a worker would pick (RINGLLAMA_CPU_ISA lowers it).
+    const CpuIsa top = default_cpu_isa();
     for (CpuIsa isa : {CpuIsa::avx512, CpuIsa::avx2, CpuIsa::scalar})
-      if (cpu_isa_supported(isa)) isas.push_back(isa);
+      if (isa <= top) isas.push_back(isa);
   } else {
     for (const std::string& name : o.isas) {
       const CpuIsa isa = parse_cpu_isa(name);
