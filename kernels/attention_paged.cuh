@@ -22,8 +22,8 @@ inline constexpr int kAttentionPagedRows = 16;
 // kernel combines them. Tiles whose context fits one span are finished by the first kernel as
 // before. The span length follows each tile's own context length on the device, so a launch (or
 // a captured graph) sized for the longest context serves shorter ones too.
-inline constexpr int kAttentionPagedMaxSplits = 256;
-inline constexpr int64_t kAttentionPagedMinSplitKeys = 128;  // attention_paged_splits' shortest span
+inline constexpr int kAttentionPagedMaxSplits = 64;
+inline constexpr int64_t kAttentionPagedMinSplitKeys = 256;  // attention_paged_splits' shortest span
 
 struct PagedAttentionSplit {
   int splits = 1;               // 1: no partials, no second kernel (the workspace may be null)

@@ -140,8 +140,7 @@ Expected expect(const Shape& m, const Settings& s, int64_t pin_resident = -1) {
                         "step metadata", "RoPE frequencies", "attention scratch"})
     act += e.line[a];
   e.line["activations"] = act;
-  // Decode attention's partials: at most 4 sequences x 256 splits (fewer splits at larger batches).
-  e.line["workspace"] = std::min<uint64_t>(s.batch, 4) * 256 * uint64_t(m.heads) * uint64_t(m.head_dim + 2) * 4;
+  e.line["workspace"] = uint64_t(s.batch) * 64 * uint64_t(m.heads) * uint64_t(m.head_dim + 2) * 4;
   e.line["free guard"] = uint64_t(s.guard_mb) * MiB;
 
   e.budget = static_cast<uint64_t>(s.limit * s.card_gib * GiB);

@@ -39,13 +39,9 @@ inline constexpr uint64_t kEstimatedCublasBytes = 128 * kMiB;
 
 // Decode attention (flash-decoding in kernels/attention_paged.cuh, kAttentionPagedMaxSplits)
 // splits a long context into at most this many spans per head, each with a partial output row, a
-// max and a sum in fp32 for every token of a decode step. The splits a step takes fall as its
-// batch grows (they fill the GPU with blocks: a batch of b gets about 1/b of them), so the
-// workspace line holds the partials of kDecodeAttentionSplitSeqs sequences at the most splits
-// (attention_paged_workspace_bytes(min(batch_size, 4), n_heads, head_dim, 256)); a step that would
-// want more splits than that holds takes fewer (attention_paged_splits caps them).
-inline constexpr int64_t kDecodeAttentionSplits = 256;
-inline constexpr int64_t kDecodeAttentionSplitSeqs = 4;
+// max and a sum in fp32 for every token of a decode step: the workspace line
+// (attention_paged_workspace_bytes(batch_size, n_heads, head_dim, splits)).
+inline constexpr int64_t kDecodeAttentionSplits = 64;
 
 // Query rows of one attention work tile (kernels/attention_paged.cuh kAttentionPagedRows): a step's
 // metadata holds one (item, first row) pair per tile.
