@@ -126,6 +126,27 @@ TEST_P(HybridCpuIsa, MatchesDoubleReferenceAtOddSizes) {
   EXPECT_EQ(cases, 5 * 3 * 5 * 4);
 }
 
+TEST_P(HybridCpuIsa, EveryBlockShapeAtLargerBatches) {
+  // Rows that leave every remainder of the blocks (32-row tile pairs, a single 16-row tile, then
+  // fewer than a tile; 4-, 2- and 1-row vector blocks) and token counts that leave every remainder
+  // of the token blocks (two 16-token tiles, one, a partial one; 4-token vector blocks).
+  const int64_t in = 96, total_rows = 60, row_begin = 3, rows = 53;  // 53 = 32 + 16 + 5
+  const CpuIsa isa = GetParam();
+  HybridCpuMatmul one(1, false, isa), three(3, false, isa);
+  uint32_t seed = 100;
+  for (int64_t tokens : {15, 16, 17, 31, 32, 40, 64}) {
+    const auto w = random_bf16(size_t(total_rows * in), seed++), x = random_bf16(size_t(tokens * in), seed++);
+    const Reference ref = reference(w, in, row_begin, rows, x, tokens);
+    for (HybridCpuMatmul* pool : {&one, &three}) {
+      std::vector<float> y(size_t(tokens * rows));
+      pool->matmul(w.data(), in, row_begin, row_begin + rows, x.data(), tokens, y.data(), rows);
+      for (size_t i = 0; i < y.size(); ++i)
+        ASSERT_NEAR(y[i], ref.y[i], tolerance(in, ref.bound[i]))
+            << cpu_isa_name(isa) << " tokens " << tokens << " threads " << pool->threads() << " at " << i;
+    }
+  }
+}
+
 TEST_P(HybridCpuIsa, SplitRangesAddUpToTheWholeMatrix) {
   // Two calls over [0, s) and [s, rows) give what one call over [0, rows) gives, bit for bit: a
   // row's sum does not depend on the range or the thread that computes it.
@@ -150,7 +171,8 @@ TEST_P(HybridCpuIsa, CallAllocatesNothing) {
   EXPECT_EQ(g_allocations.load(), before);
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, HybridCpuIsa, ::testing::Values(CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512),
+INSTANTIATE_TEST_SUITE_P(Kernels, HybridCpuIsa,
+                         ::testing::Values(CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx),
                          [](const auto& info) { return std::string(cpu_isa_name(info.param)); });
 
 template <typename F>
@@ -188,7 +210,7 @@ TEST(HybridCpu, EnvironmentLowersTheKernel) {
   EXPECT_STREQ(HybridCpuMatmul(1).isa(), "scalar");
   ASSERT_EQ(setenv("RINGLLAMA_CPU_ISA", "sse9", 1), 0);
   EXPECT_NE(error_of([] { HybridCpuMatmul m(1); }).find("unknown CPU kernel \"sse9\""), std::string::npos);
-  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512}) {
+  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx}) {
     ASSERT_EQ(setenv("RINGLLAMA_CPU_ISA", cpu_isa_name(isa), 1), 0);
     if (cpu_isa_supported(isa))
       EXPECT_STREQ(HybridCpuMatmul(1).isa(), cpu_isa_name(isa));
@@ -198,7 +220,7 @@ TEST(HybridCpu, EnvironmentLowersTheKernel) {
   ASSERT_EQ(unsetenv("RINGLLAMA_CPU_ISA"), 0);
   // Unforced, the fastest kernel this CPU runs.
   CpuIsa best = CpuIsa::scalar;
-  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512})
+  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx})
     if (cpu_isa_supported(isa)) best = isa;
   EXPECT_EQ(HybridCpuMatmul(1).isa_kind(), best);
 }

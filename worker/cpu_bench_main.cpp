@@ -2,7 +2,7 @@
 // next to a plain multithreaded read of the same bytes, and the GPU share that the measured rates
 // imply (worker/hybrid_cpu_split.h).
 //
-//   ringllama-cpu-bench [--threads N] [--pin] [--isa avx512,avx2,scalar] [--tokens 1,2,4,...]
+//   ringllama-cpu-bench [--threads N] [--pin] [--isa amx,avx512,avx2,scalar] [--tokens 1,2,4,...]
 //                       [--reps R] [--h2d-gbs X] [--dim D --kv-dim K --ffn-dim F]
 //
 // The layer is an anonymous buffer of random bf16 in the store's order and shapes (Llama 3 8B by
@@ -56,7 +56,7 @@ int run(int argc, char** argv) {
   app.add_option("--threads", o.threads, "threads, the caller included (0: every core this process may use)")
       ->check(CLI::NonNegativeNumber);
   app.add_flag("--pin", o.pin, "pin each worker thread to its own core");
-  app.add_option("--isa", o.isas, "kernels to measure (scalar, avx2, avx512; default: every one this CPU runs)")
+  app.add_option("--isa", o.isas, "kernels to measure (scalar, avx2, avx512, amx; default: every one this CPU runs)")
       ->delimiter(',');
   app.add_option("--tokens", o.tokens, "token counts (1 to 64)")->delimiter(',')->check(CLI::Range(1, 64));
   app.add_option("--reps", o.reps, "passes per figure, the best counts")->check(CLI::Range(1, 1000));
@@ -76,7 +76,7 @@ int run(int argc, char** argv) {
   if (o.isas.empty()) {
     // Every kernel up to the one a worker would pick (RINGLLAMA_CPU_ISA lowers it).
     const CpuIsa top = default_cpu_isa();
-    for (CpuIsa isa : {CpuIsa::avx512, CpuIsa::avx2, CpuIsa::scalar})
+    for (CpuIsa isa : {CpuIsa::amx, CpuIsa::avx512, CpuIsa::avx2, CpuIsa::scalar})
       if (isa <= top) isas.push_back(isa);
   } else {
     for (const std::string& name : o.isas) {

@@ -18,14 +18,16 @@ const char* cpu_isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::avx512:
       return "avx512";
+    case CpuIsa::amx:
+      return "amx";
   }
   return "?";
 }
 
 CpuIsa parse_cpu_isa(const std::string& name) {
-  for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512})
+  for (CpuIsa isa : {CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx})
     if (name == cpu_isa_name(isa)) return isa;
-  fail("unknown CPU kernel \"{}\" (scalar, avx2 or avx512)", name);
+  fail("unknown CPU kernel \"{}\" (scalar, avx2, avx512 or amx)", name);
 }
 
 bool cpu_isa_supported(CpuIsa isa) {
@@ -39,6 +41,8 @@ bool cpu_isa_supported(CpuIsa isa) {
     case CpuIsa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    case CpuIsa::amx:  // the AVX-512 kernel takes what the tiles do not
+      return cpu_isa_supported(CpuIsa::avx512) && hybrid::amx_usable();
 #else
     default:
       return false;
@@ -49,7 +53,7 @@ bool cpu_isa_supported(CpuIsa isa) {
 
 CpuIsa default_cpu_isa() {
   CpuIsa best = CpuIsa::scalar;
-  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512})
+  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx})
     if (cpu_isa_supported(isa)) best = isa;
   const char* forced = std::getenv("RINGLLAMA_CPU_ISA");
   if (forced == nullptr || *forced == '\0') return best;
@@ -89,23 +93,38 @@ void HybridCpuMatmul::matmul(const uint16_t* w_bf16, int64_t in, int64_t row_beg
   RL_REQUIRE(w_bf16 != nullptr && x_bf16 != nullptr && y != nullptr, "hybrid matmul: a null buffer");
 
   const hybrid::Kernel& k = hybrid::kernel_for(isa_);
+  const bool amx = isa_ == CpuIsa::amx && hybrid::amx_fits(in, tokens);
+  if (amx) {
+    const size_t need = hybrid::amx_packed_x_size(in, tokens);
+    if (packed_x_.size() < need) packed_x_.resize(need);
+    hybrid::amx_pack_x(x_bf16, in, tokens, packed_x_.data());
+  }
   // Each part is one contiguous run of whole row blocks: a thread streams its rows from DRAM in
-  // order (the prefetchers see one stream), and never shares a cache line of w with another.
-  const int64_t blocks = (rows + k.rows - 1) / k.rows;
+  // order (the prefetchers see one stream per row of a block), and never shares a cache line of w
+  // with another. The tiles' block is 32 rows.
+  const int64_t block_rows = amx ? 2 * hybrid::kAmxRows : k.rows;
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
   const int64_t parts = std::min<int64_t>(threads(), blocks);
-  const uint16_t* w = w_bf16 + row_begin * in;
   struct Call {
     const hybrid::Kernel& k;
     const uint16_t *w, *x;
-    int64_t in, rows, tokens, blocks, parts, ldy;
+    const uint32_t* xp;  // packed x when the tiles run, else null
+    int64_t in, rows, tokens, block_rows, blocks, parts, ldy;
     float* y;
-  } c{k, w, x_bf16, in, rows, tokens, blocks, parts, ldy, y};
+  } c{k, w_bf16 + row_begin * in, x_bf16, amx ? packed_x_.data() : nullptr, in, rows, tokens, block_rows, blocks,
+      parts, ldy, y};
   // One captured pointer: std::function keeps it in place, so a call allocates nothing.
   const Call* cp = &c;
   pool_.parallel_for(parts, [cp](int64_t part, int) {
     const Call& c = *cp;
-    const int64_t r_end = std::min(c.rows, (part + 1) * c.blocks / c.parts * c.k.rows);
-    for (int64_t r = part * c.blocks / c.parts * c.k.rows; r < r_end; r += c.k.rows) {
+    int64_t r = part * c.blocks / c.parts * c.block_rows;
+    const int64_t r_end = std::min(c.rows, (part + 1) * c.blocks / c.parts * c.block_rows);
+    if (c.xp != nullptr) {
+      const int64_t tiled = (r_end - r) / hybrid::kAmxRows * hybrid::kAmxRows;
+      if (tiled > 0) hybrid::amx_rows(c.w + r * c.in, c.in, tiled, c.xp, c.tokens, c.y + r, c.ldy);
+      r += tiled;  // the last rows of the matrix, fewer than a tile, go to the vector blocks
+    }
+    for (; r < r_end; r += c.k.rows) {
       const int rb = static_cast<int>(std::min<int64_t>(c.k.rows, r_end - r));
       // The tokens inside the rows: the block's weight rows stay in L1/L2 for every token block.
       for (int64_t t = 0; t < c.tokens; t += c.k.tokens) {

@@ -2,10 +2,11 @@
 // from the store's layout (row-major [out][in] bf16, as the daemon's segment holds them), while the
 // GPU streams and computes the other rows (DESIGN.md "The CPU's share of a streamed layer").
 //
-// One kernel per instruction set, picked once at construction: AVX-512 BF16 (vdpbf16ps), AVX2+FMA
-// and a portable scalar loop. All three walk the same blocks (a few rows times a few tokens, the
-// token loop inside the row loop) so that each weight row comes from DRAM once per call, whatever
-// the token count; they differ only in how a block's dot products are formed.
+// One kernel per instruction set, picked once at construction: AMX-BF16 tiles from 16 tokens on
+// (AVX-512 below that, and for what the tiles do not cover), AVX-512 BF16 (vdpbf16ps), AVX2+FMA and
+// a portable scalar loop. All walk the same blocks (a few rows times a few tokens, the token loop
+// inside the row loop) so that each weight row comes from DRAM once per call, whatever the token
+// count; they differ only in how a block's dot products are formed.
 #pragma once
 
 #include <cstddef>
@@ -13,21 +14,22 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "worker/thread_pool.h"
 
 namespace ringllama {
 
 // Ordered: a higher one is faster where the CPU has it.
-enum class CpuIsa { scalar = 0, avx2 = 1, avx512 = 2 };
+enum class CpuIsa { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
 
 const char* cpu_isa_name(CpuIsa isa);
-// "scalar", "avx2" or "avx512"; anything else is an Error naming the choices.
+// "scalar", "avx2", "avx512" or "amx"; anything else is an Error naming the choices.
 CpuIsa parse_cpu_isa(const std::string& name);
 // Whether this CPU (and the OS, for the wider registers) runs the kernel of `isa`.
 bool cpu_isa_supported(CpuIsa isa);
 // The fastest kernel this CPU runs, lowered by the environment variable RINGLLAMA_CPU_ISA
-// (scalar|avx2|avx512) for tests and comparisons; naming one the CPU lacks is an Error.
+// (scalar|avx2|avx512|amx) for tests and comparisons; naming one the CPU lacks is an Error.
 CpuIsa default_cpu_isa();
 
 class HybridCpuMatmul {
@@ -49,7 +51,8 @@ class HybridCpuMatmul {
   // y[t*ldy + (r - row_begin)] = sum_k x[t*in + k] * w[r*in + k] for r in [row_begin, row_end) and
   // t in [0, tokens), accumulated in fp32. w is the whole matrix (row 0 first), bf16 [rows][in];
   // x is bf16 [tokens][in]; ldy >= row_end - row_begin. Rows go to the threads in contiguous
-  // ranges. Allocates nothing. Bad shapes are an Error; the pointers are trusted.
+  // ranges. Allocates nothing once its scratch (x packed for the AMX tiles) has grown to the
+  // largest in x tokens seen. Bad shapes are an Error; the pointers are trusted. One call at a time.
   void matmul(const uint16_t* w_bf16, int64_t in, int64_t row_begin, int64_t row_end, const uint16_t* x_bf16,
               int64_t tokens, float* y, int64_t ldy);
 
@@ -60,6 +63,7 @@ class HybridCpuMatmul {
  private:
   CpuIsa isa_;
   ThreadPool pool_;
+  std::vector<uint32_t> packed_x_;  // amx only: x in the tiles' pair layout
 };
 
 // The rate at which the pool's threads read [p, p + bytes) from memory: each thread sums the 64-bit

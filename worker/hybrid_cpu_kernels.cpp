@@ -193,6 +193,7 @@ const Kernel& kernel_for(CpuIsa isa) {
   static const Kernel avx2 = make_kernel<Avx2Block, 2, 4>();
   static const Kernel avx512 = make_kernel<Avx512Block, 4, 4>();
   switch (isa) {
+    case CpuIsa::amx:
     case CpuIsa::avx512:
       return avx512;
     case CpuIsa::avx2:
