@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -117,7 +118,22 @@ int run(int argc, char** argv) {
 
   for (CpuIsa isa : isas) {
     HybridCpuMatmul mm(o.threads, o.pin, isa);
-    std::cout << fmt::format("\nkernel {} on {} threads{}\n", mm.isa(), mm.threads(), o.pin ? " (pinned)" : "");
+    // What a call costs beyond its rows: waking the pool and waiting for the last thread, measured
+    // on a matrix of 64 inputs and 64 rows per thread (a layer makes one call per matrix, or one
+    // per back-to-back pair such as q|k|v).
+    double call_us = 1e30;
+    {
+      const int64_t in = std::min<int64_t>(64, o.dim);  // within the buffers however small the layer
+      const int64_t rows = std::min<int64_t>({64 * mm.threads(), static_cast<int64_t>(elems) / in,
+                                              static_cast<int64_t>(y.size())});
+      for (int rep = 0; rep < 200; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        mm.matmul(w.get(), in, 0, rows, x.data(), 1, y.data(), rows);
+        call_us = std::min(call_us, 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
+    std::cout << fmt::format("\nkernel {} on {} threads{}: a near-empty call takes {:.1f} us\n", mm.isa(),
+                             mm.threads(), o.pin ? " (pinned)" : "", call_us);
     std::cout << fmt::format("{:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10}\n", "tokens", "GB/s", "GFLOP/s", "read GB/s",
                              "vs read", "GPU f", "layer ms");
     HybridRates rates;
