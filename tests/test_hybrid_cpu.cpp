@@ -17,6 +17,7 @@
 #include "common/bf16.h"
 #include "common/errors.h"
 #include "worker/hybrid_cpu.h"
+#include "worker/hybrid_cpu_kernels.h"
 #include "worker/hybrid_cpu_split.h"
 
 // Every operator new of the process counted, so that a test can see a call allocate nothing.
@@ -174,6 +175,41 @@ TEST_P(HybridCpuIsa, CallAllocatesNothing) {
 INSTANTIATE_TEST_SUITE_P(Kernels, HybridCpuIsa,
                          ::testing::Values(CpuIsa::scalar, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::amx),
                          [](const auto& info) { return std::string(cpu_isa_name(info.param)); });
+
+// x packed for the AMX tiles, multiplied as tdpbf16ps is documented to multiply (C[m][n] += over
+// pairs i: A[m][2i]*B[i][2n] + A[m][2i+1]*B[i][2n+1], A = 16 weight rows of 32 inputs as they lie,
+// B = one packed tile read as bf16), gives W x: the layout is right on any CPU, tiles or not.
+TEST(HybridCpu, AmxPackedXFeedsTheTilesAsDocumented) {
+  const int64_t in = 96, rows = 16, tokens = 40, tts = 3;  // the third token tile is half padding
+  const auto w = random_bf16(size_t(rows * in), 21), x = random_bf16(size_t(tokens * in), 22);
+  std::vector<uint32_t> xp(hybrid::amx_packed_x_size(in, tokens), 0xDEADBEEF);
+  ASSERT_EQ(xp.size(), size_t(in / 32 * tts * 256));
+  hybrid::amx_pack_x(x.data(), in, tokens, xp.data());
+  const Reference ref = reference(w, in, 0, rows, x, tokens);
+  for (int64_t tt = 0; tt < tts; ++tt) {
+    double c[16][16] = {};
+    for (int64_t kb = 0; kb < in / 32; ++kb) {
+      const uint32_t* tile = xp.data() + (kb * tts + tt) * 256;
+      for (int m = 0; m < 16; ++m)
+        for (int i = 0; i < 16; ++i)
+          for (int n = 0; n < 16; ++n) {
+            const uint32_t pair = tile[i * 16 + n];
+            const float b0 = bf16_to_f32(uint16_t(pair & 0xFFFF)), b1 = bf16_to_f32(uint16_t(pair >> 16));
+            c[m][n] += double(bf16_to_f32(w[size_t(m * in + kb * 32 + 2 * i)])) * b0 +
+                       double(bf16_to_f32(w[size_t(m * in + kb * 32 + 2 * i + 1)])) * b1;
+          }
+    }
+    for (int n = 0; n < 16; ++n) {
+      const int64_t t = tt * 16 + n;
+      for (int m = 0; m < 16; ++m) {
+        if (t < tokens)
+          ASSERT_NEAR(c[m][n], ref.y[size_t(t * rows + m)], 1e-9 * ref.bound[size_t(t * rows + m)]) << t << " " << m;
+        else
+          ASSERT_EQ(c[m][n], 0.0) << "padding token " << t;
+      }
+    }
+  }
+}
 
 template <typename F>
 std::string error_of(F&& f) {
