@@ -140,7 +140,8 @@ Expected expect(const Shape& m, const Settings& s, int64_t pin_resident = -1) {
                         "step metadata", "RoPE frequencies", "attention scratch"})
     act += e.line[a];
   e.line["activations"] = act;
-  e.line["workspace"] = uint64_t(s.batch) * 64 * uint64_t(m.heads) * uint64_t(m.head_dim + 2) * 4;
+  // Decode attention's partials: at most 16 sequences x 64 splits (larger batches take fewer splits).
+  e.line["workspace"] = std::min<uint64_t>(s.batch, 16) * 64 * uint64_t(m.heads) * uint64_t(m.head_dim + 2) * 4;
   e.line["free guard"] = uint64_t(s.guard_mb) * MiB;
 
   e.budget = static_cast<uint64_t>(s.limit * s.card_gib * GiB);

@@ -98,7 +98,8 @@ MemoryPlan plan_core(const Manifest& man, const Config& c, const PlanInputs& in,
   p.activations.push_back({"attention scratch", 0, "none: the tiled prefill kernel keeps K/V tiles in shared memory"});
   for (const auto& a : p.activations) p.activation_bytes += a.bytes;
 
-  p.workspace_bytes = u(c.batch_size) * u(kDecodeAttentionSplits) * u(m.n_heads) * u(m.head_dim + 2) * kFp32;
+  p.workspace_bytes = u(std::min<int64_t>(c.batch_size, kDecodeAttentionSplitSeqs)) * u(kDecodeAttentionSplits) *
+                      u(m.n_heads) * u(m.head_dim + 2) * kFp32;
   // Packed weights multiplied by more rows than the GEMV serves are dequantized to bf16 in slices
   // of rows through the workspace: the largest packed matrix, or 64 MiB of it (lm_head in slices).
   for (const GroupEntry& g : man.groups)
@@ -401,7 +402,7 @@ std::vector<TableLine> MemoryPlan::lines() const {
   v.push_back({"workspace", workspace_bytes,
                fmt::format("decode attention: {} seqs x {} splits x (head_dim + 2) fp32 per head; the sampler's "
                            "scratch comes out of it{}",
-                           batch_size, kDecodeAttentionSplits,
+                           std::min<int64_t>(batch_size, kDecodeAttentionSplitSeqs), kDecodeAttentionSplits,
                            dequant_bytes ? fmt::format("; at least {} for packed weights dequantized in slices",
                                                        format_bytes(dequant_bytes))
                                          : std::string())});

@@ -39,9 +39,14 @@ inline constexpr uint64_t kEstimatedCublasBytes = 128 * kMiB;
 
 // Decode attention (flash-decoding in kernels/attention_paged.cuh, kAttentionPagedMaxSplits)
 // splits a long context into at most this many spans per head, each with a partial output row, a
-// max and a sum in fp32 for every token of a decode step: the workspace line
-// (attention_paged_workspace_bytes(batch_size, n_heads, head_dim, splits)).
+// max and a sum in fp32 for every token of a decode step. A step takes fewer splits the larger its
+// batch (they fill the GPU with blocks: about 8 x SMs / (tiles x kv heads), so a batch of b takes
+// about 1/b of them past b = 4), so the workspace line holds the partials of
+// kDecodeAttentionSplitSeqs sequences at the most splits
+// (attention_paged_workspace_bytes(min(batch_size, 16), n_heads, head_dim, 64)): every batch on
+// a GPU of up to ~250 SMs splits as it wants; past that, attention_paged_splits takes what fits.
 inline constexpr int64_t kDecodeAttentionSplits = 64;
+inline constexpr int64_t kDecodeAttentionSplitSeqs = 16;
 
 // Query rows of one attention work tile (kernels/attention_paged.cuh kAttentionPagedRows): a step's
 // metadata holds one (item, first row) pair per tile.
