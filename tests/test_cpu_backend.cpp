@@ -269,8 +269,9 @@ TEST(CpuOps, RmsNormMatchesFormula) {
 
 void expect_matches_naive(const ModelConfig& m, int64_t n_tokens, uint64_t seed, TensorFormat linear = {}) {
   TinyModel tm(m, seed, 0.08f, linear);
-  for (const TensorEntry& t : tm.manifest.attn(0).tensors)
+  for (const TensorEntry& t : tm.manifest.attn(0).tensors) {
     if (tensor_packable(t.name)) ASSERT_EQ(t.dtype, linear.dtype) << t.name;
+  }
   MemoryWeights ws(tm);
   auto backend = make_cpu_backend(ws, config_with_context(m.max_position_embeddings));
   auto tokens = test::random_tokens(n_tokens, m.vocab_size, seed + 100);
