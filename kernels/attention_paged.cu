@@ -6,38 +6,14 @@
 #include <string>
 
 #include "kernels/attention_common.cuh"
+#include "kernels/attention_paged_internal.cuh"
 #include "kernels/device_math.cuh"
 
 namespace ringllama {
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kRowsPerWarp = 4;
-constexpr int kRows = kWarps * kRowsPerWarp;  // query rows (token, head of the group) per block
-constexpr int kTile = 32;                     // keys per tile: one per lane for the scores
-static_assert(kRows == kAttentionPagedRows, "the header's tile height");
-
-// Where a split launch leaves its partials (layout: attention_paged_workspace_bytes).
-struct SplitPartials {
-  int splits = 1;
-  int64_t n_tokens = 0, n_heads = 0;
-  float* o = nullptr;   // [splits][n_tokens][n_heads][head_dim]
-  float* ml = nullptr;  // [splits][n_tokens][n_heads][2]: max (log2 units) and sum
-};
-
-// A tile's keys [0, key_end) in `used` spans of `chunk` keys (a multiple of the tile), at most
-// `splits` of them. Both passes compute it from the same device-side metadata, so a launch sized
-// for a long context (a captured graph) serves any shorter one.
-struct KeySpan {
-  int64_t chunk;
-  int used;
-};
-__device__ __forceinline__ KeySpan key_span(int64_t key_end, int splits) {
-  int64_t chunk = (key_end + splits - 1) / splits;
-  chunk = (chunk + kTile - 1) / kTile * kTile;
-  return {chunk, static_cast<int>((key_end + chunk - 1) / chunk)};
-}
+using namespace paged_detail;
 
 // Block (tile, kv head g): 16 query rows of one item that share kv head g (rows ordered
 // token-major, head-minor, so the rows of one token's GQA group share every K/V tile). Each warp
@@ -378,15 +354,22 @@ void launch_attention_paged(const __nv_bfloat16* q, int64_t q_row_stride, const 
                    reinterpret_cast<uintptr_t>(v_pool) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(batch.n_tiles), static_cast<unsigned>(n_kv_heads),
                   static_cast<unsigned>(split.splits));
-  dispatch_head_dim(head_dim, op, [&](auto maxj) {
-    constexpr int J = decltype(maxj)::value;
-    auto kernel = vec ? attention_paged_kernel<J, true> : attention_paged_kernel<J, false>;
-    kernel<<<grid, kWarps * 32, smem, stream>>>(q, q_row_stride, k_pool, v_pool, kv_row_stride,
-                                               static_cast<int>(block_tokens), out, out_row_stride, batch,
-                                               static_cast<int>(group), static_cast<int>(head_dim), ks2,
-                                               scale * kLog2e, sp);
-  });
-  CUDA_CHECK_LAUNCH();
+  // A decode step with a group of at most one warp's rows: the decode kernel, where it fits.
+  const bool decoded = batch.decode_only && group <= kRowsPerWarp &&
+                       launch_attention_paged_decode(q, q_row_stride, k_pool, v_pool, kv_row_stride, block_tokens,
+                                                     out, out_row_stride, batch, group, n_kv_heads, head_dim,
+                                                     scale * kLog2e, vec, sp, stream);
+  if (!decoded) {
+    dispatch_head_dim(head_dim, op, [&](auto maxj) {
+      constexpr int J = decltype(maxj)::value;
+      auto kernel = vec ? attention_paged_kernel<J, true> : attention_paged_kernel<J, false>;
+      kernel<<<grid, kWarps * 32, smem, stream>>>(q, q_row_stride, k_pool, v_pool, kv_row_stride,
+                                                 static_cast<int>(block_tokens), out, out_row_stride, batch,
+                                                 static_cast<int>(group), static_cast<int>(head_dim), ks2,
+                                                 scale * kLog2e, sp);
+    });
+    CUDA_CHECK_LAUNCH();
+  }
   if (split.splits > 1) {
     attention_paged_combine_kernel<<<dim3(static_cast<unsigned>(batch.n_tiles), static_cast<unsigned>(n_kv_heads)),
                                      kWarps * 32, 0, stream>>>(out, out_row_stride, batch, static_cast<int>(group),

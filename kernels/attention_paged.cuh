@@ -52,6 +52,12 @@ struct PagedAttentionBatch {
   const int32_t* tile_item = nullptr;     // [n_tiles] item of each block of work
   const int32_t* tile_row0 = nullptr;     // [n_tiles] its first row within the item (rows: token-major)
   int64_t n_tiles = 0;
+  // Every item has exactly one token (the caller knows it: a decode step). With a GQA group of at
+  // most 4, the launch then runs the decode kernel: one block per (token, kv head, span) whose four
+  // warps score different keys of the token's group rows and merge their softmax states at the
+  // end. Same results within rounding, same split partials; a wider group, or a head_dim whose tiles
+  // need more shared memory than the device gives a block, takes the general kernel.
+  bool decode_only = false;
 };
 
 // The work tiles of a step, for PagedAttentionBatch::tile_item/tile_row0: item i with count[i]

@@ -1,6 +1,7 @@
 // ringllama-kernel-bench: the bandwidth-bound kernels against the card's own copy rate, measured
 // in the same run. Packed GEMV (fp8, int4 g128, int4 g32) at the Llama 3 8B shapes, the dequant
-// pass, and decode attention over a paged cache at long contexts, unsplit and split.
+// pass, and decode attention over a paged cache at long contexts: the general kernel unsplit and
+// split, and the decode kernel (PagedAttentionBatch::decode_only) split.
 //
 // Rates are bytes the kernel must read (packed data + scales; K and V) over the time per launch,
 // from cudaEvents around many launches. Each launch reads a different copy of the operands, and
@@ -133,7 +134,7 @@ void bench_gemv(Timer& timer, double copy, size_t l2_bytes) {
 // Decode over a paged cache: `batch` sequences of `ctx` tokens, one query each; Llama 3 8B heads.
 void bench_attention(Timer& timer, double copy, int sm_count) {
   const int64_t H = 32, KVH = 8, hd = 128, kv_dim = KVH * hd, B = 16;
-  std::printf("%-30s %10s %10s %8s %7s\n", "decode attention", "us", "GB/s", "of copy", "splits");
+  std::printf("%-30s %10s %10s %8s %7s  %s\n", "decode attention", "us", "GB/s", "of copy", "splits", "kernel");
   struct Case {
     int64_t batch, ctx;
   };
@@ -174,15 +175,23 @@ void bench_attention(Timer& timer, double copy, int sm_count) {
     DeviceBuffer<unsigned char> ws(ws_bytes, "bench partials");
     const int auto_splits = attention_paged_splits(b.n_tiles, KVH, c.ctx, sm_count, c.batch, H, hd, ws_bytes);
     const double bytes = 2.0 * rows * kv_dim * 2;  // K and V, bf16
-    for (int splits : {1, auto_splits}) {
-      PagedAttentionSplit sp{splits, c.batch, ws.get(), ws_bytes};
+    // The general kernel unsplit and split, then the decode kernel (decode_only) split alike.
+    struct Row {
+      int splits;
+      bool decode;
+    };
+    for (Row r : {Row{1, false}, Row{auto_splits, false}, Row{auto_splits, true}}) {
+      if (!r.decode && r.splits == auto_splits && auto_splits == 1) continue;  // auto picked 1: shown above
+      PagedAttentionSplit sp{r.splits, c.batch, ws.get(), ws_bytes};
+      PagedAttentionBatch rb = b;
+      rb.decode_only = r.decode;
       const double t = timer.per_call(20, [&](int i) {
-        launch_attention_paged(q.get(), H * hd, k[i % 2].get(), v[i % 2].get(), kv_dim, B, out.get(), H * hd, b, H,
+        launch_attention_paged(q.get(), H * hd, k[i % 2].get(), v[i % 2].get(), kv_dim, B, out.get(), H * hd, rb, H,
                                KVH, hd, 0.088f, nullptr, sp);
       });
       const std::string what = "batch " + std::to_string(c.batch) + " context " + std::to_string(c.ctx);
-      std::printf("%-30s %10.2f %10.0f %8.2f %7d\n", what.c_str(), t * 1e6, bytes / t / 1e9, bytes / t / copy, splits);
-      if (splits == auto_splits) break;  // auto picked 1: one line is enough
+      std::printf("%-30s %10.2f %10.0f %8.2f %7d  %s\n", what.c_str(), t * 1e6, bytes / t / 1e9, bytes / t / copy,
+                  r.splits, r.decode ? "decode" : "general");
     }
   }
 }

@@ -398,6 +398,7 @@ std::vector<double> attention_ref(const std::vector<double>& q, const std::vecto
 // kernel as it was before splitting: kv rows of an odd number of 16-byte pieces), unsplit with 16-
 // byte loads, and split 2, 7, 64 ways and as attention_paged_splits picks. Every result against the
 // double reference; the unsplit ones, and any tile whose context fits one span, bit for bit equal.
+// The decode kernel (decode_only) likewise, unsplit and split, within the same bounds.
 TEST_F(PackedKernels, FlashDecodingMatchesReference) {
   const int64_t H = 32, KVH = 8, hd = 128, kv_dim = KVH * hd, q_dim = H * hd, B = 16;
   const std::vector<int64_t> ctx = {1, 17, 1000, 4097, 32768};
@@ -464,7 +465,7 @@ TEST_F(PackedKernels, FlashDecodingMatchesReference) {
   const int auto_splits = attention_paged_splits(b.n_tiles, KVH, 32768, cuda_sm_count(0), n, H, hd, ws_bytes);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  auto run = [&](const Pool& pool, int splits) {
+  auto run = [&](const Pool& pool, int splits, bool decode_only) {
     auto dk = to_device<bf16>(pool.k), dv = to_device<bf16>(pool.v);
     auto out = poisoned<bf16>(n * q_dim);
     PagedAttentionSplit sp;
@@ -472,17 +473,27 @@ TEST_F(PackedKernels, FlashDecodingMatchesReference) {
     sp.n_tokens = n;
     sp.workspace = ws.get();
     sp.workspace_bytes = ws_bytes;
-    launch_attention_paged(d_q.get(), q_dim, dk.get(), dv.get(), pool.stride, B, out.get(), q_dim, b, H, KVH, hd,
+    PagedAttentionBatch bb = b;
+    bb.decode_only = decode_only;
+    launch_attention_paged(d_q.get(), q_dim, dk.get(), dv.get(), pool.stride, B, out.get(), q_dim, bb, H, KVH, hd,
                            scale, nullptr, sp);
     const auto raw = download(out, n * q_dim);
     std::vector<uint16_t> bits(raw.size());
     std::memcpy(bits.data(), raw.data(), raw.size() * 2);
     return bits;
   };
-  const std::vector<uint16_t> old_kernel = run(pools[1], 1);
-  for (const auto& [pool, splits] : std::vector<std::pair<int, int>>{
-           {1, 1}, {0, 1}, {0, 2}, {0, 7}, {0, kAttentionPagedMaxSplits}, {0, auto_splits}, {1, 7}}) {
-    const std::vector<uint16_t> got = pool == 1 && splits == 1 ? old_kernel : run(pools[pool], splits);
+  const std::vector<uint16_t> old_kernel = run(pools[1], 1, false);
+  struct Run {
+    int pool, splits;
+    bool decode;  // the decode kernel (decode_only)
+  };
+  const int S = kAttentionPagedMaxSplits;
+  for (const auto& [pool, splits, decode] : std::vector<Run>{{1, 1, false}, {0, 1, false}, {0, 2, false},
+                                                             {0, 7, false}, {0, S, false}, {0, auto_splits, false},
+                                                             {1, 7, false}, {0, 1, true}, {0, S, true},
+                                                             {0, auto_splits, true}, {1, 7, true}}) {
+    const std::vector<uint16_t> got =
+        pool == 1 && splits == 1 && !decode ? old_kernel : run(pools[pool], splits, decode);
     for (int64_t i = 0; i < n; ++i) {
       double max_diff = 0, max_ref = 0, max_vs_old = 0;
       int64_t differ = 0, non_finite = 0;
@@ -496,13 +507,17 @@ TEST_F(PackedKernels, FlashDecodingMatchesReference) {
         differ += got[i * q_dim + d] != old_kernel[i * q_dim + d];
       }
       const double rel = max_diff / max_ref, rel_old = max_vs_old / max_ref;
-      std::printf("  flash-decoding context %5lld splits %2d (%s loads): max|diff|/max|ref| %.2e, vs unsplit %.2e\n",
-                  static_cast<long long>(ctx[i]), splits, pool == 0 ? "16-byte" : "4-byte", rel, rel_old);
-      EXPECT_EQ(non_finite, 0) << "context " << ctx[i] << " splits " << splits << " seed " << rng.seed;
-      EXPECT_LE(rel, 1e-2) << "context " << ctx[i] << " splits " << splits << " seed " << rng.seed;
-      EXPECT_LE(rel_old, 1e-2) << "context " << ctx[i] << " splits " << splits << " seed " << rng.seed;
+      std::printf("  flash-decoding%s context %5lld splits %2d (%s loads): max|diff|/max|ref| %.2e, vs unsplit %.2e\n",
+                  decode ? " (decode kernel)" : "", static_cast<long long>(ctx[i]), splits,
+                  pool == 0 ? "16-byte" : "4-byte", rel, rel_old);
+      const std::string what = "context " + std::to_string(ctx[i]) + " splits " + std::to_string(splits) +
+                               (decode ? " decode kernel" : "") + " seed " + std::to_string(rng.seed);
+      EXPECT_EQ(non_finite, 0) << what;
+      EXPECT_LE(rel, 1e-2) << what;
+      EXPECT_LE(rel_old, 1e-2) << what;
       // One span (no split, or a context of at most one 32-key tile): the same arithmetic as before.
-      if (splits == 1 || ctx[i] <= 32) EXPECT_EQ(differ, 0) << "context " << ctx[i] << " splits " << splits;
+      if (!decode && (splits == 1 || ctx[i] <= 32))
+        EXPECT_EQ(differ, 0) << "context " << ctx[i] << " splits " << splits;
     }
   }
 }

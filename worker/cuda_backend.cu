@@ -575,6 +575,7 @@ class CudaBackend : public Backend {
     batch.tile_item = meta + ml.tile_item;
     batch.tile_row0 = meta + ml.tile_row0;
     batch.n_tiles = ml.tiles;
+    batch.decode_only = ml.rows == ml.items;  // one token per item: a decode step (graphs and warm-up too)
 
     launch_embedding(meta + ml.ids, n, tok_embeddings_, m_.vocab_size, dim, x_.get(), ElemType::F32, s);
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
