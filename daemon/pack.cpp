@@ -196,6 +196,7 @@ static WriteOptions write_options(const PackOptions& opts) {
   w.threads = opts.threads;
   w.progress = opts.progress;
   w.cancel = opts.cancel;
+  w.scales = opts.scales;
   return w;
 }
 

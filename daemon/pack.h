@@ -53,6 +53,8 @@ struct PackOptions {
   DType weights = DType::BF16;
   // --group-size for int4: 32 or 128. 0: 128, except GGUF Q4_0/Q4_1 tensors, taken over at 32.
   int64_t group_size = 0;
+  // --scales: how fp8 and int4 scales are chosen (by default the rule that measured best for each).
+  ScaleRules scales;
   // --random --tokenizer: files copied beside the manifest (a real vocabulary for random weights).
   std::vector<std::string> tokenizer_files;
 };

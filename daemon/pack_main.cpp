@@ -4,7 +4,7 @@
 //   ringllama-pack --gguf FILE --out STORE [--force]
 //   ringllama-pack --random SHAPE --out STORE [--seed N] [--layers N] [--tokenizer FILE] [--force]
 //   ringllama-pack --verify STORE
-//   any pack: [--weights bf16|fp8|int4] [--group-size 32|128]
+//   any pack: [--weights bf16|fp8|int4] [--group-size 32|128] [--scales auto|search|minmax]
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -41,6 +41,7 @@ int run(int argc, char** argv) {
   int threads = 0;
   int64_t group_size = 0;
   std::string weights = "bf16";
+  std::string scales = "auto";
   bool force = false, quiet = false;
   ringllama::ConfigLoader config_loader(ringllama::kPack);
 
@@ -68,6 +69,11 @@ int run(int argc, char** argv) {
                                  "int4 inputs per scale: 32 or 128 (default 128; GGUF Q4_0/Q4_1 tensors keep 32 "
                                  "exactly unless this is given)")
                       ->check(CLI::IsMember({32, 128}));
+  auto* o_scales = app.add_option("--scales", scales,
+                                  "how scales are chosen: search (the least squared error), minmax (fp8 max|w|/448, int4 "
+                                  "the group's min and (max - min)/15) or auto (default: search for int4, minmax for "
+                                  "fp8, the rules that measured best)")
+                       ->check(CLI::IsMember({"auto", "search", "minmax"}));
   app.add_flag("--force", force, "replace an existing STORE");
   app.add_flag("--quiet", quiet, "no progress on stderr");
   config_loader.add_flags(app);  // --config, --print-config, --verbose
@@ -80,6 +86,7 @@ int run(int argc, char** argv) {
   o_tokenizer->needs(o_random);
   o_weights->excludes(o_verify);
   o_group->excludes(o_verify);
+  o_scales->excludes(o_verify);
 
   try {
     app.parse(argc, argv);
@@ -117,6 +124,10 @@ int run(int argc, char** argv) {
                                      : ringllama::DType::BF16;
   RL_REQUIRE(group_size == 0 || opts.weights == ringllama::DType::INT4, "--group-size goes with --weights int4");
   opts.group_size = group_size;
+  if (scales != "auto") {
+    const auto rule = scales == "minmax" ? ringllama::ScaleRule::kMinMax : ringllama::ScaleRule::kSearch;
+    opts.scales = {rule, rule};
+  }
   if (!tokenizer.empty()) {
     // Loaded first: a file that is no tokenizer, or whose vocabulary is another model's, fails
     // now. A few added ids past the embedding pass with a warning (Llama 3.2's tokenizer.json has

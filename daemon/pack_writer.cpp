@@ -111,7 +111,7 @@ struct TmpGuard {
 // where that block starts in the group. A slice of a chunk may begin or end inside a row: the rows
 // it touches are packed whole and the bytes asked for copied out.
 void fill_packed(const GroupEntry& g, size_t ti, const PackSource& src, bool scales, uint64_t base, uint64_t pos,
-                 uint64_t stop, char* dst) {
+                 uint64_t stop, char* dst, const ScaleRules& rules) {
   const TensorEntry& t = g.tensors[ti];
   const int64_t rows = t.shape[0];
   const uint64_t data_row = t.size / static_cast<uint64_t>(rows), scale_row = t.scales_size / static_cast<uint64_t>(rows);
@@ -124,7 +124,7 @@ void fill_packed(const GroupEntry& g, size_t ti, const PackSource& src, bool sca
     const int64_t n = std::min<int64_t>(kRowsPerBatch, rows - r0);
     d.resize(static_cast<size_t>(n) * data_row);
     s.resize(static_cast<size_t>(n) * scale_row);
-    pack_rows(g, ti, src, r0, n, d.data(), s.data());
+    pack_rows(g, ti, src, r0, n, d.data(), s.data(), rules);
     const uint64_t b0 = base + static_cast<uint64_t>(r0) * row_bytes;
     const uint64_t b1 = std::min(stop, b0 + static_cast<uint64_t>(n) * row_bytes);
     std::memcpy(dst + (at - pos), (scales ? s.data() : d.data()) + (at - b0), b1 - at);
@@ -134,7 +134,7 @@ void fill_packed(const GroupEntry& g, size_t ti, const PackSource& src, bool sca
 
 // Group bytes [off, off + len): tensor values (and packed tensors' scales) where they lie, zeros
 // in the padding.
-void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst) {
+void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst, const ScaleRules& rules) {
   struct Block {
     size_t ti;
     bool scales;
@@ -159,7 +159,7 @@ void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64
     const uint64_t stop = std::min(b.end, end);
     const TensorEntry& t = g.tensors[b.ti];
     if (dtype_packed(t.dtype)) {
-      fill_packed(g, b.ti, src, b.scales, b.begin, pos, stop, dst + (pos - off));
+      fill_packed(g, b.ti, src, b.scales, b.begin, pos, stop, dst + (pos - off), rules);
     } else {
       // Slices start on kGroupAlign boundaries and tensors on kTensorAlign ones: never mid-element.
       src.fill(g, b.ti, (pos - b.begin) / 2, (stop - pos) / 2, reinterpret_cast<bf16_t*>(dst + (pos - off)));
@@ -174,7 +174,8 @@ void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64
 // values: its rows are quantized to find them), cut at multiples of kTensorAlign so that no piece
 // starts mid-element; the padding between blocks rides with the piece before it. Threads take
 // pieces in turn.
-void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst, int threads) {
+void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst, int threads,
+                   const ScaleRules& rules) {
   const uint64_t end = off + len;
   std::vector<uint64_t> cuts{off};
   auto cut = [&](uint64_t at) {
@@ -197,7 +198,7 @@ void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uin
   auto work = [&](int k) {
     try {
       for (size_t i; (i = next.fetch_add(1)) < pieces;)
-        fill_range(g, src, cuts[i], cuts[i + 1] - cuts[i], dst + (cuts[i] - off));
+        fill_range(g, src, cuts[i], cuts[i + 1] - cuts[i], dst + (cuts[i] - off), rules);
     } catch (...) {
       errors[static_cast<size_t>(k)] = std::current_exception();
       next = pieces;  // the others stop at their next piece
@@ -288,7 +289,7 @@ void PackSource::fill_rows_f32(const GroupEntry& g, size_t ti, int64_t row0, int
 }
 
 void pack_rows(const GroupEntry& g, size_t ti, const PackSource& src, int64_t row0, int64_t rows, uint8_t* data,
-               uint8_t* scales) {
+               uint8_t* scales, const ScaleRules& rules) {
   const TensorEntry& t = g.tensors.at(ti);
   const int64_t in = t.shape.at(1);
   if (t.dtype == DType::INT4) {
@@ -298,14 +299,14 @@ void pack_rows(const GroupEntry& g, size_t ti, const PackSource& src, int64_t ro
     src.fill_rows_f32(g, ti, row0, rows, w.data());
     const int64_t G = t.group_size;
     for (int64_t r = 0; r < rows; ++r)
-      quantize_row_int4(w.data() + r * in, in, G, data + r * (in / 2), sm + r * (in / G) * 2);
+      quantize_row_int4(w.data() + r * in, in, G, data + r * (in / 2), sm + r * (in / G) * 2, rules.int4);
     return;
   }
   if (t.dtype != DType::FP8_E4M3) throw Error(fmt::format("{}: tensor '{}' is not packed", g.label(), t.name));
   std::vector<float> w(static_cast<size_t>(rows * in));
   src.fill_rows_f32(g, ti, row0, rows, w.data());
   for (int64_t r = 0; r < rows; ++r) {
-    const float scale = quantize_row_fp8(w.data() + r * in, in, data + r * in);
+    const float scale = quantize_row_fp8(w.data() + r * in, in, data + r * in, rules.fp8);
     std::memcpy(scales + 4 * r, &scale, 4);
   }
 }
@@ -396,7 +397,7 @@ void stream_groups(Manifest& plan, const PackSource& src, const WriteOptions& op
           pipe.free.pop_back();
         }
         const uint64_t len = std::min(chunk, g.size - off);
-        parallel_fill(g, src, off, len, buf, threads);
+        parallel_fill(g, src, off, len, buf, threads, opts.scales);
         std::lock_guard<std::mutex> lk(pipe.mu);
         pipe.queue.push_back(Job{buf, len, gi, off == 0, off + len == g.size});
         pipe.cv.notify_all();

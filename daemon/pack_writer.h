@@ -15,6 +15,7 @@
 
 #include "common/bf16.h"
 #include "common/manifest.h"
+#include "common/quant.h"
 
 namespace ringllama {
 
@@ -36,9 +37,10 @@ class PackSource {
 };
 
 // Rows [row0, row0 + rows) of packed tensor `ti` of `g` in its stored form: values into `data`
-// (rows * the bytes of one row), scales into `scales` (rows * the scale bytes of one row).
+// (rows * the bytes of one row), scales into `scales` (rows * the scale bytes of one row), the
+// scales chosen by `rules` (rows the source gives in int4 already are taken as they are).
 void pack_rows(const GroupEntry& g, size_t ti, const PackSource& src, int64_t row0, int64_t rows, uint8_t* data,
-               uint8_t* scales);
+               uint8_t* scales, const ScaleRules& rules = {});
 
 // write(2) until all n bytes are out, retrying short writes and EINTR. Throws StoreError naming
 // `path`; a full disk or quota (ENOSPC, EDQUOT) reads "PATH: no space left on device".
@@ -54,6 +56,7 @@ struct WriteOptions {
   std::vector<std::pair<std::string, std::string>> write_files;
   const std::atomic<bool>* cancel = nullptr;  // set (by a signal handler) to stop with an error
   bool progress = true;                  // progress on stderr: a bar on a tty, else log lines
+  ScaleRules scales;                     // how fp8 and int4 scales are chosen (common/quant.h)
 };
 
 struct WriteResult {

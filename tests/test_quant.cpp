@@ -80,14 +80,14 @@ TEST(Quant, HalfRoundTripsAndRoundsToNearestEven) {
   EXPECT_EQ(float_to_half(-0x1p-26f), 0x8000);                    // underflow keeps the sign
 }
 
-TEST(Quant, Fp8RowWithinHalfAStepOfEveryWeight) {
+TEST(Quant, Fp8PlainRowWithinHalfAStepOfEveryWeight) {
   std::mt19937 rng(11);
   std::normal_distribution<float> n(0.0f, 0.05f);
   std::vector<float> w(1000), back(1000);
   std::vector<uint8_t> q(1000);
   for (auto& x : w) x = n(rng);
   w[17] = 0.9f;  // an outlier sets the scale
-  const float scale = quantize_row_fp8(w.data(), 1000, q.data());
+  const float scale = quantize_row_fp8(w.data(), 1000, q.data(), ScaleRule::kMinMax);
   EXPECT_EQ(scale, 0.9f / 448.0f);
   EXPECT_EQ(q[17], 0x7E);
   dequantize_row_fp8(q.data(), scale, 1000, back.data());
@@ -100,7 +100,7 @@ TEST(Quant, Fp8RowWithinHalfAStepOfEveryWeight) {
   EXPECT_THROW(quantize_row_fp8(w.data(), 1000, q.data()), Error);
 }
 
-TEST(Quant, Int4RowLayoutAndBound) {
+TEST(Quant, Int4RowLayoutAndPlainRuleBound) {
   // Group 0: 0..15 exactly (scale 1, min 0); group 1: constant (scale 0).
   std::vector<float> w(64);
   for (int i = 0; i < 32; ++i) w[i] = static_cast<float>(i % 16);
@@ -125,7 +125,7 @@ TEST(Quant, Int4RowLayoutAndBound) {
   std::vector<uint8_t> rq(128);
   std::vector<uint16_t> rsm(4);
   for (auto& x : r) x = n(rng);
-  quantize_row_int4(r.data(), 256, 128, rq.data(), rsm.data());
+  quantize_row_int4(r.data(), 256, 128, rq.data(), rsm.data(), ScaleRule::kMinMax);
   dequantize_row_int4(rq.data(), rsm.data(), 256, 128, rb.data());
   for (int k = 0; k < 2; ++k) {
     float lo = r[k * 128], hi = lo;
