@@ -118,9 +118,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
   };
   // Shuffles in issue() need every lane: the loop bound is warp-uniform (kTile * np is).
 
-  int64_t rows = -1;
   if (warp < n_tiles) {
-    rows = tile_rows(warp);
+    const int64_t rows = tile_rows(warp);
     issue(k, kw, kstr, rows);
     issue(v, vw, hd2, rows);
   }
@@ -151,6 +150,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
 
   for (int tile = warp; tile < n_tiles; tile += kWarps) {
     const int64_t kt0 = key_begin + static_cast<int64_t>(tile) * kTile;
+    // The next tile's pool rows: their block-table reads are waited on during this tile's scores.
+    const int next = tile + kWarps;
+    const int64_t next_rows = next < n_tiles ? tile_rows(next) : -1;
     copy_wait<1>();  // K of this tile (V may still be in flight)
     __syncwarp();
     float s[ROWS];
@@ -192,8 +194,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
       }
     }
     __syncwarp();  // every lane has read its K row: the buffer takes the next tile's
-    const int next = tile + kWarps;
-    const int64_t next_rows = next < n_tiles ? tile_rows(next) : -1;
     if (next < n_tiles) issue(k, kw, kstr, next_rows);
     else copy_commit();  // an empty group keeps the wait counts below the same
 
