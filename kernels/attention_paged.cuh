@@ -42,6 +42,12 @@ size_t attention_paged_workspace_bytes(int64_t n_tokens, int64_t n_heads, int64_
 int attention_paged_splits(int64_t n_tiles, int64_t n_kv_heads, int64_t max_keys, int sm_count, int64_t n_tokens,
                            int64_t n_heads, int64_t head_dim, size_t workspace_bytes);
 
+// Blocks of the decode kernel (PagedAttentionBatch::decode_only) that one SM of the current device
+// holds at once for these heads (16-byte K/V loads where head_dim allows), 0 where the general
+// kernel would serve the step: what a split count that fills the GPU in one wave is made from
+// (ringllama-kernel-bench compares it with attention_paged_splits').
+int attention_paged_decode_blocks_per_sm(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim);
+
 // Device-side description of a step, all int32 arrays on the device.
 struct PagedAttentionBatch {
   const int32_t* item_row0 = nullptr;     // [items] first token (row of q and out) of the item

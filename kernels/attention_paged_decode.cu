@@ -285,22 +285,48 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
   }
 }
 
-// The launcher's dispatch over ROWS: the token's group rounded up to 1, 2 or 4 rows, so that a
-// small group does not pay for four rows' scores.
+using DecodeKernel = void (*)(const __nv_bfloat16*, int64_t, const __nv_bfloat16*, const __nv_bfloat16*, int64_t, int,
+                              __nv_bfloat16*, int64_t, PagedAttentionBatch, int, int, int, float, SplitPartials);
+
+// The instance for a step: ROWS is the token's group rounded up to 1, 2 or 4 rows, so that a small
+// group does not pay for four rows' scores.
 template <int MAXJ, bool VEC>
-void launch_rows(int rows, dim3 grid, size_t smem, cudaStream_t stream, const __nv_bfloat16* q, int64_t q_stride,
-                 const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t kv_stride, int block_tokens,
-                 __nv_bfloat16* out, int64_t out_stride, const PagedAttentionBatch& b, int group, int head_dim,
-                 int kstr, float scale_log2, const SplitPartials& sp) {
-  auto kernel = rows == 1   ? attention_paged_decode_kernel<MAXJ, VEC, 1>
-                : rows == 2 ? attention_paged_decode_kernel<MAXJ, VEC, 2>
-                            : attention_paged_decode_kernel<MAXJ, VEC, 4>;
+DecodeKernel kernel_for(int rows) {
+  return rows == 1 ? attention_paged_decode_kernel<MAXJ, VEC, 1>
+         : rows == 2 ? attention_paged_decode_kernel<MAXJ, VEC, 2>
+                     : attention_paged_decode_kernel<MAXJ, VEC, 4>;
+}
+
+// The shape of a launch: the instance, its K row stride and its shared memory; null where the
+// device cannot give a block that much (head_dim 256 needs about 137 KiB; Ada gives 99 KiB).
+struct DecodeShape {
+  DecodeKernel kernel = nullptr;
+  int kstr = 0;
+  size_t smem = 0;
+};
+DecodeShape decode_shape(int64_t group, int64_t head_dim, bool kv_vec) {
+  DecodeShape d;
+  const int hd2 = static_cast<int>(head_dim / 2);
+  const int rows = group == 1 ? 1 : group == 2 ? 2 : 4;
+  // VEC: K rows padded by 16 bytes (16-byte aligned, conflict-free 16-byte reads); otherwise an
+  // odd number of words (conflict-free single-word reads).
+  d.kstr = kv_vec ? hd2 + 4 : (hd2 % 2 == 1 ? hd2 : hd2 + 1);
+  const size_t tiles = sizeof(uint32_t) * kWarps * kTile * static_cast<size_t>(d.kstr + hd2);
+  const size_t merge = sizeof(float) * kWarps * rows * static_cast<size_t>(head_dim + 2);
+  d.smem = std::max(tiles, merge) + sizeof(float) * rows * static_cast<size_t>(head_dim);
+  int device = 0, optin = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (d.smem > static_cast<size_t>(optin)) return d;
+  dispatch_head_dim(head_dim, "launch_attention_paged", [&](auto maxj) {
+    constexpr int J = decltype(maxj)::value;
+    d.kernel = kv_vec ? kernel_for<J, true>(rows) : kernel_for<J, false>(rows);
+  });
   // Over the default 48 KiB (head_dim 128: about 68 KiB, three blocks per SM). Allowed while a
   // stream is being captured: it is no stream operation.
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(q, q_stride, k, v, kv_stride, block_tokens, out, out_stride, b, group,
-                                              head_dim, kstr, scale_log2, sp);
+  if (d.smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(d.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(d.smem)));
+  return d;
 }
 
 }  // namespace
@@ -310,30 +336,30 @@ bool launch_attention_paged_decode(const __nv_bfloat16* q, int64_t q_row_stride,
                                    __nv_bfloat16* out, int64_t out_row_stride, const PagedAttentionBatch& batch,
                                    int64_t group, int64_t n_kv_heads, int64_t head_dim, float scale_log2, bool kv_vec,
                                    const SplitPartials& sp, cudaStream_t stream) {
-  const int hd2 = static_cast<int>(head_dim / 2);
-  const int rows = group == 1 ? 1 : group == 2 ? 2 : 4;
-  // VEC: K rows padded by 16 bytes (16-byte aligned, conflict-free 16-byte reads); otherwise an
-  // odd number of words (conflict-free single-word reads).
-  const int kstr = kv_vec ? hd2 + 4 : (hd2 % 2 == 1 ? hd2 : hd2 + 1);
-  const size_t tiles = sizeof(uint32_t) * kWarps * kTile * static_cast<size_t>(kstr + hd2);
-  const size_t merge = sizeof(float) * kWarps * rows * static_cast<size_t>(head_dim + 2);
-  const size_t smem = std::max(tiles, merge) + sizeof(float) * rows * static_cast<size_t>(head_dim);
-  // head_dim 256 needs about 137 KiB: more than some GPUs give a block (Ada: 99 KiB).
-  int device = 0, optin = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (smem > static_cast<size_t>(optin)) return false;
+  const DecodeShape d = decode_shape(group, head_dim, kv_vec);
+  if (!d.kernel) return false;
   const dim3 grid(static_cast<unsigned>(batch.n_tiles), static_cast<unsigned>(n_kv_heads),
                   static_cast<unsigned>(sp.splits));
-  dispatch_head_dim(head_dim, "launch_attention_paged", [&](auto maxj) {
-    constexpr int J = decltype(maxj)::value;
-    auto launch = kv_vec ? launch_rows<J, true> : launch_rows<J, false>;
-    launch(rows, grid, smem, stream, q, q_row_stride, k_pool, v_pool, kv_row_stride, static_cast<int>(block_tokens),
-           out, out_row_stride, batch, static_cast<int>(group), static_cast<int>(head_dim), kstr, scale_log2, sp);
-  });
+  d.kernel<<<grid, kWarps * 32, d.smem, stream>>>(q, q_row_stride, k_pool, v_pool, kv_row_stride,
+                                                  static_cast<int>(block_tokens), out, out_row_stride, batch,
+                                                  static_cast<int>(group), static_cast<int>(head_dim), d.kstr,
+                                                  scale_log2, sp);
   CUDA_CHECK_LAUNCH();
   return true;
 }
 
 }  // namespace paged_detail
+
+int attention_paged_decode_blocks_per_sm(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
+  const char* op = "attention_paged_decode_blocks_per_sm";
+  check_attention_shape(op, n_heads, n_kv_heads, head_dim, n_kv_heads * head_dim);
+  const int64_t group = n_heads / n_kv_heads;
+  if (group > paged_detail::kRowsPerWarp) return 0;
+  const paged_detail::DecodeShape d = paged_detail::decode_shape(group, head_dim, head_dim % 8 == 0);
+  if (!d.kernel) return 0;
+  int blocks = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, d.kernel, paged_detail::kWarps * 32, d.smem));
+  return blocks;
+}
+
 }  // namespace ringllama

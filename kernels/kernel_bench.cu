@@ -175,13 +175,22 @@ void bench_attention(Timer& timer, double copy, int sm_count) {
     DeviceBuffer<unsigned char> ws(ws_bytes, "bench partials");
     const int auto_splits = attention_paged_splits(b.n_tiles, KVH, c.ctx, sm_count, c.batch, H, hd, ws_bytes);
     const double bytes = 2.0 * rows * kv_dim * 2;  // K and V, bf16
-    // The general kernel unsplit and split, then the decode kernel (decode_only) split alike.
+    // The general kernel unsplit and split, then the decode kernel (decode_only) split alike and
+    // split into as many blocks as the GPU holds at once (one wave; at least one span per tile).
+    const int64_t resident = int64_t{attention_paged_decode_blocks_per_sm(H, KVH, hd)} * sm_count;
+    const int64_t max_wave = std::max<int64_t>(1, std::min<int64_t>(kAttentionPagedMaxSplits, c.ctx / 32));
+    const int wave_splits = static_cast<int>(std::clamp<int64_t>(resident / (b.n_tiles * KVH), 1, max_wave));
     struct Row {
       int splits;
       bool decode;
+      const char* kernel;
     };
-    for (Row r : {Row{1, false}, Row{auto_splits, false}, Row{auto_splits, true}}) {
-      if (!r.decode && r.splits == auto_splits && auto_splits == 1) continue;  // auto picked 1: shown above
+    const Row table[] = {{1, false, "general"},
+                         {auto_splits, false, "general"},
+                         {auto_splits, true, "decode"},
+                         {wave_splits, true, "decode, one wave"}};
+    for (const Row& r : table) {
+      if (&r == &table[1] && auto_splits == 1) continue;  // the launch of the row above
       PagedAttentionSplit sp{r.splits, c.batch, ws.get(), ws_bytes};
       PagedAttentionBatch rb = b;
       rb.decode_only = r.decode;
@@ -191,7 +200,7 @@ void bench_attention(Timer& timer, double copy, int sm_count) {
       });
       const std::string what = "batch " + std::to_string(c.batch) + " context " + std::to_string(c.ctx);
       std::printf("%-30s %10.2f %10.0f %8.2f %7d  %s\n", what.c_str(), t * 1e6, bytes / t / 1e9, bytes / t / copy,
-                  r.splits, r.decode ? "decode" : "general");
+                  r.splits, r.kernel);
     }
   }
 }

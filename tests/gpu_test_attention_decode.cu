@@ -207,5 +207,15 @@ TEST_F(AttentionDecode, OtherLoadPathsAndHeadSizes) {
   check_case(Case{1, 2, 40, kBatches[1], 0}, seed + 22);
 }
 
+// What the kernel bench sizes a one-wave split from: at least one block per SM for the 8B's heads
+// (about 68 KiB of shared memory each), none where the general kernel would run.
+TEST_F(AttentionDecode, BlocksPerSm) {
+  const int blocks = attention_paged_decode_blocks_per_sm(32, 8, 128);
+  EXPECT_GE(blocks, 1);
+  EXPECT_LE(blocks, 16);  // 4 warps each: no more than an SM's warps
+  EXPECT_EQ(attention_paged_decode_blocks_per_sm(64, 8, 128), 0);  // group 8: the general kernel
+  EXPECT_THROW(attention_paged_decode_blocks_per_sm(30, 8, 128), Error);  // not a multiple
+}
+
 }  // namespace
 }  // namespace ringllama
