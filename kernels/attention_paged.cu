@@ -279,6 +279,18 @@ size_t attention_paged_workspace_bytes(int64_t n_tokens, int64_t n_heads, int64_
          static_cast<size_t>(head_dim + 2) * sizeof(float);
 }
 
+int attention_paged_decode_splits(int64_t n_items, int64_t n_kv_heads, int64_t max_keys, int sm_count,
+                                  int blocks_per_sm, int64_t n_heads, int64_t head_dim, size_t workspace_bytes) {
+  if (n_items <= 0 || n_kv_heads <= 0 || max_keys <= 0 || sm_count <= 0 || blocks_per_sm <= 0) return 1;
+  const int64_t blocks = n_items * n_kv_heads;
+  const int64_t wave = std::max<int64_t>(3, int64_t{blocks_per_sm} * sm_count / blocks);
+  const int64_t by_keys = (max_keys + kAttentionPagedMinSplitKeys - 1) / kAttentionPagedMinSplitKeys;
+  int64_t splits = std::min<int64_t>({wave, by_keys, kAttentionPagedMaxSplits});
+  const size_t per_split = attention_paged_workspace_bytes(n_items, n_heads, head_dim, 1);
+  if (per_split > 0) splits = std::min<int64_t>(splits, static_cast<int64_t>(workspace_bytes / per_split));
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
 int attention_paged_splits(int64_t n_tiles, int64_t n_kv_heads, int64_t max_keys, int sm_count, int64_t n_tokens,
                            int64_t n_heads, int64_t head_dim, size_t workspace_bytes) {
   if (n_tiles <= 0 || n_kv_heads <= 0 || max_keys <= 0 || sm_count <= 0) return 1;

@@ -217,5 +217,26 @@ TEST_F(AttentionDecode, BlocksPerSm) {
   EXPECT_THROW(attention_paged_decode_blocks_per_sm(30, 8, 128), Error);  // not a multiple
 }
 
+// The decode step's split count (host code): one wave of blocks, at least 3 spans, capped like
+// attention_paged_splits (shortest span, most spans, the workspace).
+TEST(AttentionDecodeSplits, OneWaveAtLeastThree) {
+  const size_t ws = attention_paged_workspace_bytes(64, 32, 128, kAttentionPagedMaxSplits);
+  // One sequence at 32k on 132 SMs holding 3 blocks each: 396 / 8 blocks.
+  EXPECT_EQ(attention_paged_decode_splits(1, 8, 32768, 132, 3, 32, 128, ws), 49);
+  EXPECT_EQ(attention_paged_decode_splits(4, 8, 32768, 132, 3, 32, 128, ws), 12);
+  // 64 sequences fill more than a wave: 3 spans still (measured faster than 1).
+  EXPECT_EQ(attention_paged_decode_splits(64, 8, 32768, 132, 3, 32, 128, ws), 3);
+  // A short context: no span under the minimum.
+  EXPECT_EQ(attention_paged_decode_splits(1, 8, 300, 132, 3, 32, 128, ws), 2);
+  EXPECT_EQ(attention_paged_decode_splits(1, 8, 100, 132, 3, 32, 128, ws), 1);
+  // The cap and the workspace.
+  EXPECT_EQ(attention_paged_decode_splits(1, 8, 1 << 20, 1000, 3, 32, 128, ws), kAttentionPagedMaxSplits);
+  EXPECT_EQ(attention_paged_decode_splits(1, 8, 32768, 132, 3, 32, 128, attention_paged_workspace_bytes(1, 32, 128, 5)),
+            5);
+  // No decode kernel for these heads, or nothing to split: one span.
+  EXPECT_EQ(attention_paged_decode_splits(1, 8, 32768, 132, 0, 32, 128, ws), 1);
+  EXPECT_EQ(attention_paged_decode_splits(0, 8, 32768, 132, 3, 32, 128, ws), 1);
+}
+
 }  // namespace
 }  // namespace ringllama

@@ -198,6 +198,7 @@ class CudaBackend : public Backend {
                              kv_.max_blocks_per_sequence())
                       .total),
         sm_count_(cuda_sm_count(device_)),
+        decode_blocks_per_sm_(attention_paged_decode_blocks_per_sm(m_.n_heads, m_.n_kv_heads, m_.head_dim)),
         host_meta_(static_cast<size_t>(max_meta_)),
         host_logits_(static_cast<size_t>(limits_.max_items * m_.vocab_size)),
         host_picked_(static_cast<size_t>(limits_.max_items)),
@@ -673,8 +674,12 @@ class CudaBackend : public Backend {
     split.n_tokens = ml.rows;
     split.workspace = workspace_.get();
     split.workspace_bytes = workspace_.bytes();
-    split.splits = attention_paged_splits(ml.tiles, m_.n_kv_heads, limits_.max_context, sm_count_, ml.rows,
-                                          m_.n_heads, m_.head_dim, workspace_.bytes());
+    split.splits = ml.rows == ml.items && decode_blocks_per_sm_ > 0
+                       ? attention_paged_decode_splits(ml.items, m_.n_kv_heads, limits_.max_context, sm_count_,
+                                                       decode_blocks_per_sm_, m_.n_heads, m_.head_dim,
+                                                       workspace_.bytes())
+                       : attention_paged_splits(ml.tiles, m_.n_kv_heads, limits_.max_context, sm_count_, ml.rows,
+                                                m_.n_heads, m_.head_dim, workspace_.bytes());
     return split;
   }
 
@@ -702,6 +707,7 @@ class CudaBackend : public Backend {
   const int64_t max_tiles_;  // attention work tiles of one step, at most
   const int64_t max_meta_;   // int32s of one step's metadata, at most
   const int sm_count_;       // the device's multiprocessors (the attention split fills them)
+  const int decode_blocks_per_sm_;  // the decode attention kernel's blocks per SM (0: not used)
   Stream stream_;
   CudaMemoryReport report_;     // the plan and what was measured
   std::unique_ptr<Gemm> gemm_;  // made after the context is measured, before the plan
