@@ -169,21 +169,41 @@ void fill_range(const GroupEntry& g, const PackSource& src, uint64_t off, uint64
   if (pos < end) std::memset(dst + (pos - off), 0, end - pos);
 }
 
-// The chunk [off, off + len) in pieces that cost about the same: each tensor's values and each
-// packed tensor's scales split `threads` ways (a scales block is small but costs as much as its
-// values: its rows are quantized to find them), cut at multiples of kTensorAlign so that no piece
-// starts mid-element; the padding between blocks rides with the piece before it. Threads take
-// pieces in turn.
+// The chunk [off, off + len) in pieces that cost about the same, taken by the threads in turn.
+// A packed tensor whose values and scales both lie in the chunk is packed by rows, `threads` runs
+// of rows, each row quantized once for both its bytes and its scales. Other tensors' values and
+// scales split `threads` ways, cut at multiples of kTensorAlign so that no piece starts
+// mid-element (a packed row cut off from its scales by the chunk's edge is quantized for each
+// side); the padding between blocks rides with the piece before it.
 void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uint64_t len, char* dst, int threads,
                    const ScaleRules& rules) {
   const uint64_t end = off + len;
+  auto inside = [&](uint64_t b, uint64_t n) { return b >= off && b + n <= end; };
   std::vector<uint64_t> cuts{off};
   auto cut = [&](uint64_t at) {
     if (at > cuts.back() && at < end) cuts.push_back(at);
   };
-  for (const TensorEntry& t : g.tensors) {
+  struct Rows {
+    size_t ti;
+    int64_t r0, r1;
+  };
+  std::vector<Rows> row_tasks;
+  std::vector<std::pair<uint64_t, uint64_t>> by_rows;  // blocks the row tasks fill
+  for (size_t ti = 0; ti < g.tensors.size(); ++ti) {
+    const TensorEntry& t = g.tensors[ti];
+    const bool packed = dtype_packed(t.dtype);
+    if (packed && inside(t.offset, t.size) && inside(t.scales_offset, t.scales_size)) {
+      for (const auto& [b, n] : {std::pair{t.offset, t.size}, std::pair{t.scales_offset, t.scales_size}}) {
+        cut(b);
+        cut(b + n);
+        by_rows.emplace_back(b, b + n);
+      }
+      const int64_t rows = t.shape[0], step = std::max<int64_t>(1, (rows + threads - 1) / threads);
+      for (int64_t r = 0; r < rows; r += step) row_tasks.push_back({ti, r, std::min(rows, r + step)});
+      continue;
+    }
     const uint64_t begins[2] = {t.offset, t.scales_offset}, sizes[2] = {t.size, t.scales_size};
-    for (int b = 0; b < (dtype_packed(t.dtype) ? 2 : 1); ++b) {
+    for (int b = 0; b < (packed ? 2 : 1); ++b) {
       const uint64_t lo = std::max(off, begins[b]), hi = std::min(end, begins[b] + sizes[b]);
       if (lo >= hi) continue;
       cut(lo);
@@ -192,13 +212,41 @@ void parallel_fill(const GroupEntry& g, const PackSource& src, uint64_t off, uin
     }
   }
   cuts.push_back(end);
-  const size_t pieces = cuts.size() - 1;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    bool filled_by_rows = false;
+    for (const auto& [b, e] : by_rows) filled_by_rows |= cuts[i] == b && cuts[i + 1] == e;
+    if (!filled_by_rows) ranges.emplace_back(cuts[i], cuts[i + 1]);
+  }
+
+  auto pack_run = [&](const Rows& rt) {
+    const TensorEntry& t = g.tensors[rt.ti];
+    const uint64_t rows = static_cast<uint64_t>(t.shape[0]);
+    const uint64_t data_row = t.size / rows, scale_row = t.scales_size / rows;
+    constexpr int64_t kRowsPerBatch = 64;  // the scratch stays small whatever the tensor
+    std::vector<uint8_t> d, s;
+    for (int64_t r = rt.r0; r < rt.r1; r += kRowsPerBatch) {
+      const int64_t n = std::min<int64_t>(kRowsPerBatch, rt.r1 - r);
+      d.resize(static_cast<size_t>(n) * data_row);
+      s.resize(static_cast<size_t>(n) * scale_row);
+      pack_rows(g, rt.ti, src, r, n, d.data(), s.data(), rules);
+      std::memcpy(dst + (t.offset + static_cast<uint64_t>(r) * data_row - off), d.data(), d.size());
+      std::memcpy(dst + (t.scales_offset + static_cast<uint64_t>(r) * scale_row - off), s.data(), s.size());
+    }
+  };
+  const size_t pieces = row_tasks.size() + ranges.size();
   std::atomic<size_t> next{0};
   std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
   auto work = [&](int k) {
     try {
-      for (size_t i; (i = next.fetch_add(1)) < pieces;)
-        fill_range(g, src, cuts[i], cuts[i + 1] - cuts[i], dst + (cuts[i] - off), rules);
+      for (size_t i; (i = next.fetch_add(1)) < pieces;) {
+        if (i < row_tasks.size()) {
+          pack_run(row_tasks[i]);
+        } else {
+          const auto& [a, b] = ranges[i - row_tasks.size()];
+          fill_range(g, src, a, b - a, dst + (a - off), rules);
+        }
+      }
     } catch (...) {
       errors[static_cast<size_t>(k)] = std::current_exception();
       next = pieces;  // the others stop at their next piece
