@@ -26,12 +26,14 @@
 #include "kernels/check.h"
 #include "kernels/device_info.h"
 #include "kernels/gemv_packed.cuh"
+#include "tests/attention_reference.h"
 #include "tests/gpu_skip.h"
 
 namespace ringllama {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using test::attention_ref;
 
 struct Rng {
   explicit Rng(uint64_t s) : seed(s), gen(s) {}
@@ -367,31 +369,6 @@ TEST_F(PackedKernels, GemvModelShapes) {
 // ---------------------------------------------------------------------------------------------
 // Flash-decoding
 
-// out[h, :] for one query at position pos over keys [0, pos], double precision.
-std::vector<double> attention_ref(const std::vector<double>& q, const std::vector<double>& k,
-                                  const std::vector<double>& v, int64_t pos, int64_t n_heads, int64_t n_kv_heads,
-                                  int64_t hd) {
-  const int64_t group = n_heads / n_kv_heads, kv_dim = n_kv_heads * hd;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  std::vector<double> out(n_heads * hd), p(pos + 1);
-  for (int64_t h = 0; h < n_heads; ++h) {
-    const int64_t g = h / group;
-    double mx = -INFINITY;
-    for (int64_t j = 0; j <= pos; ++j) {
-      double dot = 0;
-      for (int64_t d = 0; d < hd; ++d) dot += q[h * hd + d] * k[j * kv_dim + g * hd + d];
-      mx = std::max(mx, p[j] = dot * scale);
-    }
-    double sum = 0;
-    for (auto& x : p) sum += (x = std::exp(x - mx));
-    for (int64_t d = 0; d < hd; ++d) {
-      double acc = 0;
-      for (int64_t j = 0; j <= pos; ++j) acc += p[j] * v[j * kv_dim + g * hd + d];
-      out[h * hd + d] = acc / sum;
-    }
-  }
-  return out;
-}
 
 // One decode step of sequences at contexts 1, 17, 1000, 4097 and 32768 (the 8B's 32 q heads, 8 kv
 // heads, head_dim 128) over a shuffled paged cache, run unsplit with the unvectorized loads (the
