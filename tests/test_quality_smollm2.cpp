@@ -30,22 +30,12 @@ namespace fs = std::filesystem;
 
 constexpr size_t kPrefixTokens = 384;
 
-std::string trim(std::string s) {
-  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
-  return s;
-}
-
-int shell(const std::string& cmd, const std::string& out) { return std::system((cmd + " > " + out + " 2>&1").c_str()); }
-
 TEST(QualitySmolLM2, PackedStoresPredictAsTheBf16Store) {
   test::TempDir tmp;
-  const std::string build = fs::path(test::bin_dir()).parent_path().string();
-  const std::string src = fs::path(test::data_dir()).parent_path().parent_path().string();
-  if (shell("BUILD_DIR='" + build + "' bash '" + src + "/scripts/fetch-smollm2.sh'", tmp / "fetch.log") != 0)
-    GTEST_SKIP() << "SmolLM2 could not be fetched: " << trim(test::read_file(tmp / "fetch.log"));
-  const std::string log = test::read_file(tmp / "fetch.log");
-  const std::string gguf = trim(log.substr(log.rfind('\n', log.size() - 2) + 1));
-  ASSERT_TRUE(fs::is_regular_file(gguf)) << log;
+  std::string why;
+  const std::string gguf = test::fetch_smollm2(tmp / "fetch.log", &why);
+  if (!why.empty()) GTEST_SKIP() << why;
+  ASSERT_TRUE(fs::is_regular_file(gguf)) << gguf;
 
   struct Variant {
     std::string name;

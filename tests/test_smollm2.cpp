@@ -49,13 +49,11 @@ TEST(SmolLM2, SaysParisOnTheCpuBackend) {
   if (shell("python3 -c 'import tokenizers'", tmp / "py.log") != 0)
     GTEST_SKIP() << "python3 with tokenizers is needed: " << test::read_file(tmp / "py.log");
   // The download lands in the build folder (bin/..), once for every run.
-  const std::string build = fs::path(test::bin_dir()).parent_path().string();
   const std::string src = fs::path(test::data_dir()).parent_path().parent_path().string();
-  if (shell("BUILD_DIR='" + build + "' bash '" + src + "/scripts/fetch-smollm2.sh'", tmp / "fetch.log") != 0)
-    GTEST_SKIP() << "SmolLM2 could not be fetched: " << trim(test::read_file(tmp / "fetch.log"));
-  const std::string log = test::read_file(tmp / "fetch.log");
-  const std::string gguf = trim(log.substr(log.rfind('\n', log.size() - 2) + 1));
-  ASSERT_TRUE(fs::is_regular_file(gguf)) << log;
+  std::string why;
+  const std::string gguf = test::fetch_smollm2(tmp / "fetch.log", &why);
+  if (!why.empty()) GTEST_SKIP() << why;
+  ASSERT_TRUE(fs::is_regular_file(gguf)) << gguf;
 
   const std::string store = tmp / "smollm2";
   auto pack = test::run_bin("ringllama-pack", {"--gguf", gguf, "--out", store, "--quiet"});

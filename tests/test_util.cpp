@@ -161,4 +161,21 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+std::string fetch_smollm2(const std::string& log, std::string* why) {
+  auto trim = [](std::string t) {
+    while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
+    return t;
+  };
+  const std::string build = fs::path(bin_dir()).parent_path().string();
+  const std::string src = fs::path(data_dir()).parent_path().parent_path().string();
+  const std::string cmd = "BUILD_DIR='" + build + "' bash '" + src + "/scripts/fetch-smollm2.sh' > '" + log + "' 2>&1";
+  if (std::system(cmd.c_str()) != 0) {
+    *why = "SmolLM2 could not be fetched: " + trim(read_file(log));
+    return "";
+  }
+  // The script's last line is the file's path (the caller checks that it is one).
+  const std::string out = trim(read_file(log));
+  return out.substr(out.rfind('\n') + 1);
+}
+
 }  // namespace ringllama::test

@@ -51,4 +51,9 @@ void write_file(const std::string& path, const std::string& text);
 // Token ids as the command lines print them: separated by commas or spaces.
 std::vector<int64_t> parse_ids(const std::string& text);
 
+// SmolLM2-135M-Instruct's GGUF, fetched once into the build folder (bin/..) by
+// scripts/fetch-smollm2.sh, its output in `log`: the path the script printed last; when the script
+// failed (no network, say: the caller skips), "" with *why set to what it said.
+std::string fetch_smollm2(const std::string& log, std::string* why);
+
 }  // namespace ringllama::test
