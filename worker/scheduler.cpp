@@ -140,20 +140,17 @@ void Scheduler::end(int64_t seq, const ClientReply* reply, Outcome outcome) {
   static constexpr const char* kOutcomeNames[] = {"finished", "cancelled", "dropped", "failed"};
   int64_t* const counts[] = {&finished_, &cancelled_, &dropped_, &failed_};
   ++*counts[static_cast<int>(outcome)];
-  if (options_.metrics) {
-    const double tpot =
-        l.tokens > 1 ? std::chrono::duration<double>(l.last - l.first).count() / double(l.tokens - 1) : 0;
-    options_.metrics->request_ended(kOutcomeNames[static_cast<int>(outcome)], WorkerMetrics::api_of(l.sub.client),
-                                    std::chrono::duration<double>(SteadyClock::now() - l.sub.arrived).count(),
-                                    l.tokens, tpot);
-  }
+  Ended e{std::nullopt, kOutcomeNames[static_cast<int>(outcome)], WorkerMetrics::api_of(l.sub.client),
+          std::chrono::duration<double>(SteadyClock::now() - l.sub.arrived).count(), l.tokens,
+          l.tokens > 1 ? std::chrono::duration<double>(l.last - l.first).count() / double(l.tokens - 1) : 0};
   if (l.admitted) {
     batch_.remove(seq);  // nothing when the batch already ended it
     reserved_blocks_ -= l.blocks;
   } else {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
   }
-  if (reply) emit(Outgoing{l.sub.client, l.sub.id, *reply, true});
+  if (reply) e.reply = Outgoing{l.sub.client, l.sub.id, *reply, true};
+  ended_.push_back(std::move(e));
   by_key_.erase({l.sub.client, l.sub.id});
   live_.erase(it);
 }
@@ -287,9 +284,18 @@ void Scheduler::publish_stats() {
   j["uptime_s"] = std::chrono::duration<double>(SteadyClock::now() - started_).count();
   if (!backend_json_.is_null()) j["stream"] = backend_json_;
   if (!weights_json_.is_null()) j["weights"] = weights_json_;
-  std::lock_guard<std::mutex> lk(mu_);
-  j["draining"] = draining_;
-  stats_ = std::move(j);
+  std::vector<Ended> ended;
+  ended.swap(ended_);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    j["draining"] = draining_;
+    stats_ = std::move(j);
+    for (Ended& e : ended)
+      if (e.reply) outbox_.push_back(std::move(*e.reply));
+  }
+  if (options_.metrics)
+    for (const Ended& e : ended)
+      options_.metrics->request_ended(e.outcome, e.api, e.e2e_seconds, e.tokens, e.tpot_seconds);
 }
 
 int Scheduler::run() {

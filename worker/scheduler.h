@@ -114,7 +114,9 @@ class Scheduler {
   // "dropped" or "failed".
   enum class Outcome { Finished, Cancelled, Dropped, Failed };
   // Ends the request: counted under `outcome`, its final reply (none for a vanished client), its
-  // sequence and blocks freed.
+  // sequence and blocks freed. The final reply and the metrics' count wait in ended_ for the next
+  // publish_stats, so that a client holding its final reply, or a scrape counting it ended, finds
+  // the stats without it.
   void end(int64_t seq, const ClientReply* reply, Outcome outcome);
   DoneReply done_reply(const Live& l, DoneReason reason) const;
   // The text `token` completes (all that is held back too when it is the last); nullopt without a
@@ -146,6 +148,15 @@ class Scheduler {
   int64_t prompt_tokens_ = 0, generated_tokens_ = 0;
   nlohmann::json backend_json_;
   nlohmann::json weights_json_;              // the daemon window's report (WeightSource::report)
+  struct Ended {
+    std::optional<Outgoing> reply;
+    const char* outcome;
+    const char* api;
+    double e2e_seconds;
+    int64_t tokens;
+    double tpot_seconds;
+  };
+  std::vector<Ended> ended_;                 // since the last publish_stats
 
   // Shared with the socket side.
   mutable std::mutex mu_;
