@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -128,17 +129,44 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&c)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// c = A B, starting from zero (no instructions to clear c).
+__device__ __forceinline__ void mma_bf16_16x8x16_first(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                       uint32_t a3, uint32_t b0, uint32_t b1) {
+  const float z = 0.0f;
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(z));
+}
+
+// The factored int4 kernel's A: nibbles 0 and 4 of `shifted` as the bf16 pair (128 + q_a, 128 + q_b),
+// int4_pair without its two bf16x2 ops. 128 + q is exact in bf16 (8 significant bits), and so is its
+// product with a bf16 x; the mma adds the products in fp32.
+__device__ __forceinline__ uint32_t int4_biased_pair(uint32_t shifted) { return (shifted & 0x000F000Fu) | 0x43004300u; }
+
 // Block: RT tiles of 16 rows; its 8 warps split the columns and add up in shared memory.
 // Within a warp, the mma m16n8k16 sees rows as M, tokens as N (8) and columns as K. The columns of
 // a k-step are permuted (a dot product does not care, as long as A and B agree): lane (g, q) of
 // the quad layout holds, for k-step j, columns 4j..4j+3 of its own 16-byte chunk, both as A (rows
 // g and g + 8) and as B (token g). So each lane loads whole 16-byte chunks of weights, and of x
 // the same columns, and no data moves between lanes.
-template <PackedFormat F, int RT, typename OutT>
-__global__ void __launch_bounds__(kThreads)
-    gemv_packed_kernel(const __nv_bfloat16* __restrict__ x, int n_tokens, int64_t ldx, const uint8_t* __restrict__ data,
-                       const void* __restrict__ scales, int rows, int cols, int group, OutT* __restrict__ y,
-                       int64_t ldy) {
+//
+// int4, Factored (groups a multiple of 128, so a span of 128 columns has one (scale, min) per row):
+// sum_c x_c (q_c s + m) over a span is s * sum_c x_c (128 + q_c) + (m - 128 s) * sum_c x_c. The mma
+// takes 128 + q as the nibble mask makes it (int4_biased_pair), a second mma with A all ones gives
+// sum_c x_c for the span (for every row tile at once), and the span's two terms are added to the
+// fp32 accumulators per row. Per weight that leaves the mask and the shifts: the legacy path's
+// bf16x2 subtraction and fma per pair, and its scale conversions per chunk, are gone. The bias
+// costs little accuracy: 128 + q is ~17x q, so the mma's fp32 sums carry ~4 bits less of sum x q
+// than they would for q alone; an emulation of the test's cases (the accumulation truncating, as
+// tensor cores may) stays within 6e-7 of sum |x w|, where bf16 weights are off by up to 2^-9 each.
+
+// The body of both kernels below (a device function, so that each takes its own launch bounds).
+template <PackedFormat F, int RT, bool Factored, typename OutT>
+__device__ __forceinline__ void gemv_packed_body(const __nv_bfloat16* __restrict__ x, int n_tokens, int64_t ldx,
+                                                 const uint8_t* __restrict__ data, const void* __restrict__ scales,
+                                                 int rows, int cols, int group, OutT* __restrict__ y, int64_t ldy) {
   using P = Packing<F>;
   __shared__ float red[kWarps][RT * 16][8];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -183,9 +211,13 @@ __global__ void __launch_bounds__(kThreads)
           if constexpr (F == PackedFormat::INT4)
             sv[u][rt][h] = valid ? __ldg(static_cast<const uint32_t*>(scales) + row_of[rt][h] * groups + c0 / group) : 0u;
         }
+      // The factored kernel loads x when it computes the span instead (below): x comes from L1 or
+      // L2, and 32 registers fewer keep it at two blocks per SM without spilling.
+      if constexpr (!Factored) {
 #pragma unroll
-      for (int i = 0; i < P::kChunkCols / 8; ++i)
-        xv[u][i] = valid && has_token ? __ldg(reinterpret_cast<const uint4*>(xrow + c0) + i) : make_uint4(0, 0, 0, 0);
+        for (int i = 0; i < P::kChunkCols / 8; ++i)
+          xv[u][i] = valid && has_token ? __ldg(reinterpret_cast<const uint4*>(xrow + c0) + i) : make_uint4(0, 0, 0, 0);
+      }
     }
   };
   constexpr bool pipelined = kPipelined<F, RT>;
@@ -202,31 +234,80 @@ __global__ void __launch_bounds__(kThreads)
         wc[u][rt][0] = wv[u][rt][0], wc[u][rt][1] = wv[u][rt][1];
         if constexpr (F == PackedFormat::INT4) sc[u][rt][0] = sv[u][rt][0], sc[u][rt][1] = sv[u][rt][1];
       }
+      if constexpr (!Factored) {
 #pragma unroll
-      for (int i = 0; i < P::kChunkCols / 8; ++i) xc[u][i] = xv[u][i];
+        for (int i = 0; i < P::kChunkCols / 8; ++i) xc[u][i] = xv[u][i];
+      }
     }
     if (pipelined && s0 + kWarps * U < n_spans) fetch(s0 + kWarps * U);  // in flight while this group is computed
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s0 + u * kWarps >= n_spans) break;  // uniform over the warp: every lane runs each mma
-      const int c0 = (s0 + u * kWarps) * P::kSpanCols + q * P::kChunkCols;
-      const uint32_t* xw = reinterpret_cast<const uint32_t*>(xc[u]);
+      if constexpr (Factored) {
+        static_assert(F == PackedFormat::INT4, "the factored kernel is int4's");
+        const int c0 = (s0 + u * kWarps) * P::kSpanCols + q * P::kChunkCols;  // < cols: groups fill the row
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        uint32_t lo[P::kChunkCols / 2], hi[P::kChunkCols / 2];
-        __nv_bfloat162 s_lo = __float2bfloat162_rn(0.0f), m_lo = s_lo, s_hi = s_lo, m_hi = s_lo;
-        if constexpr (F == PackedFormat::INT4) {
-          // Past the end the pair is 0: x is 0 there and so is every product.
-          scale_min(*reinterpret_cast<const __half2*>(&sc[u][rt][0]), s_lo, m_lo);
-          scale_min(*reinterpret_cast<const __half2*>(&sc[u][rt][1]), s_hi, m_hi);
-        }
-        dequant_chunk<F>(wc[u][rt][0], 1.0f, s_lo, m_lo, lo);
-        dequant_chunk<F>(wc[u][rt][1], 1.0f, s_hi, m_hi, hi);
+        for (int i = 0; i < P::kChunkCols / 8; ++i)
+          xc[u][i] = has_token ? __ldg(reinterpret_cast<const uint4*>(xrow + c0) + i) : make_uint4(0, 0, 0, 0);
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(xc[u]);
+        // k-step j takes word j / 2 of each chunk, nibble pairs 2 (j & 1) and 2 (j & 1) + 1 (as
+        // dequant_chunk orders them), and the x pairs x_pairs() gives; made step by step, so that
+        // only the packed words stay live (registers decide how many blocks fit on an SM).
+        constexpr uint32_t kOnes = 0x3F803F80u;  // bf16x2 (1, 1)
+        float part[RT][4], xsum[4];
 #pragma unroll
         for (int j = 0; j < P::kSteps; ++j) {
           uint32_t b0, b1;
           x_pairs<F>(xw, j, b0, b1);
-          mma_bf16_16x8x16(acc[rt], lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1], b0, b1);
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const uint32_t* lo = reinterpret_cast<const uint32_t*>(&wc[u][rt][0]);
+            const uint32_t* hi = reinterpret_cast<const uint32_t*>(&wc[u][rt][1]);
+            const int sh = 8 * (j & 1);
+            const uint32_t a0 = int4_biased_pair(lo[j >> 1] >> sh), a2 = int4_biased_pair(lo[j >> 1] >> (sh + 4));
+            const uint32_t a1 = int4_biased_pair(hi[j >> 1] >> sh), a3 = int4_biased_pair(hi[j >> 1] >> (sh + 4));
+            if (j == 0)
+              mma_bf16_16x8x16_first(part[rt], a0, a1, a2, a3, b0, b1);
+            else
+              mma_bf16_16x8x16(part[rt], a0, a1, a2, a3, b0, b1);
+          }
+          // The sum of x over the span, for tokens 2q, 2q + 1 in xsum[0], xsum[1] (xsum[2], [3]
+          // repeat them for rows g + 8). Any order of the columns will do: x as loaded.
+          if (j == 0)
+            mma_bf16_16x8x16_first(xsum, kOnes, kOnes, kOnes, kOnes, xw[0], xw[1]);
+          else
+            mma_bf16_16x8x16(xsum, kOnes, kOnes, kOnes, kOnes, xw[2 * j], xw[2 * j + 1]);
+        }
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          // (scale, min) of rows g and g + 8 for this span's group, exact in fp32.
+          const float2 sm_lo = __half22float2(*reinterpret_cast<const __half2*>(&sc[u][rt][0]));
+          const float2 sm_hi = __half22float2(*reinterpret_cast<const __half2*>(&sc[u][rt][1]));
+          const float off_lo = fmaf(-128.0f, sm_lo.x, sm_lo.y), off_hi = fmaf(-128.0f, sm_hi.x, sm_hi.y);
+          acc[rt][0] = fmaf(off_lo, xsum[0], fmaf(sm_lo.x, part[rt][0], acc[rt][0]));
+          acc[rt][1] = fmaf(off_lo, xsum[1], fmaf(sm_lo.x, part[rt][1], acc[rt][1]));
+          acc[rt][2] = fmaf(off_hi, xsum[0], fmaf(sm_hi.x, part[rt][2], acc[rt][2]));
+          acc[rt][3] = fmaf(off_hi, xsum[1], fmaf(sm_hi.x, part[rt][3], acc[rt][3]));
+        }
+      } else {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(xc[u]);
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          uint32_t lo[P::kChunkCols / 2], hi[P::kChunkCols / 2];
+          __nv_bfloat162 s_lo = __float2bfloat162_rn(0.0f), m_lo = s_lo, s_hi = s_lo, m_hi = s_lo;
+          if constexpr (F == PackedFormat::INT4) {
+            // Past the end the pair is 0: x is 0 there and so is every product.
+            scale_min(*reinterpret_cast<const __half2*>(&sc[u][rt][0]), s_lo, m_lo);
+            scale_min(*reinterpret_cast<const __half2*>(&sc[u][rt][1]), s_hi, m_hi);
+          }
+          dequant_chunk<F>(wc[u][rt][0], 1.0f, s_lo, m_lo, lo);
+          dequant_chunk<F>(wc[u][rt][1], 1.0f, s_hi, m_hi, hi);
+#pragma unroll
+          for (int j = 0; j < P::kSteps; ++j) {
+            uint32_t b0, b1;
+            x_pairs<F>(xw, j, b0, b1);
+            mma_bf16_16x8x16(acc[rt], lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1], b0, b1);
+          }
         }
       }
     }
@@ -250,6 +331,23 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (F == PackedFormat::FP8_E4M3) sum *= static_cast<const float*>(scales)[row];
     y[t * ldy + row] = from_float<OutT>(sum);
   }
+}
+
+template <PackedFormat F, int RT, typename OutT>
+__global__ void __launch_bounds__(kThreads)
+    gemv_packed_kernel(const __nv_bfloat16* __restrict__ x, int n_tokens, int64_t ldx, const uint8_t* __restrict__ data,
+                       const void* __restrict__ scales, int rows, int cols, int group, OutT* __restrict__ y,
+                       int64_t ldy) {
+  gemv_packed_body<F, RT, false, OutT>(x, n_tokens, ldx, data, scales, rows, cols, group, y, ldy);
+}
+
+// At most 128 registers: two blocks per SM, as the legacy int4 kernel gets.
+template <int RT, typename OutT>
+__global__ void __launch_bounds__(kThreads, 2)
+    gemv_int4_factored_kernel(const __nv_bfloat16* __restrict__ x, int n_tokens, int64_t ldx,
+                              const uint8_t* __restrict__ data, const void* __restrict__ scales, int rows, int cols,
+                              int group, OutT* __restrict__ y, int64_t ldy) {
+  gemv_packed_body<PackedFormat::INT4, RT, true, OutT>(x, n_tokens, ldx, data, scales, rows, cols, group, y, ldy);
 }
 
 template <PackedFormat F>
@@ -339,8 +437,29 @@ size_t packed_scale_bytes(const PackedWeight& w) {
   return w.group > 0 ? static_cast<size_t>(w.rows) * static_cast<size_t>(w.cols / w.group) * sizeof(__half2) : 0;
 }
 
+GemvInt4Kernel gemv_int4_default() {
+  // Read once: every launch of a process takes the same kernel.
+  static const GemvInt4Kernel k = [] {
+    const char* v = std::getenv("RINGLLAMA_GEMV_INT4");
+    const std::string s = v ? v : "";
+    if (s.empty() || s == "factored") return GemvInt4Kernel::Factored;
+    if (s == "legacy") return GemvInt4Kernel::Legacy;
+    throw_arg_error("RINGLLAMA_GEMV_INT4", "must be 'factored' or 'legacy', got '" + s + "'");
+  }();
+  return k;
+}
+
+GemvInt4Kernel gemv_int4_kernel_for(const PackedWeight& w, GemvInt4Kernel k) {
+  if (w.format != PackedFormat::INT4) return GemvInt4Kernel::Legacy;
+  if (k == GemvInt4Kernel::Auto) k = gemv_int4_default();
+  // Factored needs one (scale, min) per row and span of 128 columns.
+  return k == GemvInt4Kernel::Factored && w.group > 0 && w.group % Packing<PackedFormat::INT4>::kSpanCols == 0
+             ? GemvInt4Kernel::Factored
+             : GemvInt4Kernel::Legacy;
+}
+
 void launch_gemv_packed(const __nv_bfloat16* x, int64_t n_tokens, int64_t ldx, const PackedWeight& w, void* y,
-                        ElemType y_type, int64_t ldy, cudaStream_t stream) {
+                        ElemType y_type, int64_t ldy, cudaStream_t stream, GemvInt4Kernel int4_kernel) {
   const char* op = "launch_gemv_packed";
   check_packed(op, w);
   KERNEL_REQUIRE(x && y, op, "null x or y");
@@ -353,6 +472,7 @@ void launch_gemv_packed(const __nv_bfloat16* x, int64_t n_tokens, int64_t ldx, c
   // Two row tiles per block halve the x traffic per weight byte, where there are rows enough to
   // keep every SM busy with 32-row blocks (the MLP's 14336 and lm_head); otherwise 16-row blocks.
   const bool two_tiles = w.rows >= 8192;
+  const bool factored = gemv_int4_kernel_for(w, int4_kernel) == GemvInt4Kernel::Factored;
   const int rows = static_cast<int>(w.rows), cols = static_cast<int>(w.cols), group = static_cast<int>(w.group);
   const auto* data = static_cast<const uint8_t*>(w.data);
   dispatch_elem_type(y_type, op, [&](auto out_tag) {
@@ -364,12 +484,26 @@ void launch_gemv_packed(const __nv_bfloat16* x, int64_t n_tokens, int64_t ldx, c
         const int nt = static_cast<int>(std::min<int64_t>(kGemvPackedTokens, n_tokens - t0));
         OutT* yt = static_cast<OutT*>(y) + t0 * ldy;
         const __nv_bfloat16* xt = x + t0 * ldx;
-        if (two_tiles)
-          gemv_packed_kernel<F, 2, OutT><<<static_cast<unsigned>((rows + 31) / 32), kThreads, 0, stream>>>(
-              xt, nt, ldx, data, w.scales, rows, cols, group, yt, ldy);
-        else
-          gemv_packed_kernel<F, 1, OutT><<<static_cast<unsigned>((rows + 15) / 16), kThreads, 0, stream>>>(
-              xt, nt, ldx, data, w.scales, rows, cols, group, yt, ldy);
+        auto launch = [&](auto rt_tag, auto factored_tag) {
+          constexpr int RT = decltype(rt_tag)::value;
+          const auto blocks = static_cast<unsigned>((rows + 16 * RT - 1) / (16 * RT));
+          if constexpr (decltype(factored_tag)::value)
+            gemv_int4_factored_kernel<RT, OutT><<<blocks, kThreads, 0, stream>>>(xt, nt, ldx, data, w.scales, rows,
+                                                                                cols, group, yt, ldy);
+          else
+            gemv_packed_kernel<F, RT, OutT><<<blocks, kThreads, 0, stream>>>(xt, nt, ldx, data, w.scales, rows, cols,
+                                                                             group, yt, ldy);
+        };
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        if constexpr (F == PackedFormat::INT4) {
+          if (factored) {
+            two_tiles ? launch(Two{}, std::true_type{}) : launch(One{}, std::true_type{});
+            CUDA_CHECK_LAUNCH();
+            continue;
+          }
+        }
+        two_tiles ? launch(Two{}, std::false_type{}) : launch(One{}, std::false_type{});
         CUDA_CHECK_LAUNCH();
       }
     });

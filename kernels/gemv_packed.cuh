@@ -7,7 +7,8 @@
 //                          where one extra pass over the weights costs little next to the GEMM.
 // Both dequantize the same way, so the two paths see the same weights: fp8 as e4m3 * scale in fp32
 // rounded once to bf16 (the GEMV applies the row scale to its fp32 sum instead, which is exact);
-// int4 as bf16(q * bf16(scale) + bf16(min)), one bf16 fma (gemv_packed.cu says why).
+// int4 as bf16(q * bf16(scale) + bf16(min)), one bf16 fma (gemv_packed.cu says why); the GEMV's
+// factored int4 kernel (below) multiplies the exact weights instead, as it does for fp8.
 //
 // Layout (the store's contract; data and scales are separate, 16-byte aligned or better):
 //   FP8_E4M3  data [rows][cols] OCP e4m3fn bytes; scales [rows] float:  w = e4m3(q) * scale[r]
@@ -44,6 +45,25 @@ struct PackedWeight {
 size_t packed_data_bytes(const PackedWeight& w);
 size_t packed_scale_bytes(const PackedWeight& w);
 
+// Which int4 GEMV kernel a launch takes. Both read the same bytes; they differ in how a nibble
+// becomes a product:
+//   Factored  the mma multiplies x with 128 + q straight from the nibbles (one LOP3 per pair, no
+//             float op per weight); per row and span of 128 columns, s * sum(x (128 + q)) +
+//             (min - 128 s) * sum(x) is added in fp32, sum(x) from one more mma whose A is all ones.
+//             Exact weights (q * scale + min in fp32), like fp8. Needs a group that is a multiple of
+//             128 (one span, one (scale, min)); other groups take the legacy kernel.
+//   Legacy    each weight made in bf16 as bf16(q * bf16(scale) + bf16(min)) (two bf16x2 ops per pair)
+//             before the mma.
+//   Auto      Factored unless the environment says RINGLLAMA_GEMV_INT4=legacy (read once, so that a
+//             benchmark or a bisection can compare the two without a rebuild).
+enum class GemvInt4Kernel { Auto, Factored, Legacy };
+
+// The kernel Auto stands for. Throws on a RINGLLAMA_GEMV_INT4 other than "factored" or "legacy".
+GemvInt4Kernel gemv_int4_default();
+
+// The kernel a launch of `w` with `k` runs (fp8: Legacy, the only one; Auto resolved).
+GemvInt4Kernel gemv_int4_kernel_for(const PackedWeight& w, GemvInt4Kernel k);
+
 // Tokens one pass of the GEMV serves (one mma n-tile); more tokens take more passes, each one
 // reading the weights again: past a few passes, dequantize and use Gemm::matmul.
 inline constexpr int64_t kGemvPackedTokens = 8;
@@ -52,8 +72,10 @@ inline constexpr int64_t kGemvPackedTokens = 8;
 // x: [n_tokens, ldx] bf16, 16-byte aligned, ldx a multiple of 8 and >= cols.
 // y: bf16 or fp32 ([n_tokens, ldy], ldy >= rows); nothing past `rows` in a y row is written.
 // Needs cols % 16 == 0 (fp8) or cols % 32 == 0 (int4), 16-byte aligned data and 4-byte aligned scales.
+// int4_kernel: see GemvInt4Kernel (ignored for fp8).
 void launch_gemv_packed(const __nv_bfloat16* x, int64_t n_tokens, int64_t ldx, const PackedWeight& w, void* y,
-                        ElemType y_type, int64_t ldy, cudaStream_t stream);
+                        ElemType y_type, int64_t ldy, cudaStream_t stream,
+                        GemvInt4Kernel int4_kernel = GemvInt4Kernel::Auto);
 
 // out[r - row0, c] = bf16(w[r, c]) for r in [row0, row0 + n_rows): a layer's matrix, or the part
 // of one that fits the workspace (lm_head in slices). out: [n_rows, ld_out] bf16, ld_out >= cols,

@@ -3,6 +3,9 @@
 // pass, and decode attention over a paged cache at long contexts: the general kernel unsplit and
 // split, and the decode kernel (PagedAttentionBatch::decode_only) split.
 //
+// The int4 GEMV rows show both kernels (GemvInt4Kernel): the factored one (the default) and, at the
+// end of the row, the legacy one, timed in the same run; g32 takes the legacy kernel either way.
+//
 // Rates are bytes the kernel must read (packed data + scales; K and V) over the time per launch,
 // from cudaEvents around many launches. Each launch reads a different copy of the operands, and
 // the copies together are larger than L2 several times over, so nothing is served from cache.
@@ -104,7 +107,8 @@ void bench_gemv(Timer& timer, double copy, size_t l2_bytes) {
   DeviceBuffer<float> y(8 * 128256, "bench y");
   DeviceBuffer<__nv_bfloat16> deq(size_t{128256} * 4096, "bench dequant");
   CUDA_CHECK(cudaMemset(x.get(), 0x3C, x.bytes()));
-  std::printf("%-22s %-14s %2s %10s %10s %8s\n", "gemv", "shape", "T", "us", "GB/s", "of copy");
+  std::printf("%-22s %-14s %2s %10s %10s %8s   %-8s %10s %8s\n", "gemv", "shape", "T", "us", "GB/s", "of copy", "",
+              "legacy us", "of copy");
   for (const Fmt& fm : fmts) {
     for (const Shape& s : shapes) {
       PackedCopies c = make_copies(fm.f, s.rows, s.cols, fm.group, l2_bytes);
@@ -113,11 +117,19 @@ void bench_gemv(Timer& timer, double copy, size_t l2_bytes) {
       if (fm.f == PackedFormat::INT4) name += " g" + std::to_string(fm.group);
       const std::string shape = std::to_string(s.rows) + "x" + std::to_string(s.cols);
       for (int64_t T : {1, 4, 8}) {
-        const double t = timer.per_call(200, [&](int i) {
-          launch_gemv_packed(x.get(), T, s.cols, c.w[i % c.w.size()], y.get(), ElemType::BF16, s.rows, nullptr);
-        });
-        std::printf("%-22s %-14s %2lld %10.2f %10.0f %8.2f   %s\n", name.c_str(), shape.c_str(),
+        auto time_kernel = [&](GemvInt4Kernel k) {
+          return timer.per_call(200, [&](int i) {
+            launch_gemv_packed(x.get(), T, s.cols, c.w[i % c.w.size()], y.get(), ElemType::BF16, s.rows, nullptr, k);
+          });
+        };
+        const double t = time_kernel(GemvInt4Kernel::Factored);
+        std::printf("%-22s %-14s %2lld %10.2f %10.0f %8.2f   %-8s", name.c_str(), shape.c_str(),
                     static_cast<long long>(T), t * 1e6, bytes / t / 1e9, bytes / t / copy, s.what);
+        if (fm.f == PackedFormat::INT4) {
+          const double tl = time_kernel(GemvInt4Kernel::Legacy);
+          std::printf(" %10.2f %8.2f", tl * 1e6, bytes / tl / copy);
+        }
+        std::printf("\n");
       }
       // The prefill path's extra pass: packed bytes in, bf16 out (both counted).
       const double td = timer.per_call(20, [&](int i) {
