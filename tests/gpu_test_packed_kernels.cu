@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -262,8 +263,14 @@ TEST_F(PackedKernels, DequantMatchesLayoutBitForBit) {
 // ---------------------------------------------------------------------------------------------
 // GEMV
 
-// y against both references; returns the worst error relative to sum |x w| (vs the bf16 weights).
-double check_gemv(const HostPacked& h, int64_t T, ElemType yt, uint64_t seed) {
+const char* int4_kernel_name(GemvInt4Kernel k) {
+  return k == GemvInt4Kernel::Factored ? "factored" : k == GemvInt4Kernel::Legacy ? "legacy" : "auto";
+}
+
+// y of each int4 kernel (fp8: its one kernel) against both references. The legacy int4 kernel
+// multiplies the bf16 weights; the factored one, like fp8, the exact weights, so that its fp32
+// accumulation bound holds against the exact reference.
+void check_gemv(const HostPacked& h, int64_t T, ElemType yt, uint64_t seed) {
   Rng rng(seed ^ 0x9E3779B97F4A7C15ull);
   const int64_t ldx = h.cols + 8, ldy = h.rows + 3;
   std::vector<bf16_t> xb(T * ldx, 0xFFFF);  // NaN between rows: the kernel must not read them
@@ -276,58 +283,77 @@ double check_gemv(const HostPacked& h, int64_t T, ElemType yt, uint64_t seed) {
   DevicePacked d = upload(h);
   auto dx = to_device<bf16>(xb);
   const size_t n_out = T * ldy;
-  std::vector<double> got(n_out);
-  if (yt == ElemType::F32) {
-    auto y = poisoned<float>(n_out);
-    launch_gemv_packed(dx.get(), T, ldx, d.w, y.get(), yt, ldy, nullptr);
-    const auto g = download(y, n_out);
-    for (size_t i = 0; i < n_out; ++i) got[i] = g[i];
-  } else {
-    auto y = poisoned<bf16>(n_out);
-    launch_gemv_packed(dx.get(), T, ldx, d.w, y.get(), yt, ldy, nullptr);
-    const auto g = download(y, n_out);
-    for (size_t i = 0; i < n_out; ++i) {
-      uint16_t bits;
-      std::memcpy(&bits, &g[i], 2);
-      got[i] = bf16_to_f32(bits);
+  auto run = [&](GemvInt4Kernel k) {
+    std::vector<double> got(n_out);
+    if (yt == ElemType::F32) {
+      auto y = poisoned<float>(n_out);
+      launch_gemv_packed(dx.get(), T, ldx, d.w, y.get(), yt, ldy, nullptr, k);
+      const auto g = download(y, n_out);
+      for (size_t i = 0; i < n_out; ++i) got[i] = g[i];
+    } else {
+      auto y = poisoned<bf16>(n_out);
+      launch_gemv_packed(dx.get(), T, ldx, d.w, y.get(), yt, ldy, nullptr, k);
+      const auto g = download(y, n_out);
+      for (size_t i = 0; i < n_out; ++i) {
+        uint16_t bits;
+        std::memcpy(&bits, &g[i], 2);
+        got[i] = bf16_to_f32(bits);
+      }
     }
-  }
-  // fp32 accumulation of up to 14336 products (sum |x w| bounds it), then the output's rounding.
-  const double acc_tol = 1e-4, out_tol = yt == ElemType::BF16 ? std::ldexp(1.0, -8) : 1e-6;
-  double worst = 0;
-  int64_t failures = 0, pad_written = 0;
-  for (int64_t t = 0; t < T; ++t) {
+    return got;
+  };
+  // The references, once for every kernel.
+  std::vector<double> ref_exact(T * h.rows), ref_bf16(T * h.rows), mag(T * h.rows), slack(T * h.rows);
+  for (int64_t t = 0; t < T; ++t)
     for (int64_t r = 0; r < h.rows; ++r) {
-      double ref_exact = 0, ref_b = 0, mag = 0, slack = 0;
+      double re = 0, rb = 0, m = 0, sl = 0;
       const double* wx = &h.exact[r * h.cols];
       const double* wb = &h.as_bf16[r * h.cols];
       const double* xr = &x[t * h.cols];
       for (int64_t c = 0; c < h.cols; ++c) {
-        ref_exact += xr[c] * wx[c];
-        ref_b += xr[c] * wb[c];
-        mag += std::fabs(xr[c]) * std::max(std::fabs(wx[c]), std::fabs(wb[c]));
-        slack += std::fabs(xr[c]) * h.slack[r * h.cols + c];
+        re += xr[c] * wx[c];
+        rb += xr[c] * wb[c];
+        m += std::fabs(xr[c]) * std::max(std::fabs(wx[c]), std::fabs(wb[c]));
+        sl += std::fabs(xr[c]) * h.slack[r * h.cols + c];
       }
-      if (h.format == PackedFormat::FP8_E4M3) ref_b = ref_exact;  // the GEMV scales the fp32 sum: exact weights
-      const double v = got[t * ldy + r];
-      const double err_b = std::fabs(v - ref_b), err_x = std::fabs(v - ref_exact);
-      const double tol_b = acc_tol * mag + out_tol * std::fabs(ref_b) + 1e-300;
-      const double tol_x = tol_b + slack;  // + how far each bf16 weight may be from the exact one
-      if (mag > 0) worst = std::max(worst, err_b / mag);
-      if (!std::isfinite(v) || err_b > tol_b || err_x > tol_x) {
-        if (failures++ < 3)
-          ADD_FAILURE() << describe(h) << " T " << T << " " << elem_type_name(yt) << ": y[" << t << "][" << r
-                        << "] = " << v << ", want " << ref_b << " (exact " << ref_exact << ", sum|xw| " << mag
-                        << ") seed " << seed;
-      }
+      ref_exact[t * h.rows + r] = re, ref_bf16[t * h.rows + r] = rb, mag[t * h.rows + r] = m;
+      slack[t * h.rows + r] = sl;
     }
-    for (int64_t r = h.rows; r < ldy; ++r) pad_written += !std::isnan(got[t * ldy + r]);
+  // fp32 accumulation of up to 14336 products (sum |x w| bounds it), then the output's rounding.
+  const double acc_tol = 1e-4, out_tol = yt == ElemType::BF16 ? std::ldexp(1.0, -8) : 1e-6;
+  const std::vector<GemvInt4Kernel> kernels = h.format == PackedFormat::INT4
+                                                  ? std::vector{GemvInt4Kernel::Factored, GemvInt4Kernel::Legacy}
+                                                  : std::vector{GemvInt4Kernel::Legacy};
+  for (GemvInt4Kernel asked : kernels) {
+    const GemvInt4Kernel k = gemv_int4_kernel_for(d.w, asked);
+    const std::vector<double> got = run(asked);
+    // fp8 and factored int4 multiply the exact weights; legacy int4 the bf16 ones.
+    const bool exact_weights = h.format == PackedFormat::FP8_E4M3 || k == GemvInt4Kernel::Factored;
+    const std::string what = describe(h) + " T " + std::to_string(T) + " " + elem_type_name(yt) +
+                             (h.format == PackedFormat::INT4 ? std::string(" ") + int4_kernel_name(k) : "");
+    double worst = 0;
+    int64_t failures = 0, pad_written = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t r = 0; r < h.rows; ++r) {
+        const double ref_x = ref_exact[t * h.rows + r], m = mag[t * h.rows + r];
+        const double ref_b = exact_weights ? ref_x : ref_bf16[t * h.rows + r];
+        const double v = got[t * ldy + r];
+        const double err_b = std::fabs(v - ref_b), err_x = std::fabs(v - ref_x);
+        const double tol_b = acc_tol * m + out_tol * std::fabs(ref_b) + 1e-300;
+        const double tol_x = tol_b + slack[t * h.rows + r];  // + how far each bf16 weight may be from the exact one
+        if (m > 0) worst = std::max(worst, err_b / m);
+        if (!std::isfinite(v) || err_b > tol_b || err_x > tol_x) {
+          if (failures++ < 3)
+            ADD_FAILURE() << what << ": y[" << t << "][" << r << "] = " << v << ", want " << ref_b << " (exact "
+                          << ref_x << ", sum|xw| " << m << ") seed " << seed;
+        }
+      }
+      for (int64_t r = h.rows; r < ldy; ++r) pad_written += !std::isnan(got[t * ldy + r]);
+    }
+    EXPECT_EQ(failures, 0) << what;
+    EXPECT_EQ(pad_written, 0) << what << ": wrote past rows";
+    std::printf("  gemv %-44s worst |y - ref|/sum|xw| = %.2e\n", what.c_str(), worst);
   }
-  EXPECT_EQ(failures, 0) << describe(h) << " T " << T;
-  EXPECT_EQ(pad_written, 0) << describe(h) << " T " << T << ": wrote past rows";
-  std::printf("  gemv %-26s T %2lld %-4s worst |y - ref|/sum|xw| = %.2e\n", describe(h).c_str(),
-              static_cast<long long>(T), elem_type_name(yt), worst);
-  return worst;
 }
 
 TEST_F(PackedKernels, GemvOddShapes) {
@@ -338,7 +364,8 @@ TEST_F(PackedKernels, GemvOddShapes) {
   for (Case c : {Case{PackedFormat::FP8_E4M3, 1, 16, 0}, Case{PackedFormat::FP8_E4M3, 37, 48, 0},
                  Case{PackedFormat::FP8_E4M3, 301, 1040, 0}, Case{PackedFormat::INT4, 1, 32, 32},
                  Case{PackedFormat::INT4, 37, 96, 32}, Case{PackedFormat::INT4, 29, 384, 128},
-                 Case{PackedFormat::INT4, 301, 1152, 128}, Case{PackedFormat::INT4, 8209, 256, 32}}) {
+                 Case{PackedFormat::INT4, 301, 1152, 128}, Case{PackedFormat::INT4, 8209, 256, 32},
+                 Case{PackedFormat::INT4, 45, 768, 256}}) {  // g256: a group over two spans (factored)
     for (int64_t T : {1, 3, 8, 11}) {  // 11: two passes
       for (ElemType yt : {ElemType::F32, ElemType::BF16}) {
         Rng rng(fresh_seed());
@@ -533,6 +560,25 @@ TEST(PackedKernelLaunchers, RefuseBadArguments) {
   sp.workspace = reinterpret_cast<void*>(0x1000);
   sp.workspace_bytes = attention_paged_workspace_bytes(1, 4, 64, 2) - 4;  // one float short
   EXPECT_THROW(launch_attention_paged(x, 256, x, x, 256, 16, x, 256, b, 4, 4, 64, 0.1f, nullptr, sp), Error);
+}
+
+// Which int4 kernel a launch takes: factored for groups of 128 (or a multiple), legacy otherwise.
+TEST(PackedKernelLaunchers, Int4KernelChoice) {
+  const void* p = reinterpret_cast<const void*>(0x1000);
+  const PackedWeight g128{PackedFormat::INT4, p, p, 64, 512, 128}, g256{PackedFormat::INT4, p, p, 64, 512, 256};
+  const PackedWeight g32{PackedFormat::INT4, p, p, 64, 512, 32}, g64{PackedFormat::INT4, p, p, 64, 512, 64};
+  const PackedWeight fp8{PackedFormat::FP8_E4M3, p, p, 64, 512, 0};
+  EXPECT_EQ(gemv_int4_kernel_for(g128, GemvInt4Kernel::Factored), GemvInt4Kernel::Factored);
+  EXPECT_EQ(gemv_int4_kernel_for(g256, GemvInt4Kernel::Factored), GemvInt4Kernel::Factored);
+  EXPECT_EQ(gemv_int4_kernel_for(g32, GemvInt4Kernel::Factored), GemvInt4Kernel::Legacy);
+  EXPECT_EQ(gemv_int4_kernel_for(g64, GemvInt4Kernel::Factored), GemvInt4Kernel::Legacy);
+  EXPECT_EQ(gemv_int4_kernel_for(g128, GemvInt4Kernel::Legacy), GemvInt4Kernel::Legacy);
+  EXPECT_EQ(gemv_int4_kernel_for(fp8, GemvInt4Kernel::Factored), GemvInt4Kernel::Legacy);
+  // Auto is the environment's choice, factored where RINGLLAMA_GEMV_INT4 is unset.
+  const char* env = std::getenv("RINGLLAMA_GEMV_INT4");
+  const GemvInt4Kernel want = env && std::string(env) == "legacy" ? GemvInt4Kernel::Legacy : GemvInt4Kernel::Factored;
+  EXPECT_EQ(gemv_int4_default(), want);
+  EXPECT_EQ(gemv_int4_kernel_for(g128, GemvInt4Kernel::Auto), want);
 }
 
 TEST(PackedKernelLaunchers, SplitCountRule) {
