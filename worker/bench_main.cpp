@@ -4,10 +4,13 @@
 //   ringllama-bench --store DIR [--decode-steps 64] [--batches 1,8,64] [--prompt-tokens 512]
 //   ringllama-bench --store DIR --gpu-budget-gib 4 [--decode-steps 8] ...
 //   ringllama-bench --store DIR --batches 1 --long-context 32768
+//   ringllama-bench --daemon ENDPOINT [--store DIR] --gpu-budget-gib 16 [--decode-steps 8] ...
 //
 // With --gpu-budget-gib the planner's budget is that many GiB: the layers that do not fit stream
 // through the group pool from a pinned ring window that holds the whole model (the SSD is read
-// once). Measures pinned H2D (1 GiB cudaMallocHost -> device copies), then decode at each batch
+// once). With --daemon as well, that window is a running ringllama-loaderd's (the service's data
+// path: its segment mapped read-only, at most its hold_max layers held at once) and the store is
+// the one it serves (--store, when given, must be that one). Measures pinned H2D (1 GiB cudaMallocHost -> device copies), then decode at each batch
 // size and prefill of --prompt-tokens tokens, each on a backend planned for it: tokens/s, bytes
 // streamed per step, the effective rate (bytes streamed / step time) against pinned H2D, and for
 // the last step of each, the sum over layers of max(copy, compute) next to copy + compute (events).
@@ -21,6 +24,7 @@
 // FLOPs over the measured GEMM rate. Prints one table, figure / floor / ratio.
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -42,6 +46,7 @@
 #include "worker/backend.h"
 #include "worker/cuda_backend.h"
 #include "worker/cuda_memory.h"
+#include "worker/daemon_weights.h"
 #include "worker/window_weights.h"
 
 namespace ringllama {
@@ -231,8 +236,11 @@ void fill_stream_row(StreamRow* row, const Backend& be, const CudaStreamReport& 
   row->stall_s = r.source_wait_seconds - before.source_wait_seconds;
 }
 
+// `daemon`: the weights from the loader daemon at `endpoint` (opened by the caller); null: from a
+// window of this process's own over store_dir.
 int run_streamed(const std::string& store_dir, double budget_gib, const std::vector<int64_t>& batches, int64_t steps,
-                 int64_t prompt_tokens, int64_t decode_prompt) {
+                 int64_t prompt_tokens, int64_t decode_prompt, std::unique_ptr<WeightSource> daemon,
+                 const std::string& endpoint) {
   CUDA_CHECK(cudaSetDevice(0));
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -250,7 +258,23 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
   // The budget is an explicit cap on everything the process uses; within it a small guard is enough.
   c.free_guard_mb = 64;
   c.kv_block_tokens = 16;
-  {
+  auto t0 = Clock::now();
+  std::unique_ptr<WindowWeights> window;
+  WeightSource* ws = daemon.get();
+  std::string weights_from;
+  if (daemon) {
+    // The window is the daemon's (its log has its host plan). What bounds the pool from this side is
+    // how many layers the daemon lets a worker hold at once: the pool keeps at most that many copies
+    // in flight (worker/gpu_weights.h), below h2d_backlog_max. One copy on the copy stream saturates
+    // the link; with one in flight, though, each next copy waits on the host for the last to land.
+    const int64_t hold = daemon->layers_held_at_once();
+    const int64_t in_flight = std::max<int64_t>(1, std::min(c.h2d_backlog_max, hold));
+    weights_from = fmt::format("the loader daemon at {} (hold_max {}: at most {} copies in flight, h2d_backlog_max {})",
+                               endpoint, hold, in_flight, c.h2d_backlog_max);
+    std::fprintf(stderr, "weights: %s, store %s%s\n", weights_from.c_str(), store_dir.c_str(),
+                 in_flight < 2 ? "; one copy at a time: each waits on the host for the one before to land" : "");
+  } else {
+    weights_from = fmt::format("this process's own pinned window of {} layers", m.n_layers);
     // The host part of the plan: the window holds every layer, so the disk is read once and PCIe
     // alone bounds the streamed figures below.
     Config hc = c;  // as the batch-1 decode below plans it
@@ -261,9 +285,9 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
                                              "measured: pinned, 1 GiB copies",
                                              cuda_planned_resident_layers(store.manifest(), hc), true);
     std::fprintf(stderr, "%s", host.table().c_str());
+    window = open_window_weights(store_dir, c);
+    ws = window.get();
   }
-  auto t0 = Clock::now();
-  std::unique_ptr<WindowWeights> ws = open_window_weights(store_dir, c);
 
   std::vector<StreamRow> rows;
   for (int64_t b : batches) {
@@ -329,12 +353,23 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
       std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
     }
   }
-  const WindowStats wst = ws->stats();
-  std::fprintf(stderr, "window: %llu layer reads (%.2f GB from the store in %.1f s), %llu stalls; run %.1f s\n",
-               static_cast<unsigned long long>(wst.layer_reads), wst.read_bytes / 1e9, wst.read_seconds,
-               static_cast<unsigned long long>(wst.stalls), seconds_since(t0));
+  if (daemon) {
+    // What the worker's metrics show as "weights": this process's passes through the daemon's
+    // window and its waits on the daemon (a layer not ready yet, a progress not applied yet). The
+    // daemon's own figures (reads, loads, misses) come from `ringllama-loaderd --stats`.
+    const WeightSource::Report r = daemon->report();
+    std::fprintf(stderr, "daemon window: pass %lld, position %lld; %llu waits on the daemon (%.2f s); run %.1f s\n",
+                 static_cast<long long>(r.pass), static_cast<long long>(r.position),
+                 static_cast<unsigned long long>(r.waits), r.wait_seconds, seconds_since(t0));
+  } else {
+    const WindowStats wst = window->stats();
+    std::fprintf(stderr, "window: %llu layer reads (%.2f GB from the store in %.1f s), %llu stalls; run %.1f s\n",
+                 static_cast<unsigned long long>(wst.layer_reads), wst.read_bytes / 1e9, wst.read_seconds,
+                 static_cast<unsigned long long>(wst.stalls), seconds_since(t0));
+  }
 
   std::printf("\nstreamed, GPU budget %.1f GiB, pinned H2D %.2f GB/s measured in this run\n", budget_gib, h2d / 1e9);
+  std::printf("weights from %s\n", weights_from.c_str());
   std::printf("%-14s %9s %9s %8s %9s %6s %9s %9s %9s %9s %6s %9s %s\n", "figure", "tok/s", "GB/step", "step ms",
               "eff GB/s", "ratio", "copy GB/s", "sum max", "sum c+c", "gpu ms", "stalls", "stall ms",
               "resident/ahead/pool");
@@ -355,11 +390,17 @@ int run(int argc, char** argv) {
   std::string store_dir, batches_text = "1,8,64";
   int64_t steps = 64, prompt_tokens = 512, decode_prompt = 16;
   bool h2d_only = false;
-  auto* store_opt = app.add_option("--store", store_dir, "packed store");
+  std::string daemon;
+  auto* store_opt = app.add_option("--store", store_dir, "packed store (with --daemon: optional, the daemon's)");
+  auto* daemon_opt =
+      app.add_option("--daemon", daemon,
+                     "with --gpu-budget-gib: stream from the window of the ringllama-loaderd at this control "
+                     "endpoint instead of a window of this process's own");
   app.add_flag("--h2d-only", h2d_only,
                "print the pinned host-to-device rate of the visible GPU 0 (1 GiB copies) and exit: the limit a "
                "script puts next to a worker's achieved GB/s")
-      ->excludes(store_opt);
+      ->excludes(store_opt)
+      ->excludes(daemon_opt);
   app.add_option("--decode-steps", steps, "timed decode steps per batch size")->capture_default_str();
   app.add_option("--batches", batches_text, "decode batch sizes, comma separated")->capture_default_str();
   app.add_option("--prompt-tokens", prompt_tokens, "prefill prompt length")->capture_default_str();
@@ -391,6 +432,16 @@ int run(int argc, char** argv) {
     at = c + 1;
   }
   if (batches.empty()) fail("--batches is empty");
+  std::unique_ptr<WeightSource> daemon_weights;
+  if (!daemon.empty()) {
+    if (budget_gib <= 0) fail("--daemon measures the streamed mode: give --gpu-budget-gib too");
+    if (long_context > 0) fail("--long-context is a resident run's: not with --daemon");
+    // Before the GPU: a daemon that is not there, or serves another store, is said at once. The
+    // store read is the one the daemon serves; --store, when given, must be it.
+    Config dc;
+    dc.store = store_dir;
+    daemon_weights = open_daemon_weights(daemon, dc, &store_dir, fmt::format("bench-{}", ::getpid()));
+  }
   RL_REQUIRE(cuda_device_count() > 0, "ringllama-bench needs a CUDA GPU");
   if (h2d_only) {
     CUDA_CHECK(cudaSetDevice(0));
@@ -400,8 +451,10 @@ int run(int argc, char** argv) {
                 prop.pciBusID, prop.pciDeviceID, measure_pinned_h2d(size_t{1} << 30, 7) / 1e9);
     return 0;
   }
-  if (store_dir.empty()) fail("--store is required (or --h2d-only)");
-  if (budget_gib > 0) return run_streamed(store_dir, budget_gib, batches, steps, prompt_tokens, decode_prompt);
+  if (store_dir.empty()) fail("--store is required (or --daemon, or --h2d-only)");
+  if (budget_gib > 0)
+    return run_streamed(store_dir, budget_gib, batches, steps, prompt_tokens, decode_prompt, std::move(daemon_weights),
+                        daemon);
   const int64_t max_batch = std::max<int64_t>(8, *std::max_element(batches.begin(), batches.end()));
 
   const Store store = Store::open(store_dir);
