@@ -10,10 +10,11 @@
 // through the group pool from a pinned ring window that holds the whole model (the SSD is read
 // once). With --daemon as well, that window is a running ringllama-loaderd's (the service's data
 // path: its segment mapped read-only, at most its hold_max layers held at once) and the store is
-// the one it serves (--store, when given, must be that one). Measures pinned H2D (1 GiB cudaMallocHost -> device copies), then decode at each batch
-// size and prefill of --prompt-tokens tokens, each on a backend planned for it: tokens/s, bytes
-// streamed per step, the effective rate (bytes streamed / step time) against pinned H2D, and for
-// the last step of each, the sum over layers of max(copy, compute) next to copy + compute (events).
+// the one it serves (--store, when given, must be that one). Measures pinned H2D (1 GiB
+// cudaMallocHost -> device copies), then decode at each batch size and prefill of --prompt-tokens
+// tokens, each on a backend planned for it: tokens/s, bytes streamed per step, the effective rate
+// (bytes streamed / step time) against pinned H2D, and for the last step of each, the sum over
+// layers of max(copy, compute) next to copy + compute (events).
 //
 // Measures: device memory bandwidth (a large device-to-device copy moves 2 bytes per byte copied);
 // bf16 GEMM throughput (8192^3 through the engine's GEMM wrapper); decode tokens/s at each batch
