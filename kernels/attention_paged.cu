@@ -159,18 +159,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     float pr[kRowsPerWarp];
     const int64_t key = kt0 + lane;
 #pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      pr[rr] = 0.0f;
-      if (kt0 > pos[rr]) continue;  // uniform over the warp; key kt0 is visible otherwise, so m stays finite
-      const float sv = key <= pos[rr] ? s[rr] * scale_log2 : -INFINITY;
-      const float m_new = fmaxf(m[rr], warp_max(sv));
-      const float corr = exp2f(m[rr] - m_new);
-      pr[rr] = exp2f(sv - m_new);
-      l[rr] = l[rr] * corr + warp_sum(pr[rr]);
-      m[rr] = m_new;
-#pragma unroll
-      for (int j = 0; j < MAXJ; ++j) o[rr][j] *= corr;
-    }
+    for (int rr = 0; rr < kRowsPerWarp; ++rr)
+      online_softmax_tile(s[rr], kt0, key, pos[rr], scale_log2, pr[rr], m[rr], l[rr], o[rr]);
 
     const int n_keys = static_cast<int>(min(static_cast<int64_t>(kTile), warp_last + 1 - kt0));
 #pragma unroll 4

@@ -200,18 +200,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     float pr[ROWS];
     const int64_t key = kt0 + lane;
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) {
-      pr[rr] = 0.0f;
-      if (kt0 > last[rr]) continue;  // uniform over the warp; key kt0 is visible otherwise, so m stays finite
-      const float sv = key <= last[rr] ? s[rr] * scale_log2 : -INFINITY;
-      const float m_new = fmaxf(m[rr], warp_max(sv));
-      const float corr = exp2f(m[rr] - m_new);
-      pr[rr] = exp2f(sv - m_new);
-      l[rr] = l[rr] * corr + warp_sum(pr[rr]);
-      m[rr] = m_new;
-#pragma unroll
-      for (int jj = 0; jj < NP; ++jj) o[rr][jj].x *= corr, o[rr][jj].y *= corr;
-    }
+    for (int rr = 0; rr < ROWS; ++rr)
+      online_softmax_tile(s[rr], kt0, key, last[rr], scale_log2, pr[rr], m[rr], l[rr], o[rr]);
 
     copy_wait<1>();  // V of this tile (the next K may still be in flight)
     __syncwarp();

@@ -1,14 +1,17 @@
 // What the paged attention kernels share inside the library (kernels/attention_paged.cu and
 // kernels/attention_paged_decode.cu): the block shape, the split partials' layout and the rule
-// that cuts a tile's keys into spans, which both passes and both first-pass kernels must agree on.
+// that cuts a tile's keys into spans, which both passes and both first-pass kernels must agree on,
+// and the online-softmax step both first-pass kernels take per tile.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/attention_paged.cuh"
+#include "kernels/device_math.cuh"
 
 namespace ringllama {
 namespace paged_detail {
@@ -40,6 +43,32 @@ __device__ __forceinline__ KeySpan key_span(int64_t key_end, int splits) {
   return {chunk, static_cast<int>((key_end + chunk - 1) / chunk)};
 }
 
+// An output accumulator times a softmax correction: a float per dimension, or a float2 per pair.
+__device__ __forceinline__ void scale_acc(float& o, float c) { o *= c; }
+__device__ __forceinline__ void scale_acc(float2& o, float c) { o.x *= c, o.y *= c; }
+
+// One query row's online-softmax step over a tile of 32 keys from kt0, this lane's key `key` with
+// raw score s; `last` is the row's last visible key. Sets p to this lane's weight 2^(s - m) (0 for
+// a masked key), takes the tile's max and sum into the row's running max m (log2 units) and sum l
+// and rescales the row's output accumulator o (a float per dimension or a float2 per dimension
+// pair). p is an out-parameter, set to 0 first and read back by the sum, as the kernels had it
+// inline: their PTX stays as it was (up to register names), where returning p cost the general
+// kernel up to 21 registers more (ptxas, sm_90).
+template <typename Acc, int N>
+__device__ __forceinline__ void online_softmax_tile(float s, int64_t kt0, int64_t key, int64_t last, float scale_log2,
+                                                    float& p, float& m, float& l, Acc (&o)[N]) {
+  p = 0.0f;
+  if (kt0 <= last) {  // uniform over the warp; key kt0 is visible, so m stays finite
+    const float sv = key <= last ? s * scale_log2 : -INFINITY;
+    const float m_new = fmaxf(m, warp_max(sv));
+    const float corr = exp2f(m - m_new);
+    p = exp2f(sv - m_new);
+    l = l * corr + warp_sum(p);
+    m = m_new;
+#pragma unroll
+    for (int j = 0; j < N; ++j) scale_acc(o[j], corr);
+  }
+}
 
 // The first pass of a decode step (PagedAttentionBatch::decode_only, group <= kRowsPerWarp): the
 // four warps of a block on different keys of the same rows (attention_paged_decode.cu). Arguments
