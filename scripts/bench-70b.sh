@@ -14,7 +14,7 @@
 #   WEIGHTS      bf16, fp8 or int4 (default int4)
 #   BUDGET_GIB   the GPU budget of both bench runs (default 16)
 #   STEPS        timed decode steps per batch size (default 8)
-#   BENCH        the bench command (default BUILD_DIR/bin/ringllama-bench); it gets the bench's arguments
+#   BENCH        the bench program (default BUILD_DIR/bin/ringllama-bench); it gets the bench's arguments
 #   BENCH_TIMEOUT  seconds each bench run may take (default 900)
 #   BUILD_DIR    the build folder (default <repo>/build)
 # Writes pack.log, loaderd.log, daemon-stats.json, daemon-fed.log, own-window.log and summary.txt
@@ -80,14 +80,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-shm_before=$(ls /dev/shm | grep '^ringllama-' || true)
+# The segments in /dev/shm now, one name a line.
+shm_list() {
+  local f
+  for f in /dev/shm/ringllama-*; do [[ -e $f ]] && echo "${f##*/}"; done
+  return 0
+}
+shm_before=$(shm_list)
 t0=$SECONDS
 "$bin/ringllama-loaderd" --store "$store" --control "$control" --cpu-cap-layers "$n_layers" --mlock warn \
   >"$out/loaderd.log" 2>&1 &
 dpid=$!
 # Ready once the globals and the whole window are read (the store, once, from the disk or the page cache).
 for ((i = 0; ; ++i)); do
-  grep -q "info: ready" "$out/loaderd.log" && break
+  grep -q "info: ready" "$out/loaderd.log" 2>/dev/null && break
   kill -0 "$dpid" 2>/dev/null || { tail -20 "$out/loaderd.log" >&2; dpid=; die "the loader daemon exited"; }
   ((i < 6000)) || die "the loader daemon was not ready within 600 s: see $out/loaderd.log"
   sleep 0.1
@@ -96,7 +102,7 @@ window_s=$((SECONDS - t0))
 
 failed=()
 t0=$SECONDS
-timeout "$bench_timeout" $bench --daemon "$control" --store "$store" --gpu-budget-gib "$budget" --decode-steps "$steps" \
+timeout "$bench_timeout" "$bench" --daemon "$control" --store "$store" --gpu-budget-gib "$budget" --decode-steps "$steps" \
   >"$out/daemon-fed.log" 2>&1 || failed+=("daemon-fed (status $?): see $out/daemon-fed.log")
 daemon_bench_s=$((SECONDS - t0))
 "$bin/ringllama-loaderd" --stats --control "$control" >"$out/daemon-stats.json" 2>&1 \
@@ -113,11 +119,11 @@ dpid=
 if [[ -n $segment && -e /dev/shm/${segment#/} ]]; then
   failed+=("the loader daemon left its segment /dev/shm/${segment#/}")
 fi
-leftover=$(comm -13 <(echo "$shm_before") <(ls /dev/shm | grep '^ringllama-' || true) | tr '\n' ' ')
+leftover=$(comm -13 <(echo "$shm_before") <(shm_list) | tr '\n' ' ')
 [[ -z ${leftover// /} ]] || failed+=("new segments left in /dev/shm: $leftover")
 
 t0=$SECONDS
-timeout "$bench_timeout" $bench --store "$store" --gpu-budget-gib "$budget" --decode-steps "$steps" \
+timeout "$bench_timeout" "$bench" --store "$store" --gpu-budget-gib "$budget" --decode-steps "$steps" \
   >"$out/own-window.log" 2>&1 || failed+=("own window (status $?): see $out/own-window.log")
 own_bench_s=$((SECONDS - t0))
 
