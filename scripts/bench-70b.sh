@@ -159,6 +159,11 @@ for fig in "decode b1" "decode b8" "decode b64" "prefill 1x512"; do
   printf '%-16s %30s %30s %10s\n' "$fig" "${dc:-none}" "${oc:-none}" "$ratio" | tee -a "$summary"
 done
 say "cells: tokens/s (GB streamed per step, effective rate over pinned H2D); none: the run has no such row"
+for run_name in daemon-fed own-window; do
+  say ""
+  say "$run_name, as ringllama-bench printed it:"
+  rows "$out/$run_name.log" | tee -a "$summary"
+done
 for f in "${failed[@]}"; do say "FAILED: $f"; done
 echo "summary: $summary"
 [[ ${#failed[@]} -eq 0 ]]
