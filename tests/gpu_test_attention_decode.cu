@@ -26,6 +26,7 @@
 #include "kernels/attention_paged.cuh"
 #include "kernels/check.h"
 #include "kernels/device_info.h"
+#include "tests/attention_batch_util.h"
 #include "tests/attention_reference.h"
 #include "tests/gpu_skip.h"
 
@@ -41,7 +42,6 @@ DeviceBuffer<D> to_device(const std::vector<H>& h) {
   CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(H), cudaMemcpyHostToDevice));
   return d;
 }
-
 
 struct Case {
   int64_t group, n_kv_heads, head_dim;
@@ -91,21 +91,9 @@ void check_case(const Case& c, uint64_t seed) {
     count.push_back(1);
     start.push_back(static_cast<int32_t>(len - 1));
   }
-  std::vector<int32_t> tile_item, tile_row0;
-  attention_paged_tiles(std::vector<int64_t>(n, 1), c.group, &tile_item, &tile_row0);
   auto d_q = to_device<bf16>(qb), d_k = to_device<bf16>(kp), d_v = to_device<bf16>(vp);
-  auto d_row0 = to_device<int32_t>(row0), d_count = to_device<int32_t>(count), d_start = to_device<int32_t>(start);
-  auto d_tables = to_device<int32_t>(tables);
-  auto d_ti = to_device<int32_t>(tile_item), d_tr = to_device<int32_t>(tile_row0);
-  PagedAttentionBatch b;
-  b.item_row0 = d_row0.get();
-  b.item_count = d_count.get();
-  b.item_start = d_start.get();
-  b.block_tables = d_tables.get();
-  b.table_stride = max_blocks;
-  b.tile_item = d_ti.get();
-  b.tile_row0 = d_tr.get();
-  b.n_tiles = static_cast<int64_t>(tile_item.size());
+  const test::DeviceAttentionBatch db(row0, count, start, tables, max_blocks, c.group);
+  const PagedAttentionBatch& b = db.batch;
   const size_t ws_bytes = attention_paged_workspace_bytes(n, H, hd, kAttentionPagedMaxSplits);
   DeviceBuffer<unsigned char> ws(ws_bytes, "split partials");
   const int auto_splits = attention_paged_splits(b.n_tiles, KVH, max_ctx, cuda_sm_count(0), n, H, hd, ws_bytes);
@@ -213,6 +201,24 @@ TEST(AttentionDecodeSplits, OneWaveAtLeastThree) {
   // No decode kernel for these heads, or nothing to split: one span.
   EXPECT_EQ(attention_paged_decode_splits(1, 8, 32768, 132, 0, 32, 128, ws), 1);
   EXPECT_EQ(attention_paged_decode_splits(0, 8, 32768, 132, 3, 32, 128, ws), 1);
+}
+
+// The batch the cases above are built with refuses host arrays that disagree, before any copy (so
+// this runs without a GPU too: the message is the helper's, not a failed allocation's).
+TEST(DeviceAttentionBatch, RefusesArraysThatDisagree) {
+  const std::vector<int32_t> one = {0};
+  auto refused = [](auto make) {
+    try {
+      make();
+    } catch (const Error& e) {
+      return std::string(e.what()).rfind("DeviceAttentionBatch:", 0) == 0;
+    }
+    return false;
+  };
+  EXPECT_TRUE(refused([&] { test::DeviceAttentionBatch({0, 1}, one, one, {0, 0}, 1, 1); }));  // 2 items, 1 count
+  EXPECT_TRUE(refused([&] { test::DeviceAttentionBatch(one, one, one, {0, 0, 0}, 2, 1); }));  // 3 entries, stride 2
+  EXPECT_TRUE(refused([&] { test::DeviceAttentionBatch(one, one, one, {0}, 0, 1); }));        // stride 0
+  EXPECT_TRUE(refused([&] { test::DeviceAttentionBatch(one, one, one, {0}, 1, 0); }));        // group 0
 }
 
 }  // namespace

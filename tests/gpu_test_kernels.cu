@@ -35,6 +35,7 @@
 #include "kernels/gemm.h"
 #include "kernels/rope.cuh"
 #include "kernels/silu_mul.cuh"
+#include "tests/attention_batch_util.h"
 #include "tests/gpu_skip.h"
 
 namespace ringllama {
@@ -395,27 +396,13 @@ TEST_F(Kernels, AttentionPaged) {
         start.push_back(static_cast<int32_t>(it.start));
         r0 += it.n;
       }
-      std::vector<int32_t> tile_item, tile_row0;
-      std::vector<int64_t> counts(count.begin(), count.end());
-      attention_paged_tiles(counts, s.n_heads / s.n_kv_heads, &tile_item, &tile_row0);
       auto d_q = to_device<bf16>(q.bits);
       auto d_k = to_device<bf16>(kp);
       auto d_v = to_device<bf16>(vp);
-      auto d_row0 = to_device<int32_t>(row0), d_count = to_device<int32_t>(count), d_start = to_device<int32_t>(start);
-      auto d_tables = to_device<int32_t>(tables);
-      auto d_ti = to_device<int32_t>(tile_item), d_tr = to_device<int32_t>(tile_row0);
-      PagedAttentionBatch b;
-      b.item_row0 = d_row0.get();
-      b.item_count = d_count.get();
-      b.item_start = d_start.get();
-      b.block_tables = d_tables.get();
-      b.table_stride = max_blocks;
-      b.tile_item = d_ti.get();
-      b.tile_row0 = d_tr.get();
-      b.n_tiles = static_cast<int64_t>(tile_item.size());
+      const test::DeviceAttentionBatch b(row0, count, start, tables, max_blocks, s.n_heads / s.n_kv_heads);
       auto out = poisoned<bf16>(rows * q_dim);
-      launch_attention_paged(d_q.get(), q_stride, d_k.get(), d_v.get(), kv_stride, B, out.get(), q_dim, b, s.n_heads,
-                             s.n_kv_heads, hd, 1.0f / std::sqrt(static_cast<float>(hd)), nullptr);
+      launch_attention_paged(d_q.get(), q_stride, d_k.get(), d_v.get(), kv_stride, B, out.get(), q_dim, b.batch,
+                             s.n_heads, s.n_kv_heads, hd, 1.0f / std::sqrt(static_cast<float>(hd)), nullptr);
       const std::string what = "heads " + std::to_string(s.n_heads) + "/" + std::to_string(s.n_kv_heads) + " hd " +
                                std::to_string(hd) + " block " + std::to_string(B) + " items 6";
       expect_close("attention_paged", what, download_bf16(out, rows * q_dim), ref, kTolBf16, rng.seed);
