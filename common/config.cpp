@@ -22,7 +22,7 @@ namespace ringllama {
 
 namespace {
 
-enum class Kind { Int, AutoInt, Float, Bool, Path, Endpoint, HostPort, Secret };
+enum class Kind { Int, AutoInt, Float, AutoFloat, Bool, Path, Endpoint, HostPort, Secret };
 
 struct KeyDef {
   const char* name;
@@ -92,6 +92,15 @@ const std::vector<KeyDef>& keys() {
       AUTO_KEY(gpu_max_groups, kWorker | kGenerate, 2, 1 << 20, "group buffers in the GPU pool, or auto"),
       AUTO_KEY(resident_layers, kWorker | kGenerate, 0, 1 << 20, "layers kept on the GPU, or auto"),
       INT_KEY(h2d_backlog_max, kWorker | kGenerate, 1, 1024, "host-to-device copies in flight"),
+      KeyDef{"cpu_share", Kind::AutoFloat, kWorker | kGenerate, 0, 0, 0.0, 1.0,
+             "share of each streamed bf16 weight matrix's rows the CPU computes while the GPU streams the rest, "
+             "or auto (from the rates measured at start); 0 = off",
+             [](Config& c, const std::string& v) { c.cpu_share = v == "auto" ? kAutoShare : std::stod(v); },
+             [](const Config& c) {
+               return c.cpu_share < 0 ? std::string("auto") : fmt::format("{}", c.cpu_share);
+             }},
+      AUTO_KEY(cpu_threads, kWorker | kGenerate, 1, 4096,
+               "CPU threads computing the CPU's share of streamed layers, or auto (every core the process may use)"),
       INT_KEY(batch_size, kWorker | kGenerate, 1, 65536, "sequences per step"),
       INT_KEY(max_context, kWorker | kGenerate, 1, 1 << 24, "tokens per sequence"),
       INT_KEY(prefill_chunk_tokens, kWorker | kGenerate, 1, 1 << 24, "prompt tokens per sequence per step"),
@@ -180,11 +189,15 @@ std::string check_value(const KeyDef& k, std::string raw, const ValueSource& src
       if (v < k.min || v > k.max) throw bad(fmt::format("must be between {} and {}", k.min, k.max));
       return std::to_string(v);
     }
+    case Kind::AutoFloat:
+      if (raw == "auto") return raw;
+      [[fallthrough]];
     case Kind::Float: {
       errno = 0;
       char* end = nullptr;
       double v = std::strtod(raw.c_str(), &end);
-      if (raw.empty() || *end != '\0' || errno == ERANGE || v != v) throw bad("must be a number");
+      if (raw.empty() || *end != '\0' || errno == ERANGE || v != v)
+        throw bad(k.kind == Kind::AutoFloat ? "must be a number or auto" : "must be a number");
       if (v < k.fmin || v > k.fmax) throw bad(fmt::format("must be between {} and {}", k.fmin, k.fmax));
       return raw;
     }

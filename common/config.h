@@ -30,6 +30,7 @@ enum Reader : unsigned {
 };
 
 inline constexpr int64_t kAuto = -1;  // value of an `auto` key
+inline constexpr double kAutoShare = -1.0;  // value of an `auto` fraction key (cpu_share)
 
 struct Config {
   std::string store;                                      // path of the packed store
@@ -51,6 +52,9 @@ struct Config {
   int64_t gpu_max_groups = kAuto;     // group buffers in the pool; auto = from gpu_ahead_layers
   int64_t resident_layers = kAuto;    // layers kept on the GPU; auto = what fits
   int64_t h2d_backlog_max = 4;        // host-to-device copies in flight
+  double cpu_share = kAutoShare;      // share of each streamed bf16 matrix's rows the CPU computes (hybrid):
+                                      // auto = from the rates measured at start; 0 = off
+  int64_t cpu_threads = kAuto;        // the hybrid's CPU threads; auto = every core this process may use
   int64_t batch_size = 8;             // sequences per step
   int64_t max_context = 4096;         // tokens per sequence (<= the model's)
   int64_t prefill_chunk_tokens = 512; // prompt tokens per sequence per step

@@ -4,10 +4,13 @@
 // buffer: every layer is copied every step) over this process's ring window, and a pool with one
 // resident layer; (b) through a ringllama-loaderd whose window (cpu_cap_layers 2) is smaller than
 // the model; (c) fully resident, the reference. Then a batch of three sequences of different
-// lengths, streamed against resident.
+// lengths, streamed against resident. The hybrid (cpu_share) is off in these (0): its CPU rows
+// are fp32 sums in another order, so they are held to the fixtures' tolerance instead, at several
+// shares, in CudaStreamGolden.HybridMatchesTheFixtures.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -83,6 +86,7 @@ TEST_P(CudaStreamGolden, StreamedLogitsAreTheResidentOnesBitForBit) {
   Config base;
   base.store = store;
   base.max_context = static_cast<int64_t>(prompt.size()) + rows + 1;
+  base.cpu_share = 0;
 
   // (c) fully resident: the reference.
   std::vector<std::vector<float>> ref;
@@ -154,6 +158,75 @@ TEST_P(CudaStreamGolden, StreamedLogitsAreTheResidentOnesBitForBit) {
   }
 }
 
+// The hybrid: every layer streamed, each matrix's last rows computed by the CPU from the window's
+// host copy, at several shares. The logits stay within the bf16 tolerance of transformers' and the
+// greedy picks are the fixture's but for near ties; the pool copies only the GPU's rows.
+TEST_P(CudaStreamGolden, HybridMatchesTheFixtures) {
+  const test::Golden g = test::load_golden(GetParam());
+  const int64_t rows = g.rows, vocab = g.vocab_size;
+  test::TempDir tmp;
+  const std::string store = tmp / "store";
+  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"}, 120);
+  ASSERT_EQ(pack.status, 0) << "ringllama-pack failed:\n" << pack.err << pack.out;
+  Config base;
+  base.store = store;
+  base.max_context = static_cast<int64_t>(g.prompt_ids.size()) + rows + 1;
+  base.resident_layers = 0;
+  base.cpu_threads = 3;
+  uint64_t pure_bytes = 0, pure_passes = 0;
+  {
+    Config c = base;
+    c.cpu_share = 0;
+    auto ws = open_window_weights(store, c);
+    base.cpu_cap_layers = ws->manifest().model.n_layers;
+    auto gpu = make_cuda_backend(*ws, c);
+    teacher_rows(*gpu, g.prompt_ids, g.tokens, rows);
+    const CudaStreamReport r = report_of(*gpu);
+    EXPECT_FALSE(r.hybrid);
+    pure_bytes = r.bytes;
+    pure_passes = r.passes;
+  }
+  for (double share : {0.25, 0.5, 0.9}) {
+    Config c = base;
+    c.cpu_share = share;
+    auto ws = open_window_weights(store, c);
+    auto gpu = make_cuda_backend(*ws, c);
+    const std::vector<std::vector<float>> got = teacher_rows(*gpu, g.prompt_ids, g.tokens, rows);
+    double worst = 0;
+    int near_ties = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ref = g.logits.data() + r * vocab;
+      double max_diff = 0, max_ref = 0;
+      for (int64_t i = 0; i < vocab; ++i) {
+        max_diff = std::max(max_diff, std::fabs(double(got[r][i]) - ref[i]));
+        max_ref = std::max(max_ref, std::fabs(double(ref[i])));
+      }
+      worst = std::max(worst, max_diff / max_ref);
+      EXPECT_LT(max_diff / max_ref, 5e-2) << GetParam() << " share " << share << " row " << r;
+      const int32_t pick = static_cast<int32_t>(std::max_element(got[r].begin(), got[r].end()) - got[r].begin());
+      if (pick != g.tokens[r]) {
+        const double gap = double(ref[g.tokens[r]]) - ref[pick];
+        EXPECT_LE(gap, 2 * max_diff) << GetParam() << " share " << share << " row " << r << ": picks " << pick
+                                     << ", transformers " << g.tokens[r] << " (not a near tie)";
+        ++near_ties;
+      }
+    }
+    const CudaStreamReport r = report_of(*gpu);
+    EXPECT_TRUE(r.hybrid);
+    EXPECT_GT(r.cpu_calls, 0u);
+    EXPECT_GT(r.cpu_bytes, 0u);
+    EXPECT_GT(r.skipped_bytes, 0u);
+    ASSERT_EQ(r.passes, pure_passes);
+    // What the CPU read was not copied: the pool's bytes are the pure run's less those.
+    EXPECT_EQ(r.bytes + r.skipped_bytes, pure_bytes) << "share " << share;
+    EXPECT_EQ(r.cpu_bytes, r.skipped_bytes) << "share " << share;
+    std::printf("  %-24s hybrid, CPU share %.2f (%s): worst max|diff|/max|golden| %.3e, %d near ties; %.1f%% of the "
+                "streamed bytes on the CPU\n",
+                GetParam().c_str(), share, r.cpu_isa.c_str(), worst, near_ties,
+                100.0 * double(r.cpu_bytes) / double(pure_bytes));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaStreamGolden, ::testing::ValuesIn(test::golden_fixture_names()),
                          test::FixtureTestName());
 
@@ -180,6 +253,7 @@ TEST(CudaStreamBatch, ThreeSequencesStreamedAreTheResidentOnes) {
   test::TinyModel tm(m, 41);
   test::MemoryWeights ws(tm);
   Config c;
+  c.cpu_share = 0;
   c.batch_size = 3;
   c.prefill_chunk_tokens = 64;
   c.kv_block_tokens = 16;

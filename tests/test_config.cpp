@@ -242,7 +242,7 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
                           "free_guard_mb", "gpu_ahead_layers", "gpu_max_groups", "resident_layers",
                           "h2d_backlog_max", "batch_size", "max_context", "prefill_chunk_tokens",
                           "kv_block_tokens", "verbose", "cpu_cap_layers", "host_memory_fraction", "cycle_slots",
-                          "back_margin"})
+                          "back_margin", "cpu_share", "cpu_threads"})
     EXPECT_NE(line_with(d, key), "") << key;
   for (const char* key : {"heartbeat_ms", "queue_max", "listen", "max_request_bytes", "drain_timeout_ms"})
     EXPECT_EQ(line_with(d, key), "") << key;
@@ -255,7 +255,32 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
   EXPECT_HAS(line_of("max_context"), "default");
   EXPECT_HAS(line_of("gpu_max_groups"), "auto");
   EXPECT_HAS(line_of("cpu_cap_layers"), "auto");
-  EXPECT_EQ(ConfigLoader::all_keys().size(), 28u);
+  EXPECT_HAS(line_of("cpu_share"), "auto");
+  EXPECT_EQ(ConfigLoader::all_keys().size(), 30u);
+}
+
+// cpu_share: auto (the default), a share in [0, 1], or an error naming the rule.
+TEST(Config, CpuShareIsAutoOrAShare) {
+  ConfigLoader l(kWorker);
+  EXPECT_EQ(l.load_from(std::nullopt, "", {}, {}).cpu_share, kAutoShare);
+  EXPECT_EQ(l.load_from("cpu_share: 0\n", "w.yaml", {}, {}).cpu_share, 0.0);
+  EXPECT_EQ(l.load_from("cpu_share: auto\n", "w.yaml", {}, {}).cpu_share, kAutoShare);
+  EXPECT_EQ(l.load_from(std::nullopt, "", {{"RINGLLAMA_CPU_SHARE", "0.4"}}, {}).cpu_share, 0.4);
+  EXPECT_EQ(l.load_from(std::nullopt, "", {}, {{"cpu_threads", "12"}}).cpu_threads, 12);
+  EXPECT_EQ(l.load_from(std::nullopt, "", {}, {}).cpu_threads, kAuto);
+  for (const char* bad : {"1.5", "-0.1", "half", "nan"}) {
+    try {
+      l.load_from(std::nullopt, "", {}, {{"cpu_share", bad}});
+      ADD_FAILURE() << "cpu_share " << bad << " was accepted";
+    } catch (const ConfigError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("cpu_share"), std::string::npos) << what;
+      EXPECT_TRUE(what.find("between 0 and 1") != std::string::npos ||
+                  what.find("a number or auto") != std::string::npos)
+          << what;
+    }
+  }
+  EXPECT_THROW(l.load_from(std::nullopt, "", {}, {{"cpu_threads", "0"}}), ConfigError);
 }
 
 // ---- --print-config of a real process ----

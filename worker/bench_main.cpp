@@ -194,6 +194,12 @@ struct StreamRow {
   int64_t resident = 0, ahead = 0, attn = 0, ffn = 0;
   uint64_t stalls = 0;
   double stall_s = 0;
+  // The hybrid (cpu_share): the CPU's bytes per step, its rate (bytes over the kernel's time), a
+  // plain read by the same threads at the backend's start, and the GPU share f.
+  std::string share = "0";
+  bool hybrid = false;
+  double cpu_bytes_per_step = 0, cpu_rate = 0, cpu_read = 0, f = 1;
+  std::string cpu_isa;
 };
 
 // A backend under the budget: the largest gpu_ahead_layers from 4 down that the planner accepts.
@@ -235,13 +241,33 @@ void fill_stream_row(StreamRow* row, const Backend& be, const CudaStreamReport& 
   row->ffn = r.ffn_buffers;
   row->stalls = r.source_stalls - before.source_stalls;
   row->stall_s = r.source_wait_seconds - before.source_wait_seconds;
+  row->hybrid = r.hybrid;
+  if (r.hybrid) {
+    row->cpu_bytes_per_step = double(r.cpu_bytes - before.cpu_bytes) / steps;
+    const double cpu_s = r.cpu_seconds - before.cpu_seconds;
+    row->cpu_rate = cpu_s > 0 ? double(r.cpu_bytes - before.cpu_bytes) / cpu_s : 0;
+    row->cpu_read = r.cpu_dram_read_gbs * 1e9;
+    row->f = r.gpu_fraction;
+    row->cpu_isa = fmt::format("{} x{}", r.cpu_isa, r.cpu_threads);
+  }
+}
+
+// "auto" (kAutoShare) or a share in [0, 1].
+double parse_share(const std::string& text) {
+  if (text == "auto") return kAutoShare;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || errno == ERANGE || !(v >= 0 && v <= 1))
+    fail("--cpu-shares: '{}' is not a CPU share (auto, or a number from 0 to 1)", text);
+  return v;
 }
 
 // `daemon`: the weights from the loader daemon at `endpoint` (opened by the caller); null: from a
 // window of this process's own over store_dir.
 int run_streamed(const std::string& store_dir, double budget_gib, const std::vector<int64_t>& batches, int64_t steps,
                  int64_t prompt_tokens, int64_t decode_prompt, std::unique_ptr<WeightSource> daemon,
-                 const std::string& endpoint) {
+                 const std::string& endpoint, const std::vector<std::string>& shares) {
   CUDA_CHECK(cudaSetDevice(0));
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -291,13 +317,17 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
   }
 
   std::vector<StreamRow> rows;
+  for (const std::string& share : shares) {
+  c.cpu_share = parse_share(share);
+  const std::string suffix = share == "0" ? "" : " cpu " + share;
   for (int64_t b : batches) {
     Config d = c;
     d.batch_size = b;
     d.prefill_chunk_tokens = decode_prompt;
     d.max_context = decode_prompt + steps + 8;
     StreamRow row;
-    row.figure = fmt::format("decode b{}", b);
+    row.figure = fmt::format("decode b{}{}", b, suffix);
+    row.share = share;
     try {
       auto be = budget_backend(*ws, d, &row.ahead);
       const int64_t vocab = m.vocab_size;
@@ -330,7 +360,8 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
     d.prefill_chunk_tokens = prompt_tokens;
     d.max_context = prompt_tokens + 16;
     StreamRow row;
-    row.figure = fmt::format("prefill 1x{}", prompt_tokens);
+    row.figure = fmt::format("prefill 1x{}{}", prompt_tokens, suffix);
+    row.share = share;
     try {
       auto be = budget_backend(*ws, d, &row.ahead);
       const int reps = 3;
@@ -353,6 +384,7 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
     } catch (const Error& e) {
       std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
     }
+  }
   }
   if (daemon) {
     // What the worker's metrics show as "weights": this process's passes through the daemon's
@@ -383,6 +415,27 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
   std::printf("eff GB/s: bytes streamed per step / step time (ratio: of pinned H2D); copy GB/s: bytes / the copies' "
               "own time; sum max / sum c+c: the last step's sum over layers of max(copy, compute) and of copy + "
               "compute (ms); gpu ms: that step's span on the compute stream\n");
+  if (std::any_of(rows.begin(), rows.end(), [](const StreamRow& r) { return r.hybrid; })) {
+    // The hybrid next to pure streaming of the same figure, each link's bytes per step and rate.
+    std::printf("\nhybrid: each link's bytes per step and achieved rate (PCIe against pinned H2D %.2f GB/s, the CPU "
+                "against a plain read of the same size by the same threads)\n",
+                h2d / 1e9);
+    std::printf("%-22s %9s %9s %7s %10s %9s %6s %10s %9s %9s %6s %6s %s\n", "figure", "tok/s", "pure", "x pure",
+                "PCIe GB/st", "copy GB/s", "of H2D", "CPU GB/st", "CPU GB/s", "read GB/s", "of rd", "f", "cpu");
+    for (const StreamRow& r : rows) {
+      if (!r.hybrid) continue;
+      const std::string base = r.figure.substr(0, r.figure.find(" cpu "));
+      double pure = 0;
+      for (const StreamRow& q : rows)
+        if (q.figure == base) pure = q.tok_s;
+      std::printf("%-22s %9.2f %9.2f %7.2f %10.3f %9.2f %6.3f %10.3f %9.2f %9.2f %6.3f %6.3f %s\n", r.figure.c_str(),
+                  r.tok_s, pure, pure > 0 ? r.tok_s / pure : 0.0, r.bytes_per_step / 1e9, r.copy_rate / 1e9,
+                  r.copy_rate / h2d, r.cpu_bytes_per_step / 1e9, r.cpu_rate / 1e9, r.cpu_read / 1e9,
+                  r.cpu_read > 0 ? r.cpu_rate / r.cpu_read : 0.0, r.f, r.cpu_isa.c_str());
+    }
+    std::printf("CPU GB/s: the CPU's weight bytes over the time in its kernel; f: the GPU's share of each matrix's "
+                "rows (the last step's, before rounding to 64 rows)\n");
+  }
   return 0;
 }
 
@@ -411,6 +464,11 @@ int run(int argc, char** argv) {
   app.add_option("--long-context", long_context,
                  "also decode one sequence after this many tokens of context (resident run): the step time against "
                  "weights + KV over the bandwidth, and the attention's extra time against the KV's bytes over it");
+  std::string shares_text = "0";
+  app.add_option("--cpu-shares", shares_text,
+                 "with --gpu-budget-gib: the CPU shares to run the streamed figures with, comma separated (0: pure "
+                 "streaming; auto: the split from the rates measured at start; a number: forced)")
+      ->capture_default_str();
   double budget_gib = 0;
   app.add_option("--gpu-budget-gib", budget_gib,
                  "plan for this many GiB of device memory: the layers that do not fit are streamed (0: resident run)");
@@ -433,6 +491,14 @@ int run(int argc, char** argv) {
     at = c + 1;
   }
   if (batches.empty()) fail("--batches is empty");
+  std::vector<std::string> shares;
+  for (size_t at = 0; at <= shares_text.size();) {
+    size_t c = shares_text.find(',', at);
+    if (c == std::string::npos) c = shares_text.size();
+    shares.push_back(shares_text.substr(at, c - at));
+    parse_share(shares.back());
+    at = c + 1;
+  }
   std::unique_ptr<WeightSource> daemon_weights;
   if (!daemon.empty()) {
     if (budget_gib <= 0) fail("--daemon measures the streamed mode: give --gpu-budget-gib too");
@@ -455,7 +521,7 @@ int run(int argc, char** argv) {
   if (store_dir.empty()) fail("--store is required (or --daemon, or --h2d-only)");
   if (budget_gib > 0)
     return run_streamed(store_dir, budget_gib, batches, steps, prompt_tokens, decode_prompt, std::move(daemon_weights),
-                        daemon);
+                        daemon, shares);
   const int64_t max_batch = std::max<int64_t>(8, *std::max_element(batches.begin(), batches.end()));
 
   const Store store = Store::open(store_dir);

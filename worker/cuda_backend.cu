@@ -27,6 +27,7 @@
 #include "kernels/rope.cuh"
 #include "kernels/sample.cuh"
 #include "kernels/silu_mul.cuh"
+#include "worker/cuda_hybrid.h"
 #include "worker/cuda_memory.h"
 #include "worker/gpu_weights.h"
 #include "worker/window_weights.h"
@@ -128,6 +129,13 @@ struct LayerPtrs {
   Linear w2;                        // down [dim, ffn]
   bool qkv_fused = false;           // bf16 only: packed values have their scales between them
   bool gu_fused = false;
+};
+
+// A streamed layer's split (the hybrid): per HybridPart, the host copy of the matrix (q|k|v and
+// gate|up fused) and the GPU's rows; the CPU computes the others.
+struct HybridLayer {
+  std::array<const bf16_t*, kHybridMatrices> w{};
+  std::array<int64_t, kHybridMatrices> g{};
 };
 
 // True when the tensors named follow each other in their group with no padding between them.
@@ -242,6 +250,8 @@ class CudaBackend : public Backend {
     phase("weights (globals, resident layers, pool)");
     allocate_state();
     phase("KV cache and activations");
+    setup_hybrid(config);
+    if (hybrid_) phase("hybrid rates");
     // One decode step run eagerly first: cuBLAS and the kernels are loaded (their memory counted
     // below) before any graph is captured, and no capture ever has to load one. Not when layers
     // stream from the daemon: a step is then a whole pass, which would wait for the host memory
@@ -308,6 +318,20 @@ class CudaBackend : public Backend {
     r.layer_copy_seconds = st.layer_copy_seconds;
     r.layer_compute_seconds = layer_compute_;
     r.step_seconds = step_seconds_;
+    r.skipped_bytes = st.skipped_bytes;
+    if (hybrid_) {
+      const CudaHybridStats h = hybrid_->stats();
+      r.hybrid = true;
+      r.cpu_calls = h.calls;
+      r.cpu_bytes = h.cpu_bytes;
+      r.cpu_seconds = h.cpu_seconds;
+      r.cpu_callback_seconds = h.callback_seconds;
+      r.h2d_gbs_measured = hybrid_->rates().h2d_gbs;
+      r.cpu_dram_read_gbs = hybrid_->dram_read_gbs();
+      r.cpu_isa = hybrid_->isa();
+      r.cpu_threads = hybrid_->threads();
+      r.gpu_fraction = last_f_;
+    }
     return r;
   }
 
@@ -321,6 +345,7 @@ class CudaBackend : public Backend {
     const auto t0 = std::chrono::steady_clock::now();
     if (trace) before = gw_->stats();
     run_step_inner(L, out);
+    if (hybrid_) hybrid_->check();
     if (trace) log_step_bound(before, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                               L.rows());
   }
@@ -413,6 +438,7 @@ class CudaBackend : public Backend {
   // such: its ranges are registered and it skips the resident layers.
   void upload_weights(WeightSource& ws, const Config& config) {
     const Manifest& man = ws.manifest();
+    manifest_ = &man;
     gw_ = std::make_unique<GpuWeights>(ws, pool_plan(report_.plan, config), stream_.get(),
                                        dynamic_cast<HostSlots*>(&ws), std::move(registration_));
     report_.allocated_bytes += gw_->device_bytes();
@@ -432,6 +458,74 @@ class CudaBackend : public Backend {
       for (int64_t i = 0; i < 2 * m_.n_layers; ++i) layer_events_.emplace_back();
       layer_compute_.assign(static_cast<size_t>(m_.n_layers), 0.0);
     }
+  }
+
+  // The hybrid, when it applies (DESIGN.md "The CPU's share of a streamed layer (hybrid)"): layers
+  // stream, cpu_share is not 0, the streamed layers are bf16 with q|k|v and gate|up adjacent, and
+  // the source lets the pool hold a layer through its compute besides the copies ahead. A forced
+  // share that cannot apply is a ConfigError naming why; auto only says why in the log.
+  void setup_hybrid(const Config& config) {
+    if (!streaming_ || config.cpu_share == 0.0) return;
+    const bool forced = config.cpu_share > 0.0;
+    const Manifest& man = *manifest_;
+    hybrid_layer_.assign(static_cast<size_t>(m_.n_layers), false);
+    std::string why;
+    for (int64_t l = gw_->resident_layers(); l < m_.n_layers && why.empty(); ++l) {
+      const GroupEntry& ga = man.attn(l);
+      const GroupEntry& gf = man.ffn(l);
+      for (const char* t : {"wq", "wk", "wv", "wo"})
+        if (ga.tensor(t).dtype != DType::BF16) why = fmt::format("layer {}'s {} is packed (the CPU multiplies bf16)", l, t);
+      for (const char* t : {"w1", "w3", "w2"})
+        if (gf.tensor(t).dtype != DType::BF16) why = fmt::format("layer {}'s {} is packed (the CPU multiplies bf16)", l, t);
+      if (why.empty() && !(qkv_fused_[static_cast<size_t>(l)] && gu_fused_[static_cast<size_t>(l)]))
+        why = fmt::format("layer {}'s q|k|v or gate|up are not adjacent in the store", l);
+      hybrid_layer_[static_cast<size_t>(l)] = true;
+    }
+    if (why.empty() && gw_->held_layers_max() < 2)
+      why = fmt::format("the weight source lets the pool hold {} host layer at once; the CPU's share needs the layer "
+                        "computing held besides the next copy (2 or more)",
+                        gw_->held_layers_max());
+    if (!why.empty()) {
+      hybrid_layer_.clear();
+      if (forced) throw ConfigError("cpu_share " + fmt::format("{}", config.cpu_share) + " cannot apply: " + why);
+      spdlog::info("hybrid: off ({}); every streamed row crosses PCIe", why);
+      return;
+    }
+    CudaHybridOptions o;
+    if (forced) o.cpu_share = config.cpu_share;
+    o.threads = config.cpu_threads == kAuto ? 0 : static_cast<int>(config.cpu_threads);
+    hybrid_ = std::make_unique<CudaHybrid>(m_, o, k_cache_.get(), k_cache_.bytes());
+    fmt::print(stderr, "{}", hybrid_->plan_text(m_.n_layers - gw_->resident_layers(),
+                                                std::min<int64_t>(max_rows_, CudaHybrid::kMaxTokens)));
+  }
+
+  // The pool copies each streamed layer less the CPU's rows of the split (set between passes,
+  // when the split changes with the step's token count).
+  void set_hybrid_split(const HybridSplit& split) {
+    if (split.gpu_rows == skipped_rows_) return;
+    const Manifest& man = *manifest_;
+    const int64_t dim = m_.dim, q_dim = m_.q_dim(), ffn = m_.ffn_dim;
+    // HybridPart order: (group, first tensor, row bytes).
+    const std::array<std::tuple<bool, const char*, int64_t>, kHybridMatrices> parts = {
+        std::tuple<bool, const char*, int64_t>{false, "wq", dim * 2},
+        {false, "wo", q_dim * 2},
+        {true, "w1", dim * 2},
+        {true, "w2", ffn * 2}};
+    std::vector<std::vector<SkippedBytes>> skipped(static_cast<size_t>(m_.n_layers));
+    for (int64_t l = 0; l < m_.n_layers; ++l) {
+      if (!hybrid_layer_[static_cast<size_t>(l)]) continue;
+      for (int p = 0; p < kHybridMatrices; ++p) {
+        const auto [ffn_group, first, row_bytes] = parts[static_cast<size_t>(p)];
+        const int64_t g = split.gpu_rows[static_cast<size_t>(p)];
+        const int64_t rows = hybrid_->matrices()[static_cast<size_t>(p)].rows;
+        if (g >= rows) continue;
+        const uint64_t at = (ffn_group ? man.ffn(l) : man.attn(l)).tensor(first).offset;
+        skipped[static_cast<size_t>(l)].push_back(
+            {ffn_group, at + static_cast<uint64_t>(g * row_bytes), at + static_cast<uint64_t>(rows * row_bytes)});
+      }
+    }
+    gw_->set_skipped_bytes(std::move(skipped));
+    skipped_rows_ = split.gpu_rows;
   }
 
   LayerPtrs layer_ptrs(int64_t l, const DeviceLayer& d) const {
@@ -582,19 +676,34 @@ class CudaBackend : public Backend {
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     CUDA_CHECK(cudaStreamIsCapturing(s, &capturing));
     const bool profile = !layer_events_.empty() && capturing == cudaStreamCaptureStatusNone;
+    // The hybrid's split for a step of this many tokens: the pool leaves the CPU's rows on the host.
+    const HybridSplit* split = nullptr;
+    if (hybrid_ && capturing == cudaStreamCaptureStatusNone) {
+      split = &hybrid_->split(n);
+      set_hybrid_split(*split);
+      last_f_ = split->f;
+    }
     // The pool enqueues each streamed layer's copy ahead on its own stream; acquire makes this
     // stream wait for the layer's bytes, release lets the copy that reuses its buffers go.
     gw_->begin_pass();
     for (int64_t l = 0; l < m_.n_layers; ++l) {
-      const LayerPtrs w = layer_ptrs(l, gw_->acquire(l));
+      const DeviceLayer d = gw_->acquire(l);
+      const LayerPtrs w = layer_ptrs(l, d);
+      HybridLayer hl;
+      const HybridLayer* hp = nullptr;
+      if (split && d.host_held) {
+        hl.w = {d.host.wq.bf16(), d.host.wo.bf16(), d.host.w1.bf16(), d.host.w2.bf16()};
+        std::copy(split->gpu_rows.begin(), split->gpu_rows.end(), hl.g.begin());
+        hp = &hl;
+      }
       if (profile) CUDA_CHECK(cudaEventRecord(layer_events_[static_cast<size_t>(2 * l)].get(), s));
       // x += the previous layer's FFN output (layer 0 starts from the embeddings); xn = norm(x).
       launch_add_rms_norm(x_.get(), l == 0 ? nullptr : proj_.get(), ElemType::F32, w.attn_norm, eps, xn_.get(), n,
                           dim, s);
-      attention_block(l, w, ml, batch);
+      attention_block(l, w, ml, batch, hp);
       // x += attention output; xn = norm(x).
       launch_add_rms_norm(x_.get(), proj_.get(), ElemType::F32, w.ffn_norm, eps, xn_.get(), n, dim, s);
-      ffn_block(w, n);
+      ffn_block(w, n, hp);
       if (profile) CUDA_CHECK(cudaEventRecord(layer_events_[static_cast<size_t>(2 * l + 1)].get(), s));
       gw_->release(l);
     }
@@ -639,9 +748,25 @@ class CudaBackend : public Backend {
     }
   }
 
+  // The same as linear() for a bf16 matrix whose rows [g, out) the CPU computes from host_w (the
+  // hybrid), when hl splits it; else linear().
+  void linear_or_split(const HybridLayer* hl, int part, const bf16* x, int64_t n, int64_t in, const Linear& l,
+                       int64_t out, void* y, ElemType y_type, int64_t ldy, cudaStream_t s, int64_t ldx = 0) {
+    const int64_t g = hl ? hl->g[static_cast<size_t>(part)] : out;
+    if (g >= out) {
+      linear(x, n, in, l, out, y, y_type, ldy, s, ldx);
+      return;
+    }
+    hybrid_->linear(x, n, in, ldx ? ldx : in, hl->w[static_cast<size_t>(part)], out, g, y, y_type == ElemType::F32,
+                    ldy, s, [&] {
+                      if (g > 0) linear(x, n, in, l, g, y, y_type, ldy, s, ldx);
+                    });
+  }
+
   // xn → q|k|v (one GEMM) → RoPE on q and k → k, v into their cache rows → attention over the
   // paged cache → O projection into proj_ (fp32).
-  void attention_block(int64_t l, const LayerPtrs& w, const MetaLayout& ml, const PagedAttentionBatch& batch) {
+  void attention_block(int64_t l, const LayerPtrs& w, const MetaLayout& ml, const PagedAttentionBatch& batch,
+                       const HybridLayer* hl) {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, q_dim = m_.q_dim(), kv_dim = m_.kv_dim(), qkv_dim = q_dim + 2 * kv_dim, n = ml.rows;
     bf16* kc = k_cache_.get() + static_cast<size_t>(l) * pool_rows_ * kv_dim;
@@ -650,7 +775,7 @@ class CudaBackend : public Backend {
     bf16* k = q + q_dim;
     bf16* v = k + kv_dim;
     if (w.qkv_fused) {
-      linear(xn_.get(), n, dim, w.wq, qkv_dim, q, ElemType::BF16, qkv_dim, s);
+      linear_or_split(hl, kHybridQkv, xn_.get(), n, dim, w.wq, qkv_dim, q, ElemType::BF16, qkv_dim, s);
     } else {
       linear(xn_.get(), n, dim, w.wq, q_dim, q, ElemType::BF16, qkv_dim, s);
       linear(xn_.get(), n, dim, w.wk, kv_dim, k, ElemType::BF16, qkv_dim, s);
@@ -662,7 +787,7 @@ class CudaBackend : public Backend {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m_.head_dim)));
     launch_attention_paged(q, qkv_dim, kc, vc, kv_dim, kv_.block_tokens(), att_.get(), q_dim, batch, m_.n_heads,
                            m_.n_kv_heads, m_.head_dim, scale, s, attention_split(ml));
-    linear(att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
+    linear_or_split(hl, kHybridWo, att_.get(), n, q_dim, w.wo, dim, proj_.get(), ElemType::F32, dim, s);
   }
 
   // Flash-decoding's split of the keys for a step of ml's shape. It is sized for the longest context
@@ -684,17 +809,17 @@ class CudaBackend : public Backend {
   }
 
   // xn → gate|up (one GEMM) → SiLU(gate)·up over the gate half → down projection into proj_.
-  void ffn_block(const LayerPtrs& w, int64_t n) {
+  void ffn_block(const LayerPtrs& w, int64_t n, const HybridLayer* hl) {
     cudaStream_t s = stream_.get();
     const int64_t dim = m_.dim, ffn = m_.ffn_dim;
     if (w.gu_fused) {
-      linear(xn_.get(), n, dim, w.w1, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
+      linear_or_split(hl, kHybridGateUp, xn_.get(), n, dim, w.w1, 2 * ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
     } else {
       linear(xn_.get(), n, dim, w.w1, ffn, gu_.get(), ElemType::BF16, 2 * ffn, s);
       linear(xn_.get(), n, dim, w.w3, ffn, gu_.get() + ffn, ElemType::BF16, 2 * ffn, s);
     }
     launch_silu_mul_rows(gu_.get(), n, ffn, s);
-    linear(gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 2 * ffn);
+    linear_or_split(hl, kHybridDown, gu_.get(), n, ffn, w.w2, dim, proj_.get(), ElemType::F32, dim, s, 2 * ffn);
   }
 
   // ------------------------------------------------------------------------------------------
@@ -715,6 +840,11 @@ class CudaBackend : public Backend {
   std::unique_ptr<BackgroundRegistration> registration_;  // from the start until gw_ takes it
   std::unique_ptr<GpuWeights> gw_;  // the globals, the resident layers and the group pool
   bool streaming_ = false;          // some layers stream through the pool
+  const Manifest* manifest_ = nullptr;  // the weight source's
+  std::unique_ptr<CudaHybrid> hybrid_;  // the CPU's share of streamed layers (null: off)
+  std::vector<bool> hybrid_layer_;      // per layer: streamed, bf16, q|k|v and gate|up adjacent
+  std::vector<int64_t> skipped_rows_;   // the GPU rows the pool's skipped bytes were set for
+  double last_f_ = 1;                   // the last hybrid step's GPU share
   const bf16* tok_embeddings_ = nullptr;
   const bf16* norm_ = nullptr;
   Linear output_;  // lm_head; the embedding (bf16) when tied

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/device_info.h"  // cuda_device_count(): 0 without a GPU or driver, never an error
@@ -43,6 +44,18 @@ struct CudaStreamReport {
   std::vector<double> layer_copy_seconds;     // the last pass, per layer (0: resident)
   std::vector<double> layer_compute_seconds;  // the last profiled step, per layer (profile_layers)
   double step_seconds = 0;           // the last profiled step: first layer's start to last layer's end
+  // The hybrid (cpu_share): the CPU's rows of streamed layers, all passes.
+  uint64_t skipped_bytes = 0;        // streamed layers' bytes left on the host for the CPU
+  bool hybrid = false;
+  uint64_t cpu_calls = 0;            // row ranges the CPU computed
+  uint64_t cpu_bytes = 0;            // weight bytes the CPU read
+  double cpu_seconds = 0;            // in the CPU kernel
+  double cpu_callback_seconds = 0;   // in the host functions (conversion and bookkeeping too)
+  double h2d_gbs_measured = 0;       // pinned H2D at start (the split's rate)
+  double cpu_dram_read_gbs = 0;      // a plain read by the same threads at start (0: share forced)
+  std::string cpu_isa;
+  int cpu_threads = 0;
+  double gpu_fraction = 1;           // the last step's GPU share f (before rounding to rows)
   double gb_per_s() const { return copy_seconds > 0 ? double(bytes) / copy_seconds * 1e-9 : 0.0; }
 };
 

@@ -357,6 +357,11 @@ int run(int argc, char** argv) {
                "{} host waits for copies\n",
                sr.resident_layers, sr.n_layers, sr.attn_buffers, sr.ffn_buffers, sr.passes, sr.bytes, sr.bytes * 1e-9,
                sr.copy_seconds * 1e3, sr.gb_per_s(), sr.source_stalls, sr.source_wait_seconds * 1e3, sr.event_syncs);
+    if (sr.hybrid)
+      fmt::print(stderr, "hybrid: the CPU ({}, {} threads) multiplied {} bytes ({:.2f} GB) of streamed rows in {:.1f} ms "
+                 "({:.2f} GB/s); last GPU share f {:.3f}\n",
+                 sr.cpu_isa, sr.cpu_threads, sr.cpu_bytes, sr.cpu_bytes * 1e-9, sr.cpu_seconds * 1e3,
+                 sr.cpu_seconds > 0 ? sr.cpu_bytes / sr.cpu_seconds * 1e-9 : 0.0, sr.gpu_fraction);
   }
 #endif
   if (std::fclose(stdout) != 0) fail("stdout: close failed: {}", errno_text(errno));

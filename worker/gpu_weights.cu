@@ -116,6 +116,11 @@ struct GpuWeights::Impl {
     int64_t record = 0;   // index of its start/end timing events
     uint64_t token = 0;   // HostSlots slot token at acquire
     uint64_t bytes = 0;
+    LayerWeights host;    // the host views (set_skipped_bytes: the CPU reads them)
+    // Copied in part: the host layer goes back once the compute released the layer (free_recorded:
+    // rec_free[record] is recorded after it), not when the copy lands.
+    bool hold = false;
+    bool free_recorded = false;
   };
 
   WeightSource& source;
@@ -129,6 +134,8 @@ struct GpuWeights::Impl {
   int64_t n_ffn = 0;
   int64_t ahead = 0;
   int64_t limit = 1;      // copies in flight
+  int64_t hold_limit = 1; // host layers in flight in a pass that holds them through the compute
+  bool pass_holds = false;  // this pass copies layers in part (skipped bytes)
   bool touch_resident = false;  // the source expects every layer of a pass (no HostSlots)
 
   // Declared in destruction order's reverse: registrations outlive the stream and the buffers.
@@ -145,6 +152,8 @@ struct GpuWeights::Impl {
   std::vector<Event> ready_attn, done_attn, ready_ffn, done_ffn;  // per buffer, no timing
   std::vector<bool> attn_used, ffn_used;                          // recorded done at least once
   std::vector<Event> rec_start, rec_end;                          // per in-flight copy, timing
+  std::vector<Event> rec_free;  // per in-flight copy: its layer's compute is done (held copies)
+  std::vector<std::vector<SkippedBytes>> skipped;                 // per layer (set_skipped_bytes)
   GlobalWeights globals;
 
   // The pass.
@@ -178,6 +187,9 @@ struct GpuWeights::Impl {
     int64_t held = slots ? slots->max_held_layers() : source.layers_held_at_once();
     if (plan.source_held_max > 0) held = slots ? std::min(held, plan.source_held_max) : plan.source_held_max;
     limit = std::max<int64_t>(1, std::min(plan.h2d_backlog_max, held));
+    // A pass that holds host layers through their compute (set_skipped_bytes) counts the layers
+    // computing as well: room for them besides the copies, as far as the source allows.
+    hold_limit = std::max<int64_t>(limit, std::min(plan.h2d_backlog_max + std::max(n_attn, n_ffn), held));
     // Sources without HostSlots expect every layer of a pass in order (the daemon's does); with
     // every layer resident no pass reaches the source at all.
     touch_resident = slots == nullptr && r < n;
@@ -220,9 +232,10 @@ struct GpuWeights::Impl {
     }
     attn_used.assign(static_cast<size_t>(n_attn), false);
     ffn_used.assign(static_cast<size_t>(n_ffn), false);
-    for (int64_t i = 0; i < limit; ++i) {
+    for (int64_t i = 0; i < hold_limit; ++i) {
       rec_start.emplace_back(true);
       rec_end.emplace_back(true);
+      rec_free.emplace_back(false);
     }
 
     // A window that served another pool before (a benchmark's next batch size) may have been told
@@ -298,8 +311,13 @@ struct GpuWeights::Impl {
   void complete_oldest(bool wait) {
     const Copy c = in_flight.front();
     const cudaEvent_t end = rec_end[static_cast<size_t>(c.record)].get();
+    if (c.hold && !c.free_recorded)
+      fail("layer {}: its host layer is needed until its compute is done, and that is not enqueued yet: the "
+           "layers held at once ({}) are too few for the CPU's share",
+           c.layer, hold_limit);
     if (wait) {
       ++st.event_syncs;
+      if (c.hold) CUDA_CHECK(cudaEventSynchronize(rec_free[static_cast<size_t>(c.record)].get()));
       CUDA_CHECK(cudaEventSynchronize(end));
     }
     float ms = 0;
@@ -317,16 +335,21 @@ struct GpuWeights::Impl {
     source.release_layer(c.layer);
   }
 
+  // The copy landed and, for a held one, its layer's compute is done.
+  bool done(const Copy& c) const {
+    if (c.hold && (!c.free_recorded || !event_done(rec_free[static_cast<size_t>(c.record)].get()))) return false;
+    return event_done(rec_end[static_cast<size_t>(c.record)].get());
+  }
+
   // Hands back the host layers of every copy found complete, without waiting.
   void reclaim() {
-    while (!in_flight.empty() && event_done(rec_end[static_cast<size_t>(in_flight.front().record)].get()))
-      complete_oldest(false);
+    while (!in_flight.empty() && done(in_flight.front())) complete_oldest(false);
   }
 
   // Room for one more host layer: true when there is; with `force`, waits for the oldest copy.
   bool make_room(bool force) {
     reclaim();
-    if (static_cast<int64_t>(in_flight.size()) < limit) return true;
+    if (static_cast<int64_t>(in_flight.size()) < (pass_holds ? hold_limit : limit)) return true;
     if (!force) return false;
     complete_oldest(true);
     return true;
@@ -344,9 +367,14 @@ struct GpuWeights::Impl {
     if (waited > kStallSeconds) ++st.source_stalls;
     Copy c;
     c.layer = j;
-    c.record = static_cast<int64_t>(copies_total % static_cast<uint64_t>(limit));
+    c.record = static_cast<int64_t>(copies_total % rec_end.size());
     c.token = slots ? slots->slot_token(j) : 0;
-    c.bytes = ga.size + gf.size;
+    const std::vector<SkippedBytes>* skip =
+        static_cast<size_t>(j) < skipped.size() && !skipped[static_cast<size_t>(j)].empty()
+            ? &skipped[static_cast<size_t>(j)]
+            : nullptr;
+    c.hold = skip != nullptr;
+    c.host = hw;
     const char* host_attn = host_group(hw.attn_norm, ga, "attn_norm");
     const char* host_ffn = host_group(hw.ffn_norm, gf, "ffn_norm");
     host_ready(host_attn, ga.size);
@@ -356,9 +384,10 @@ struct GpuWeights::Impl {
     if (attn_used[static_cast<size_t>(a)]) CUDA_CHECK(cudaStreamWaitEvent(s, done_attn[static_cast<size_t>(a)].get(), 0));
     if (ffn_used[static_cast<size_t>(f)]) CUDA_CHECK(cudaStreamWaitEvent(s, done_ffn[static_cast<size_t>(f)].get(), 0));
     CUDA_CHECK(cudaEventRecord(rec_start[static_cast<size_t>(c.record)].get(), s));
-    CUDA_CHECK(cudaMemcpyAsync(attn_buffer(a), host_attn, ga.size, cudaMemcpyHostToDevice, s));
+    c.bytes = copy_group(attn_buffer(a), host_attn, ga.size, skip, false, s);
     CUDA_CHECK(cudaEventRecord(ready_attn[static_cast<size_t>(a)].get(), s));
-    CUDA_CHECK(cudaMemcpyAsync(ffn_buffer(f), host_ffn, gf.size, cudaMemcpyHostToDevice, s));
+    c.bytes += copy_group(ffn_buffer(f), host_ffn, gf.size, skip, true, s);
+    st.skipped_bytes += ga.size + gf.size - c.bytes;
     CUDA_CHECK(cudaEventRecord(ready_ffn[static_cast<size_t>(f)].get(), s));
     CUDA_CHECK(cudaEventRecord(rec_end[static_cast<size_t>(c.record)].get(), s));
     in_flight.push_back(c);
@@ -375,6 +404,48 @@ struct GpuWeights::Impl {
       spdlog::debug("layer {}: prefetch into attn {} (reused after {}) / ffn {} (reused after {})", j, a,
                     prev_user(n_attn), f, prev_user(n_ffn));
     }
+  }
+
+  // One group's copy on stream s, less the skipped ranges of that group (sorted, disjoint: checked
+  // by set_skipped_bytes): the bytes copied.
+  uint64_t copy_group(char* dst, const char* src, uint64_t size, const std::vector<SkippedBytes>* skip, bool ffn,
+                      cudaStream_t s) {
+    uint64_t at = 0, copied = 0;
+    auto copy_to = [&](uint64_t end) {
+      if (end > at) {
+        CUDA_CHECK(cudaMemcpyAsync(dst + at, src + at, end - at, cudaMemcpyHostToDevice, s));
+        copied += end - at;
+      }
+    };
+    if (skip) {
+      for (const SkippedBytes& k : *skip) {
+        if (k.ffn != ffn) continue;
+        copy_to(k.begin);
+        at = k.end;
+      }
+    }
+    copy_to(size);
+    return copied;
+  }
+
+  void set_skipped_bytes(std::vector<std::vector<SkippedBytes>> sk) {
+    if (in_pass) fail("the skipped bytes change between passes, not during one");
+    if (static_cast<int64_t>(sk.size()) > n) fail("skipped bytes for {} layers; the model has {}", sk.size(), n);
+    for (size_t l = 0; l < sk.size(); ++l) {
+      std::vector<SkippedBytes>& v = sk[l];
+      std::sort(v.begin(), v.end(), [](const SkippedBytes& x, const SkippedBytes& y) {
+        return x.ffn != y.ffn ? !x.ffn : x.begin < y.begin;
+      });
+      for (size_t i = 0; i < v.size(); ++i) {
+        const uint64_t size = v[i].ffn ? m.ffn(static_cast<int64_t>(l)).size : m.attn(static_cast<int64_t>(l)).size;
+        const bool overlaps = i > 0 && v[i - 1].ffn == v[i].ffn && v[i - 1].end > v[i].begin;
+        if (v[i].begin >= v[i].end || v[i].end > size || overlaps)
+          fail("layer {}: skipped bytes [{}, {}) of its {} group ({} bytes) are empty, past it or overlap another "
+               "range",
+               l, v[i].begin, v[i].end, v[i].ffn ? "ffn" : "attn", size);
+      }
+    }
+    skipped = std::move(sk);
   }
 
   // Enqueues, in layer order, the copies (or touches) of layers up to `target`; layers up to
@@ -428,6 +499,7 @@ struct GpuWeights::Impl {
     pass_copy_seconds = 0;
     st.layer_copy_seconds.assign(static_cast<size_t>(n), 0.0);
     ++st.passes;
+    pass_holds = std::any_of(skipped.begin(), skipped.end(), [](const auto& v) { return !v.empty(); });
     // Every layer resident: the source has nothing to give.
     if (r == n) return;
     source.begin_pass();
@@ -457,7 +529,14 @@ struct GpuWeights::Impl {
     CUDA_CHECK(cudaStreamWaitEvent(compute, ready_attn[static_cast<size_t>(a)].get(), 0));
     CUDA_CHECK(cudaStreamWaitEvent(compute, ready_ffn[static_cast<size_t>(f)].get(), 0));
     spdlog::debug("layer {}: compute waits for its copy in attn {} / ffn {}", layer, a, f);
-    return device_layer(m, layer, attn_buffer(a), ffn_buffer(f), false);
+    DeviceLayer d = device_layer(m, layer, attn_buffer(a), ffn_buffer(f), false);
+    for (const Copy& c : in_flight) {
+      if (c.layer == layer && c.hold) {
+        d.host = c.host;
+        d.host_held = true;
+      }
+    }
+    return d;
   }
 
   void release(int64_t layer) {
@@ -481,6 +560,12 @@ struct GpuWeights::Impl {
       CUDA_CHECK(cudaEventRecord(done_ffn[static_cast<size_t>(f)].get(), compute));
       attn_used[static_cast<size_t>(a)] = true;
       ffn_used[static_cast<size_t>(f)] = true;
+      for (Copy& c : in_flight) {
+        if (c.layer == layer && c.hold) {
+          CUDA_CHECK(cudaEventRecord(rec_free[static_cast<size_t>(c.record)].get(), compute));
+          c.free_recorded = true;
+        }
+      }
     }
     ++released;
   }
@@ -490,8 +575,12 @@ struct GpuWeights::Impl {
     // Layers acquired and not released (a pass cut short): their compute is enqueued; the next
     // copies into their buffers must wait for it like any other.
     while (released < next_acquire) record_done(released);
-    // The copies of this pass land (the compute is not waited for), then their host layers go back.
-    while (!in_flight.empty()) complete_oldest(!event_done(rec_end[static_cast<size_t>(in_flight.front().record)].get()));
+    // Copies prefetched for layers never acquired: no compute reads their host layers.
+    for (Copy& c : in_flight)
+      if (c.layer >= next_acquire) c.hold = false;
+    // The copies of this pass land (the compute is not waited for; for held host layers, it is),
+    // then their host layers go back.
+    while (!in_flight.empty()) complete_oldest(!done(in_flight.front()));
     in_pass = false;
     if (r < n) source.end_pass();
     const int64_t streamed = pass_copies;
@@ -519,10 +608,14 @@ int64_t GpuWeights::resident_layers() const { return impl_->r; }
 int64_t GpuWeights::attn_buffers() const { return impl_->n_attn; }
 int64_t GpuWeights::ffn_buffers() const { return impl_->n_ffn; }
 int64_t GpuWeights::copies_in_flight_max() const { return impl_->limit; }
+int64_t GpuWeights::held_layers_max() const { return impl_->hold_limit; }
 uint64_t GpuWeights::device_bytes() const {
   return impl_->globals_buf.bytes() + impl_->resident_buf.bytes() + impl_->attn_pool.bytes() + impl_->ffn_pool.bytes();
 }
 cudaStream_t GpuWeights::copy_stream() const { return impl_->copy.get(); }
+void GpuWeights::set_skipped_bytes(std::vector<std::vector<SkippedBytes>> skipped) {
+  impl_->set_skipped_bytes(std::move(skipped));
+}
 void GpuWeights::start_background_registration() {
   if (impl_->background) impl_->background->start();
 }

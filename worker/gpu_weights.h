@@ -110,6 +110,17 @@ struct DeviceLayer {
   const void* attn = nullptr;   // the attn group (manifest attn(l).size bytes)
   const void* ffn = nullptr;    // the ffn group (manifest ffn(l).size bytes)
   bool resident = false;
+  // A streamed layer copied in part (set_skipped_bytes): the host views of its tensors, held by
+  // the pool until release(l) has been reached on the compute stream. Empty otherwise.
+  LayerWeights host;
+  bool host_held = false;
+};
+
+// Bytes of a streamed layer's group that are not copied to the device (the hybrid: the CPU
+// computes those rows from the host copy). Offsets from the group's start; begin < end.
+struct SkippedBytes {
+  bool ffn = false;  // in the ffn group, else the attn group
+  uint64_t begin = 0, end = 0;
 };
 
 struct GpuWeightsStats {
@@ -117,6 +128,7 @@ struct GpuWeightsStats {
   uint64_t resident_bytes = 0;      // globals and resident layers, copied once
   uint64_t copies = 0;              // streamed layer copies
   uint64_t bytes = 0;               // bytes streamed host to device
+  uint64_t skipped_bytes = 0;       // bytes of streamed layers left on the host (set_skipped_bytes)
   double copy_seconds = 0;          // sum of the copies' times on the copy stream (events)
   uint64_t source_stalls = 0;       // source.acquire_layer calls that blocked (over 100 us)
   double source_wait_seconds = 0;   // time in source.acquire_layer
@@ -157,9 +169,18 @@ class GpuWeights {
   int64_t attn_buffers() const;
   int64_t ffn_buffers() const;
   int64_t copies_in_flight_max() const;  // min(h2d_backlog_max, layers the source lets be held)
+  // Host layers in flight in a pass that holds them through their compute (set_skipped_bytes):
+  // min(h2d_backlog_max + buffers per kind, layers the source lets be held), at least the above.
+  int64_t held_layers_max() const;
   uint64_t device_bytes() const;         // everything allocated here
   cudaStream_t copy_stream() const;
   GpuWeightsStats stats() const;
+  // From the next pass on, streamed layer l's copy leaves out skipped[l]'s bytes (empty or a
+  // vector shorter than l: the whole groups, as before), and a layer copied in part keeps its host
+  // layer held until its compute is done (the event its release() records on the compute stream),
+  // not only until its copy landed, so the CPU may read it meanwhile. Ranges are checked against
+  // the groups (Error). Call between passes.
+  void set_skipped_bytes(std::vector<std::vector<SkippedBytes>> skipped);
   // A source that names its host memory in pieces (the daemon's globals and slots) has the first
   // registered at once and the others on a thread (worker/host_registration.h), started by the
   // owner or here, or by the first copy that needs one.

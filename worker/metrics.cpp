@@ -318,6 +318,14 @@ WorkerMetrics::WorkerMetrics(const WorkerMetricsInfo& info, std::function<nlohma
                        .counter("ringllama_h2d_seconds_total",
                                 "Time of those copies on the copy stream (bytes over seconds: the achieved H2D rate)")
                        .get()),
+      cpu_bytes_(registry_
+                     .counter("ringllama_cpu_weight_bytes_total",
+                              "Streamed weight bytes the CPU multiplied from host memory instead (cpu_share)")
+                     .get()),
+      cpu_seconds_(registry_
+                       .counter("ringllama_cpu_weight_seconds_total",
+                                "Time of those CPU multiplications (bytes over seconds: the CPU's achieved rate)")
+                       .get()),
       passes_(registry_.counter("ringllama_weight_passes_total", "Weight passes that streamed layers").get()),
       stalls_(registry_
                   .counter("ringllama_source_stalls_total",
@@ -405,6 +413,8 @@ void WorkerMetrics::scrape() {
   // The CUDA backend's streaming report (cumulative since start).
   raise(h2d_bytes_, {"stream", "bytes"});
   raise(h2d_seconds_, {"stream", "copy_seconds"});
+  raise(cpu_bytes_, {"stream", "cpu_bytes"});
+  raise(cpu_seconds_, {"stream", "cpu_seconds"});
   raise(passes_, {"stream", "passes"});
   raise(stalls_, {"stream", "source_stalls"});
   raise(stall_seconds_, {"stream", "source_wait_seconds"});

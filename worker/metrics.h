@@ -185,7 +185,7 @@ class WorkerMetrics {
   Counter &prompt_tokens_, &completion_tokens_, &steps_;
   Histogram &ttft_, &tpot_, &e2e_, &step_seconds_, &step_tokens_;
   Gauge &running_, &waiting_, &kv_used_, &kv_total_, &kv_reserved_;
-  Counter &h2d_bytes_, &h2d_seconds_, &passes_, &stalls_, &stall_seconds_, &reg_waits_, &reg_wait_seconds_;
+  Counter &h2d_bytes_, &h2d_seconds_, &cpu_bytes_, &cpu_seconds_, &passes_, &stalls_, &stall_seconds_, &reg_waits_, &reg_wait_seconds_;
   Gauge &resident_layers_, &streamed_layers_;
   Gauge &window_position_, &window_pass_;
   Counter &window_waits_, &window_wait_seconds_;

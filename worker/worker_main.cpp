@@ -70,7 +70,12 @@ SchedulerOptions scheduler_options() {
             {"source_wait_seconds", sr.source_wait_seconds},
             {"event_syncs", sr.event_syncs},
             {"registration_waits", sr.registration_waits},
-            {"registration_wait_seconds", sr.registration_wait_seconds}};
+            {"registration_wait_seconds", sr.registration_wait_seconds},
+            {"hybrid", sr.hybrid},
+            {"gpu_fraction", sr.gpu_fraction},
+            {"cpu_bytes", sr.cpu_bytes},
+            {"cpu_seconds", sr.cpu_seconds},
+            {"cpu_gb_per_s", sr.cpu_seconds > 0 ? double(sr.cpu_bytes) / sr.cpu_seconds * 1e-9 : 0.0}};
   };
 #endif
   return o;

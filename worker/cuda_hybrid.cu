@@ -1,0 +1,225 @@
+#include "worker/cuda_hybrid.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/errors.h"
+#include "common/log.h"
+#include "kernels/check.h"
+
+namespace ringllama {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Pinned host-to-device copies of `bytes` into dev, the best of a few: GB/s.
+double measure_h2d_gbs(void* dev, size_t bytes) {
+  void* host = nullptr;
+  CUDA_CHECK(cudaMallocHost(&host, bytes));
+  std::memset(host, 0, bytes);
+  cudaStream_t s = nullptr;
+  cudaEvent_t a = nullptr, b = nullptr;
+  double best = 0;
+  try {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreate(&a));
+    CUDA_CHECK(cudaEventCreate(&b));
+    for (int rep = 0; rep < 4; ++rep) {
+      CUDA_CHECK(cudaEventRecord(a, s));
+      CUDA_CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s));
+      CUDA_CHECK(cudaEventRecord(b, s));
+      CUDA_CHECK(cudaEventSynchronize(b));
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+      if (rep > 0 && ms > 0) best = std::max(best, double(bytes) / (ms * 1e-3) * 1e-9);
+    }
+  } catch (...) {
+    if (a) cudaEventDestroy(a);
+    if (b) cudaEventDestroy(b);
+    if (s) cudaStreamDestroy(s);
+    cudaFreeHost(host);
+    throw;
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaStreamDestroy(s);
+  cudaFreeHost(host);
+  return best;
+}
+
+// The CPU kernel's GB/s of weights at each token count on a matrix of `bytes` (in = 4096, the
+// rows a model's matrices have), the best of two after a warm-up; and a plain read of it.
+std::vector<std::pair<int, double>> measure_cpu_gbs(HybridCpuMatmul& cpu, size_t bytes, double* dram_gbs) {
+  constexpr int64_t kIn = 4096;
+  const int64_t rows = static_cast<int64_t>(bytes / (kIn * 2));
+  std::vector<uint16_t> w(static_cast<size_t>(rows * kIn), f32_to_bf16(0.01f));
+  std::vector<uint16_t> x(static_cast<size_t>(HybridCpuMatmul::kMaxTokens * kIn), f32_to_bf16(0.5f));
+  std::vector<float> y(static_cast<size_t>(HybridCpuMatmul::kMaxTokens * rows));
+  *dram_gbs = measure_dram_read_gbs(w.data(), w.size() * 2, cpu, 3);
+  std::vector<std::pair<int, double>> table;
+  for (int t : {1, 2, 4, 8, 16, 32, 64}) {
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = Clock::now();
+      cpu.matmul(w.data(), kIn, 0, rows, x.data(), t, y.data(), rows);
+      const double s = seconds_since(t0);
+      if (rep > 0 && s > 0) best = std::max(best, double(w.size() * 2) / s * 1e-9);
+    }
+    table.emplace_back(t, best);
+  }
+  return table;
+}
+
+}  // namespace
+
+CudaHybrid::CudaHybrid(const ModelConfig& m, const CudaHybridOptions& o, void* dev_scratch, size_t dev_bytes)
+    : cpu_(o.threads, o.pin) {
+  const int64_t q_dim = m.q_dim(), kv_dim = m.kv_dim();
+  matrices_ = {{q_dim + 2 * kv_dim, m.dim}, {m.dim, q_dim}, {2 * m.ffn_dim, m.dim}, {m.dim, m.ffn_dim}};
+  for (const HybridMatrix& x : matrices_) {
+    max_in_ = std::max(max_in_, x.in);
+    max_out_ = std::max(max_out_, x.rows);
+  }
+  const auto t0 = Clock::now();
+  RL_REQUIRE(dev_scratch && dev_bytes >= (1u << 20), "the hybrid's H2D measurement needs a device scratch of 1 MiB");
+  rates_.h2d_gbs = measure_h2d_gbs(dev_scratch, std::min<size_t>(dev_bytes, size_t(64) << 20));
+  if (o.cpu_share) {
+    rates_.cpu_share = *o.cpu_share;
+  } else {
+    rates_.cpu_gbs_by_tokens = measure_cpu_gbs(cpu_, size_t(256) << 20, &dram_gbs_);
+  }
+  validate(rates_);
+  spdlog::info("hybrid: {} CPU threads ({}), pinned H2D {:.1f} GB/s{}; measured in {:.0f} ms", cpu_.threads(),
+               cpu_.isa(), rates_.h2d_gbs,
+               o.cpu_share ? fmt::format(", CPU share forced to {}", *o.cpu_share)
+                           : fmt::format(", plain DRAM read {:.1f} GB/s", dram_gbs_),
+               seconds_since(t0) * 1e3);
+
+  CUDA_CHECK(cudaStreamCreateWithFlags(&h_, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaEventCreateWithFlags(&ex_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&ey_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&hx_), size_t(kMaxTokens * max_in_) * 2));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&hyf_), size_t(kMaxTokens * max_out_) * 4));
+  CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&hyb_), size_t(kMaxTokens * max_out_) * 2));
+  jobs_.resize(static_cast<size_t>(8 * std::max<int64_t>(1, m.n_layers) * kHybridMatrices));
+}
+
+CudaHybrid::~CudaHybrid() {
+  if (h_) cudaStreamSynchronize(h_);
+  if (hx_) cudaFreeHost(hx_);
+  if (hyf_) cudaFreeHost(hyf_);
+  if (hyb_) cudaFreeHost(hyb_);
+  if (ex_) cudaEventDestroy(ex_);
+  if (ey_) cudaEventDestroy(ey_);
+  if (h_) cudaStreamDestroy(h_);
+}
+
+const HybridSplit& CudaHybrid::split(int64_t tokens) {
+  auto it = splits_.find(tokens);
+  if (it != splits_.end()) return it->second;
+  HybridSplit sp;
+  if (tokens > kMaxTokens || tokens < 1) {
+    // The GPU alone: every row of every matrix.
+    for (const HybridMatrix& x : matrices_) {
+      sp.gpu_rows.push_back(x.rows);
+      sp.gpu_bytes += x.rows * x.in * 2;
+    }
+    sp.gpu_seconds = double(sp.gpu_bytes) / (rates_.h2d_gbs * 1e9);
+  } else {
+    sp = split_layer(matrices_, static_cast<int>(tokens), rates_);
+  }
+  return splits_.emplace(tokens, sp).first->second;
+}
+
+std::string CudaHybrid::plan_text(int64_t streamed_layers, int64_t max_tokens) const {
+  std::string out = fmt::format("hybrid: each streamed layer's matrices split by rows, the GPU's share f copied over "
+                                "PCIe ({:.1f} GB/s), the rest computed by {} CPU threads ({}) from host memory\n",
+                                rates_.h2d_gbs, cpu_.threads(), cpu_.isa());
+  for (int t : {1, 2, 4, 8, 16, 32, 64}) {
+    if (t > max_tokens) break;
+    const HybridSplit sp = split_layer(matrices_, t, rates_);
+    HybridRates off = rates_;
+    off.cpu_share = 0.0;
+    const HybridSplit gpu_only = split_layer(matrices_, t, off);
+    out += fmt::format("  {:>2} tokens: CPU {:6.1f} GB/s, f {:.3f}: layer {:.2f} ms (GPU alone {:.2f}), bound {:.2f} "
+                       "tokens/s (GPU alone {:.2f})\n",
+                       t, rates_.cpu_share ? 0.0 : cpu_rate_gbs(rates_, t), sp.f, sp.seconds() * 1e3,
+                       gpu_only.seconds() * 1e3, hybrid_tokens_per_s_bound(sp, streamed_layers, t),
+                       hybrid_tokens_per_s_bound(gpu_only, streamed_layers, t));
+  }
+  return out;
+}
+
+void CUDART_CB CudaHybrid::run_job(void* job) {
+  const Job* j = static_cast<const Job*>(job);
+  j->self->run(*j);
+}
+
+void CudaHybrid::run(const Job& j) {
+  const auto t0 = Clock::now();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!error_.empty()) return;  // the step fails anyway: do no more work
+  }
+  try {
+    const int64_t rows = j.out - j.g;
+    cpu_.matmul(j.w, j.in, j.g, j.out, hx_, j.n, hyf_, rows);
+    const double kernel = seconds_since(t0);
+    if (!j.y_f32) {
+      const int64_t count = j.n * rows;
+      for (int64_t i = 0; i < count; ++i) hyb_[i] = f32_to_bf16(hyf_[i]);
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    ++stats_.calls;
+    stats_.cpu_bytes += static_cast<uint64_t>(rows * j.in * 2);
+    stats_.cpu_seconds += kernel;
+    stats_.callback_seconds += seconds_since(t0);
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lk(mu_);
+    error_ = e.what();
+  }
+}
+
+void CudaHybrid::linear(const void* x, int64_t n, int64_t in, int64_t ldx, const uint16_t* host_w, int64_t out,
+                        int64_t g, void* y, bool y_f32, int64_t ldy, cudaStream_t s,
+                        const std::function<void()>& gpu_part) {
+  RL_REQUIRE(n >= 1 && n <= kMaxTokens && in <= max_in_ && out <= max_out_ && g >= 0 && g < out && host_w,
+             "hybrid linear: {} tokens, [{}, {}] split at row {} is outside what was planned", n, out, in, g);
+  Job& j = jobs_[next_job_];
+  next_job_ = (next_job_ + 1) % jobs_.size();
+  j = Job{this, host_w, in, g, out, n, y_f32};
+  const int64_t esize = y_f32 ? 4 : 2;
+  const int64_t rows = out - g;
+  CUDA_CHECK(cudaEventRecord(ex_, s));
+  CUDA_CHECK(cudaStreamWaitEvent(h_, ex_, 0));
+  CUDA_CHECK(cudaMemcpy2DAsync(hx_, in * 2, x, (ldx ? ldx : in) * 2, in * 2, n, cudaMemcpyDeviceToHost, h_));
+  CUDA_CHECK(cudaLaunchHostFunc(h_, &CudaHybrid::run_job, &j));
+  CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(y) + g * esize, ldy * esize,
+                               y_f32 ? static_cast<const void*>(hyf_) : static_cast<const void*>(hyb_),
+                               rows * esize, rows * esize, n, cudaMemcpyHostToDevice, h_));
+  CUDA_CHECK(cudaEventRecord(ey_, h_));
+  gpu_part();
+  CUDA_CHECK(cudaStreamWaitEvent(s, ey_, 0));
+}
+
+void CudaHybrid::check() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!error_.empty()) {
+    const std::string e = error_;
+    error_.clear();
+    throw Error("the CPU's share of a streamed layer failed: " + e);
+  }
+}
+
+CudaHybridStats CudaHybrid::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+}  // namespace ringllama
