@@ -94,7 +94,7 @@ const std::vector<KeyDef>& keys() {
       INT_KEY(h2d_backlog_max, kWorker | kGenerate, 1, 1024, "host-to-device copies in flight"),
       KeyDef{"cpu_share", Kind::AutoFloat, kWorker | kGenerate, 0, 0, 0.0, 1.0,
              "share of each streamed bf16 weight matrix's rows the CPU computes while the GPU streams the rest, "
-             "or auto (from the rates measured at start); 0 = off",
+             "or auto (from the rates measured at start); 0 = off (the default)",
              [](Config& c, const std::string& v) { c.cpu_share = v == "auto" ? kAutoShare : std::stod(v); },
              [](const Config& c) {
                return c.cpu_share < 0 ? std::string("auto") : fmt::format("{}", c.cpu_share);

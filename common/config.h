@@ -52,8 +52,9 @@ struct Config {
   int64_t gpu_max_groups = kAuto;     // group buffers in the pool; auto = from gpu_ahead_layers
   int64_t resident_layers = kAuto;    // layers kept on the GPU; auto = what fits
   int64_t h2d_backlog_max = 4;        // host-to-device copies in flight
-  double cpu_share = kAutoShare;      // share of each streamed bf16 matrix's rows the CPU computes (hybrid):
-                                      // auto = from the rates measured at start; 0 = off
+  double cpu_share = 0;               // share of each streamed bf16 matrix's rows the CPU computes (hybrid):
+                                      // auto = from the rates measured at start; 0 = off (the default until
+                                      // the hybrid has been measured on a GPU: DESIGN.md)
   int64_t cpu_threads = kAuto;        // the hybrid's CPU threads; auto = every core this process may use
   int64_t batch_size = 8;             // sequences per step
   int64_t max_context = 4096;         // tokens per sequence (<= the model's)

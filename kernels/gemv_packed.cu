@@ -442,8 +442,8 @@ GemvInt4Kernel gemv_int4_default() {
   static const GemvInt4Kernel k = [] {
     const char* v = std::getenv("RINGLLAMA_GEMV_INT4");
     const std::string s = v ? v : "";
-    if (s.empty() || s == "factored") return GemvInt4Kernel::Factored;
-    if (s == "legacy") return GemvInt4Kernel::Legacy;
+    if (s == "factored") return GemvInt4Kernel::Factored;
+    if (s.empty() || s == "legacy") return GemvInt4Kernel::Legacy;
     throw_arg_error("RINGLLAMA_GEMV_INT4", "must be 'factored' or 'legacy', got '" + s + "'");
   }();
   return k;

@@ -54,8 +54,10 @@ size_t packed_scale_bytes(const PackedWeight& w);
 //             128 (one span, one (scale, min)); other groups take the legacy kernel.
 //   Legacy    each weight made in bf16 as bf16(q * bf16(scale) + bf16(min)) (two bf16x2 ops per pair)
 //             before the mma.
-//   Auto      Factored unless the environment says RINGLLAMA_GEMV_INT4=legacy (read once, so that a
-//             benchmark or a bisection can compare the two without a rebuild).
+//   Auto      Legacy unless the environment says RINGLLAMA_GEMV_INT4=factored (read once, so that a
+//             benchmark or a bisection can compare the two without a rebuild). The factored kernel
+//             becomes the default once a GPU run has held it to its reference and measured it faster;
+//             until then it is reached only by asking for it.
 enum class GemvInt4Kernel { Auto, Factored, Legacy };
 
 // The kernel Auto stands for. Throws on a RINGLLAMA_GEMV_INT4 other than "factored" or "legacy".

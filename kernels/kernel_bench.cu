@@ -3,8 +3,8 @@
 // pass, and decode attention over a paged cache at long contexts: the general kernel unsplit and
 // split, and the decode kernel (PagedAttentionBatch::decode_only) split.
 //
-// The int4 GEMV rows show both kernels (GemvInt4Kernel): the factored one (the default) and, at the
-// end of the row, the legacy one, timed in the same run; g32 takes the legacy kernel either way.
+// The int4 GEMV rows show both kernels (GemvInt4Kernel): the factored one and, at the end of the
+// row, the legacy one (the default), timed in the same run; g32 takes the legacy kernel either way.
 //
 // Rates are bytes the kernel must read (packed data + scales; K and V) over the time per launch,
 // from cudaEvents around many launches. Each launch reads a different copy of the operands, and

@@ -574,9 +574,9 @@ TEST(PackedKernelLaunchers, Int4KernelChoice) {
   EXPECT_EQ(gemv_int4_kernel_for(g64, GemvInt4Kernel::Factored), GemvInt4Kernel::Legacy);
   EXPECT_EQ(gemv_int4_kernel_for(g128, GemvInt4Kernel::Legacy), GemvInt4Kernel::Legacy);
   EXPECT_EQ(gemv_int4_kernel_for(fp8, GemvInt4Kernel::Factored), GemvInt4Kernel::Legacy);
-  // Auto is the environment's choice, factored where RINGLLAMA_GEMV_INT4 is unset.
+  // Auto is the environment's choice, legacy where RINGLLAMA_GEMV_INT4 is unset.
   const char* env = std::getenv("RINGLLAMA_GEMV_INT4");
-  const GemvInt4Kernel want = env && std::string(env) == "legacy" ? GemvInt4Kernel::Legacy : GemvInt4Kernel::Factored;
+  const GemvInt4Kernel want = env && std::string(env) == "factored" ? GemvInt4Kernel::Factored : GemvInt4Kernel::Legacy;
   EXPECT_EQ(gemv_int4_default(), want);
   EXPECT_EQ(gemv_int4_kernel_for(g128, GemvInt4Kernel::Auto), want);
 }

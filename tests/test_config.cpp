@@ -255,15 +255,15 @@ TEST(Config, DescribeListsTheReadersKeysWithSources) {
   EXPECT_HAS(line_of("max_context"), "default");
   EXPECT_HAS(line_of("gpu_max_groups"), "auto");
   EXPECT_HAS(line_of("cpu_cap_layers"), "auto");
-  EXPECT_HAS(line_of("cpu_share"), "auto");
+  EXPECT_HAS(line_of("cpu_share"), "0");
   EXPECT_EQ(ConfigLoader::all_keys().size(), 30u);
 }
 
-// cpu_share: auto (the default), a share in [0, 1], or an error naming the rule.
+// cpu_share: 0 (off, the default), auto, a share in [0, 1], or an error naming the rule.
 TEST(Config, CpuShareIsAutoOrAShare) {
   ConfigLoader l(kWorker);
-  EXPECT_EQ(l.load_from(std::nullopt, "", {}, {}).cpu_share, kAutoShare);
-  EXPECT_EQ(l.load_from("cpu_share: 0\n", "w.yaml", {}, {}).cpu_share, 0.0);
+  EXPECT_EQ(l.load_from(std::nullopt, "", {}, {}).cpu_share, 0.0);
+  EXPECT_EQ(l.load_from("cpu_share: 0.25\n", "w.yaml", {}, {}).cpu_share, 0.25);
   EXPECT_EQ(l.load_from("cpu_share: auto\n", "w.yaml", {}, {}).cpu_share, kAutoShare);
   EXPECT_EQ(l.load_from(std::nullopt, "", {{"RINGLLAMA_CPU_SHARE", "0.4"}}, {}).cpu_share, 0.4);
   EXPECT_EQ(l.load_from(std::nullopt, "", {}, {{"cpu_threads", "12"}}).cpu_threads, 12);

@@ -16,6 +16,8 @@
 
 #include "common/bf16.h"
 #include "common/errors.h"
+#include "common/manifest.h"
+#include "tests/tiny_model.h"
 #include "worker/hybrid_cpu.h"
 #include "worker/hybrid_cpu_kernels.h"
 #include "worker/hybrid_cpu_split.h"
@@ -461,6 +463,82 @@ TEST(HybridSplit, BadRatesAreRefused) {
             std::string::npos);
   EXPECT_NE(error_of([nan] { gpu_rows(100, nan, 64); }).find("not in [0, 1]"), std::string::npos);
   EXPECT_NE(error_of([] { split_layer({{0, 4096}}, 1, gpu_machine()); }).find("0x4096"), std::string::npos);
+}
+
+
+// ---- Where the CPU's rows lie in the store (what the CUDA pool leaves on the host) ----
+
+// A store layout of the wide test shape (q|k|v [384, 256], o [256, 256], gate|up [688, 256], down
+// [256, 344]), bf16 or with its linear weights in `linear`.
+Manifest wide_manifest(TensorFormat linear = {}) {
+  return Manifest::plan(test::wide_config(), "random:test", [&](const GroupEntry&, const TensorSpec& t) {
+    return tensor_packable(t.name) ? linear : TensorFormat{};
+  });
+}
+
+TEST(HybridLayout, MatricesAreTheFusedOnesInForwardOrder) {
+  const ModelConfig m = test::wide_config();
+  const std::vector<HybridMatrix> mats = hybrid_layer_matrices(m);
+  ASSERT_EQ(mats.size(), 4u);
+  EXPECT_EQ(mats[0].rows, m.q_dim() + 2 * m.kv_dim());
+  EXPECT_EQ(mats[0].in, m.dim);
+  EXPECT_EQ(mats[1].rows, m.dim);
+  EXPECT_EQ(mats[1].in, m.q_dim());
+  EXPECT_EQ(mats[2].rows, 2 * m.ffn_dim);
+  EXPECT_EQ(mats[2].in, m.dim);
+  EXPECT_EQ(mats[3].rows, m.dim);
+  EXPECT_EQ(mats[3].in, m.ffn_dim);
+}
+
+TEST(HybridLayout, CpuRangesAreTheLastRowsOfEachMatrix) {
+  const Manifest man = wide_manifest();
+  const std::vector<HybridMatrix> mats = hybrid_layer_matrices(man.model);
+  for (int64_t l = 0; l < man.model.n_layers; ++l) {
+    EXPECT_EQ(hybrid_layer_refusal(man, l), "");
+    // All rows on the GPU: nothing stays on the host.
+    EXPECT_TRUE(hybrid_cpu_ranges(man, l, {mats[0].rows, mats[1].rows, mats[2].rows, mats[3].rows}).empty());
+    const std::vector<int64_t> g = {128, 0, 64, 192};
+    const std::vector<HybridHostRange> r = hybrid_cpu_ranges(man, l, g);
+    ASSERT_EQ(r.size(), 4u);
+    const GroupEntry& ga = man.attn(l);
+    const GroupEntry& gf = man.ffn(l);
+    // q|k|v: from row 128 of the fused matrix to the end of wv.
+    EXPECT_FALSE(r[0].ffn);
+    EXPECT_EQ(r[0].begin, ga.tensor("wq").offset + 128u * 256u * 2u);
+    EXPECT_EQ(r[0].end, ga.tensor("wv").offset + ga.tensor("wv").size);
+    // o: every row on the CPU, the whole tensor.
+    EXPECT_EQ(r[1].begin, ga.tensor("wo").offset);
+    EXPECT_EQ(r[1].end, ga.tensor("wo").offset + ga.tensor("wo").size);
+    // gate|up: past the gate's first 64 rows to the end of up; down: its last 64 rows.
+    EXPECT_TRUE(r[2].ffn && r[3].ffn);
+    EXPECT_EQ(r[2].begin, gf.tensor("w1").offset + 64u * 256u * 2u);
+    EXPECT_EQ(r[2].end, gf.tensor("w3").offset + gf.tensor("w3").size);
+    EXPECT_EQ(r[3].begin, gf.tensor("w2").offset + 192u * 344u * 2u);
+    EXPECT_EQ(r[3].end, gf.tensor("w2").offset + gf.tensor("w2").size);
+    // What stays on the host is the CPU's rows' bytes, and no norm is among them.
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < r.size(); ++i) {
+      bytes += r[i].end - r[i].begin;
+      EXPECT_EQ(r[i].end - r[i].begin, static_cast<uint64_t>((mats[i].rows - g[i]) * mats[i].in * 2)) << i;
+      const TensorEntry& norm = r[i].ffn ? gf.tensor("ffn_norm") : ga.tensor("attn_norm");
+      EXPECT_TRUE(norm.offset + norm.size <= r[i].begin || norm.offset >= r[i].end) << i;
+      EXPECT_LE(r[i].end, r[i].ffn ? gf.size : ga.size) << i;
+    }
+    EXPECT_GT(bytes, 0u);
+  }
+}
+
+TEST(HybridLayout, PackedLayersAndBadRowsAreRefused) {
+  const Manifest packed = wide_manifest(TensorFormat{DType::FP8_E4M3, 0});
+  const std::string why = hybrid_layer_refusal(packed, 0);
+  EXPECT_NE(why.find("fp8"), std::string::npos) << why;
+  EXPECT_NE(why.find("bf16"), std::string::npos) << why;
+  EXPECT_THROW(hybrid_cpu_ranges(packed, 0, {0, 0, 0, 0}), Error);
+  const Manifest man = wide_manifest();
+  EXPECT_THROW(hybrid_cpu_ranges(man, 0, {0, 0, 0}), Error);         // three counts for four matrices
+  EXPECT_THROW(hybrid_cpu_ranges(man, 0, {385, 0, 0, 0}), Error);    // more rows than q|k|v has
+  EXPECT_THROW(hybrid_cpu_ranges(man, 0, {-1, 0, 0, 0}), Error);
+  EXPECT_THROW(hybrid_layer_refusal(man, man.model.n_layers), Error);  // no such layer
 }
 
 }  // namespace

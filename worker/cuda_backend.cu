@@ -471,14 +471,7 @@ class CudaBackend : public Backend {
     hybrid_layer_.assign(static_cast<size_t>(m_.n_layers), false);
     std::string why;
     for (int64_t l = gw_->resident_layers(); l < m_.n_layers && why.empty(); ++l) {
-      const GroupEntry& ga = man.attn(l);
-      const GroupEntry& gf = man.ffn(l);
-      for (const char* t : {"wq", "wk", "wv", "wo"})
-        if (ga.tensor(t).dtype != DType::BF16) why = fmt::format("layer {}'s {} is packed (the CPU multiplies bf16)", l, t);
-      for (const char* t : {"w1", "w3", "w2"})
-        if (gf.tensor(t).dtype != DType::BF16) why = fmt::format("layer {}'s {} is packed (the CPU multiplies bf16)", l, t);
-      if (why.empty() && !(qkv_fused_[static_cast<size_t>(l)] && gu_fused_[static_cast<size_t>(l)]))
-        why = fmt::format("layer {}'s q|k|v or gate|up are not adjacent in the store", l);
+      why = hybrid_layer_refusal(man, l);
       hybrid_layer_[static_cast<size_t>(l)] = true;
     }
     if (why.empty() && gw_->held_layers_max() < 2)
@@ -494,7 +487,15 @@ class CudaBackend : public Backend {
     CudaHybridOptions o;
     if (forced) o.cpu_share = config.cpu_share;
     o.threads = config.cpu_threads == kAuto ? 0 : static_cast<int>(config.cpu_threads);
-    hybrid_ = std::make_unique<CudaHybrid>(m_, o, k_cache_.get(), k_cache_.bytes());
+    try {
+      hybrid_ = std::make_unique<CudaHybrid>(m_, o, k_cache_.get(), k_cache_.bytes());
+    } catch (const Error& e) {
+      // A rate that could not be measured (zero, not finite): auto falls back to streaming alone.
+      if (forced) throw;
+      hybrid_layer_.clear();
+      spdlog::warn("hybrid: off ({}); every streamed row crosses PCIe", e.what());
+      return;
+    }
     fmt::print(stderr, "{}", hybrid_->plan_text(m_.n_layers - gw_->resident_layers(),
                                                 std::min<int64_t>(max_rows_, CudaHybrid::kMaxTokens)));
   }
@@ -504,25 +505,11 @@ class CudaBackend : public Backend {
   void set_hybrid_split(const HybridSplit& split) {
     if (split.gpu_rows == skipped_rows_) return;
     const Manifest& man = *manifest_;
-    const int64_t dim = m_.dim, q_dim = m_.q_dim(), ffn = m_.ffn_dim;
-    // HybridPart order: (group, first tensor, row bytes).
-    const std::array<std::tuple<bool, const char*, int64_t>, kHybridMatrices> parts = {
-        std::tuple<bool, const char*, int64_t>{false, "wq", dim * 2},
-        {false, "wo", q_dim * 2},
-        {true, "w1", dim * 2},
-        {true, "w2", ffn * 2}};
     std::vector<std::vector<SkippedBytes>> skipped(static_cast<size_t>(m_.n_layers));
     for (int64_t l = 0; l < m_.n_layers; ++l) {
       if (!hybrid_layer_[static_cast<size_t>(l)]) continue;
-      for (int p = 0; p < kHybridMatrices; ++p) {
-        const auto [ffn_group, first, row_bytes] = parts[static_cast<size_t>(p)];
-        const int64_t g = split.gpu_rows[static_cast<size_t>(p)];
-        const int64_t rows = hybrid_->matrices()[static_cast<size_t>(p)].rows;
-        if (g >= rows) continue;
-        const uint64_t at = (ffn_group ? man.ffn(l) : man.attn(l)).tensor(first).offset;
-        skipped[static_cast<size_t>(l)].push_back(
-            {ffn_group, at + static_cast<uint64_t>(g * row_bytes), at + static_cast<uint64_t>(rows * row_bytes)});
-      }
+      for (const HybridHostRange& r : hybrid_cpu_ranges(man, l, split.gpu_rows))
+        skipped[static_cast<size_t>(l)].push_back({r.ffn, r.begin, r.end});
     }
     gw_->set_skipped_bytes(std::move(skipped));
     skipped_rows_ = split.gpu_rows;

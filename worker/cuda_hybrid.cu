@@ -80,8 +80,7 @@ std::vector<std::pair<int, double>> measure_cpu_gbs(HybridCpuMatmul& cpu, size_t
 
 CudaHybrid::CudaHybrid(const ModelConfig& m, const CudaHybridOptions& o, void* dev_scratch, size_t dev_bytes)
     : cpu_(o.threads, o.pin) {
-  const int64_t q_dim = m.q_dim(), kv_dim = m.kv_dim();
-  matrices_ = {{q_dim + 2 * kv_dim, m.dim}, {m.dim, q_dim}, {2 * m.ffn_dim, m.dim}, {m.dim, m.ffn_dim}};
+  matrices_ = hybrid_layer_matrices(m);
   for (const HybridMatrix& x : matrices_) {
     max_in_ = std::max(max_in_, x.in);
     max_out_ = std::max(max_out_, x.rows);

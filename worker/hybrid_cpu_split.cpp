@@ -98,4 +98,68 @@ double hybrid_tokens_per_s_bound(const HybridSplit& split, int64_t streamed_laye
   return tokens / (static_cast<double>(streamed_layers) * split.seconds());
 }
 
+std::vector<HybridMatrix> hybrid_layer_matrices(const ModelConfig& m) {
+  const int64_t q_dim = m.q_dim(), kv_dim = m.kv_dim();
+  return {{q_dim + 2 * kv_dim, m.dim}, {m.dim, q_dim}, {2 * m.ffn_dim, m.dim}, {m.dim, m.ffn_dim}};
+}
+
+namespace {
+
+// The tensors of each matrix: (group is ffn, names back to back).
+struct HybridTensors {
+  bool ffn;
+  std::vector<const char*> names;
+};
+const std::vector<HybridTensors>& hybrid_tensors() {
+  static const std::vector<HybridTensors> t = {
+      {false, {"wq", "wk", "wv"}}, {false, {"wo"}}, {true, {"w1", "w3"}}, {true, {"w2"}}};
+  return t;
+}
+
+}  // namespace
+
+std::string hybrid_layer_refusal(const Manifest& man, int64_t layer) {
+  RL_REQUIRE(layer >= 0 && layer < man.model.n_layers, "hybrid: layer {} does not exist (the model has {})", layer,
+             man.model.n_layers);
+  for (const HybridTensors& t : hybrid_tensors()) {
+    const GroupEntry& g = t.ffn ? man.ffn(layer) : man.attn(layer);
+    const TensorEntry* prev = nullptr;
+    for (const char* name : t.names) {
+      const TensorEntry& e = g.tensor(name);
+      if (e.dtype != DType::BF16)
+        return fmt::format("layer {}'s {} is {} (the CPU multiplies bf16)", layer, name, dtype_name(e.dtype));
+      if (prev && e.offset != prev->offset + prev->size)
+        return fmt::format("layer {}'s {} does not follow {} in its group", layer, name, prev->name);
+      prev = &e;
+    }
+  }
+  return "";
+}
+
+std::vector<HybridHostRange> hybrid_cpu_ranges(const Manifest& man, int64_t layer,
+                                               const std::vector<int64_t>& gpu_rows) {
+  const std::string why = hybrid_layer_refusal(man, layer);
+  RL_REQUIRE(why.empty(), "hybrid: {}", why);
+  const std::vector<HybridMatrix> mats = hybrid_layer_matrices(man.model);
+  RL_REQUIRE(gpu_rows.size() == mats.size(), "hybrid: {} GPU row counts for the {} matrices of a layer",
+             gpu_rows.size(), mats.size());
+  std::vector<HybridHostRange> out;
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const int64_t g = gpu_rows[i], rows = mats[i].rows, row_bytes = mats[i].in * 2;
+    RL_REQUIRE(g >= 0 && g <= rows, "hybrid: {} GPU rows of a matrix of {}", g, rows);
+    if (g == rows) continue;
+    const HybridTensors& t = hybrid_tensors()[i];
+    const GroupEntry& grp = t.ffn ? man.ffn(layer) : man.attn(layer);
+    const TensorEntry& first = grp.tensor(t.names.front());
+    const TensorEntry& last = grp.tensor(t.names.back());
+    // The shapes agree with the model's (the manifest was validated against it); the bytes too.
+    RL_REQUIRE(last.offset + last.size - first.offset == static_cast<uint64_t>(rows * row_bytes),
+               "hybrid: layer {}'s {} .. {} hold {} bytes, not the {} of [{}, {}] bf16", layer, first.name, last.name,
+               last.offset + last.size - first.offset, rows * row_bytes, rows, mats[i].in);
+    out.push_back({t.ffn, first.offset + static_cast<uint64_t>(g * row_bytes),
+                   first.offset + static_cast<uint64_t>(rows * row_bytes)});
+  }
+  return out;
+}
+
 }  // namespace ringllama

@@ -8,8 +8,11 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
+
+#include "common/manifest.h"
 
 namespace ringllama {
 
@@ -72,5 +75,30 @@ HybridSplit split_layer(const std::vector<HybridMatrix>& matrices, int tokens, c
 // second <= tokens / (streamed_layers * split.seconds()). With the CPU off it is the plain
 // streaming bound, tokens / (bytes streamed per step / h2d).
 double hybrid_tokens_per_s_bound(const HybridSplit& split, int64_t streamed_layers, int tokens);
+
+// ---- A layer's matrices in the store (what the CUDA backend's pool leaves on the host) ----
+
+// The matrices the hybrid splits in a layer of `m`, in forward order: q|k|v [q_dim + 2 kv_dim,
+// dim], o [dim, q_dim], gate|up [2 ffn, dim], down [dim, ffn]. q|k|v and gate|up are the fused
+// tensors as the store lays them out (adjacent), so each side's rows are one range.
+std::vector<HybridMatrix> hybrid_layer_matrices(const ModelConfig& m);
+
+// Why layer `layer` of the store cannot be split ("" when it can): a packed matrix (the CPU
+// multiplies bf16), or q|k|v or gate|up not adjacent in their group.
+std::string hybrid_layer_refusal(const Manifest& man, int64_t layer);
+
+// Bytes of one of a layer's groups, from the group's start.
+struct HybridHostRange {
+  bool ffn = false;  // in the ffn group (gate|up, down), else the attn group (q|k|v, o)
+  uint64_t begin = 0, end = 0;
+};
+
+// Where the CPU's rows of each matrix lie in layer `layer`'s groups when the GPU takes the first
+// gpu_rows[i] rows of matrix i (hybrid_layer_matrices' order): the bytes the pool does not copy, one
+// range per matrix the CPU has rows of, in matrix order. A row-major [rows][in] bf16 matrix's rows
+// [g, rows) are the bytes [offset + g·in·2, offset + rows·in·2) of its group. A layer that
+// hybrid_layer_refusal refuses, or gpu_rows of another size or outside [0, rows], is an Error.
+std::vector<HybridHostRange> hybrid_cpu_ranges(const Manifest& man, int64_t layer,
+                                               const std::vector<int64_t>& gpu_rows);
 
 }  // namespace ringllama
