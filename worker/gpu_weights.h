@@ -54,12 +54,19 @@
 // naming the layer, since the compute may already have read the copy — the policy-driven window
 // never lets it happen). At most min(h2d_backlog_max, layers the source lets be held) copies are
 // in flight. Completed copies are found with cudaEventQuery when later copies are enqueued; only
-// when the copy being forced needs room (backlog full, or the source's held limit: the daemon
-// source allows one) does the host block, in cudaEventSynchronize on the OLDEST copy's end event.
+// when the copy being forced needs room (backlog full, or the source's held limit: the daemon's
+// hold_max) does the host block, in cudaEventSynchronize on the OLDEST copy's end event.
 // That event depends only on work already enqueued (earlier copies, and done records of layers
 // already released), and the compute stream still holds the launched layers queued behind it, so
 // the wait delays only the host's next enqueue, not the GPU. end_pass() waits the same way for the
 // pass's last copies (not for the compute) and then ends the source's pass.
+//
+// Copied in part (set_skipped_bytes, the hybrid): the CPU reads the layer's host copy while the
+// GPU computes it, so its host layer is released once an event recorded by release(l) on the
+// compute stream (after every kernel and wait of the layer) has completed, and its copy has; the
+// oldest such layer is waited for the same way, and it is always released before a forced copy
+// needs room (layers are acquired in order, each after the previous one's release). Such a pass
+// holds up to held_layers_max() host layers: the copies in flight and the layers computing.
 //
 // Sources: without HostSlots, the source's host_memory() is registered when it names any (the
 // store's buffer, the daemon's segment read-only), falling back to pageable copies on a refusal.
@@ -68,10 +75,12 @@
 // must have been written once before, or a read-only pin may hold the zero page) for true async
 // copies, the
 // resident layers are left out of the window's reads (set_streamed_from), and several host layers
-// may be in flight. Without (open_store_weights, open_daemon_weights), the host memory is not
-// registered here (pageable copies are staged by the driver: correct, not async), one host layer is
-// in flight unless source_held_max says more, and resident layers are still acquired and released
-// each pass, since those sources expect every layer in order.
+// may be in flight. Without (open_store_weights, open_daemon_weights), the host memory is
+// registered in the background (BackgroundRegistration; a refusal leaves pageable copies, staged
+// by the driver: correct, not async), the host layers in flight are the source's
+// layers_held_at_once() (the daemon's hold_max) unless source_held_max replaces it, and resident
+// layers are still acquired and released each pass, since those sources expect every layer in
+// order.
 //
 // The current device must be the one to use when constructing; every call happens with it current.
 #pragma once
