@@ -67,6 +67,19 @@ CudaStreamReport report_of(const Backend& b) {
   return r;
 }
 
+// The fixture packed into tmp/store, and a Config for it: that store, a context for `rows` rows
+// after the prompt, the hybrid off (cpu_share 0).
+Config packed_fixture(const test::Golden& g, const test::TempDir& tmp, int64_t rows) {
+  const std::string store = tmp / "store";
+  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"}, 120);
+  RL_REQUIRE(pack.status == 0, "ringllama-pack failed:\n{}{}", pack.err, pack.out);
+  Config c;
+  c.store = store;
+  c.max_context = static_cast<int64_t>(g.prompt_ids.size()) + rows + 1;
+  c.cpu_share = 0;
+  return c;
+}
+
 class CudaStreamGolden : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override { RL_SKIP_WITHOUT_GPU(kGpuSuite); }
@@ -79,14 +92,8 @@ TEST_P(CudaStreamGolden, StreamedLogitsAreTheResidentOnesBitForBit) {
   const int64_t rows = std::min<int64_t>(g.rows, 6);
 
   test::TempDir tmp;
-  const std::string store = tmp / "store";
-  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"}, 120);
-  ASSERT_EQ(pack.status, 0) << "ringllama-pack failed:\n" << pack.err << pack.out;
-
-  Config base;
-  base.store = store;
-  base.max_context = static_cast<int64_t>(prompt.size()) + rows + 1;
-  base.cpu_share = 0;
+  const Config base = packed_fixture(g, tmp, rows);
+  const std::string store = base.store;
 
   // (c) fully resident: the reference.
   std::vector<std::vector<float>> ref;
@@ -165,12 +172,8 @@ TEST_P(CudaStreamGolden, HybridMatchesTheFixtures) {
   const test::Golden g = test::load_golden(GetParam());
   const int64_t rows = g.rows, vocab = g.vocab_size;
   test::TempDir tmp;
-  const std::string store = tmp / "store";
-  auto pack = test::run_bin("ringllama-pack", {"--hf", g.hf_dir(), "--out", store, "--quiet"}, 120);
-  ASSERT_EQ(pack.status, 0) << "ringllama-pack failed:\n" << pack.err << pack.out;
-  Config base;
-  base.store = store;
-  base.max_context = static_cast<int64_t>(g.prompt_ids.size()) + rows + 1;
+  Config base = packed_fixture(g, tmp, rows);
+  const std::string store = base.store;
   base.resident_layers = 0;
   base.cpu_threads = 3;
   uint64_t pure_bytes = 0, pure_passes = 0;

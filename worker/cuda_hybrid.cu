@@ -9,6 +9,7 @@
 #include "common/errors.h"
 #include "common/log.h"
 #include "kernels/check.h"
+#include "worker/cuda_memory.h"
 
 namespace ringllama {
 
@@ -17,41 +18,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// Pinned host-to-device copies of `bytes` into dev, the best of a few: GB/s.
-double measure_h2d_gbs(void* dev, size_t bytes) {
-  void* host = nullptr;
-  CUDA_CHECK(cudaMallocHost(&host, bytes));
-  std::memset(host, 0, bytes);
-  cudaStream_t s = nullptr;
-  cudaEvent_t a = nullptr, b = nullptr;
-  double best = 0;
-  try {
-    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaEventCreate(&a));
-    CUDA_CHECK(cudaEventCreate(&b));
-    for (int rep = 0; rep < 4; ++rep) {
-      CUDA_CHECK(cudaEventRecord(a, s));
-      CUDA_CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s));
-      CUDA_CHECK(cudaEventRecord(b, s));
-      CUDA_CHECK(cudaEventSynchronize(b));
-      float ms = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-      if (rep > 0 && ms > 0) best = std::max(best, double(bytes) / (ms * 1e-3) * 1e-9);
-    }
-  } catch (...) {
-    if (a) cudaEventDestroy(a);
-    if (b) cudaEventDestroy(b);
-    if (s) cudaStreamDestroy(s);
-    cudaFreeHost(host);
-    throw;
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaStreamDestroy(s);
-  cudaFreeHost(host);
-  return best;
-}
 
 // The CPU kernel's GB/s of weights at each token count on a matrix of `bytes` (in = 4096, the
 // rows a model's matrices have), the best of two after a warm-up; and a plain read of it.
@@ -87,7 +53,7 @@ CudaHybrid::CudaHybrid(const ModelConfig& m, const CudaHybridOptions& o, void* d
   }
   const auto t0 = Clock::now();
   RL_REQUIRE(dev_scratch && dev_bytes >= (1u << 20), "the hybrid's H2D measurement needs a device scratch of 1 MiB");
-  rates_.h2d_gbs = measure_h2d_gbs(dev_scratch, std::min<size_t>(dev_bytes, size_t(64) << 20));
+  rates_.h2d_gbs = measure_pinned_h2d(std::min<size_t>(dev_bytes, size_t(64) << 20), 5, dev_scratch) * 1e-9;
   if (o.cpu_share) {
     rates_.cpu_share = *o.cpu_share;
   } else {

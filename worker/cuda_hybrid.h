@@ -13,7 +13,7 @@
 // thread and hands the rows to the pool; the h operations run in order, so one pinned x and one
 // pinned y buffer serve every matrix.
 //
-// The split comes from rates measured at construction: pinned H2D (256 MiB copies) and the CPU
+// The split comes from rates measured at construction: pinned H2D (64 MiB copies) and the CPU
 // kernel's GB/s at 1 ... 64 tokens on a scratch matrix (worker/hybrid_cpu_split.h: f = h2d / (h2d
 // + cpu(T))). Steps of more than HybridCpuMatmul::kMaxTokens tokens run on the GPU alone.
 #pragma once

@@ -131,14 +131,14 @@ MemoryPlan plan_backend(const Manifest& manifest, const Config& config, const De
   return plan;
 }
 
-double measure_pinned_h2d(size_t bytes, int reps) {
+double measure_pinned_h2d(size_t bytes, int reps, void* into) {
   void* host = nullptr;
   CUDA_CHECK(cudaMallocHost(&host, bytes));
   std::unique_ptr<void, cudaError_t (*)(void*)> host_owner(host, cudaFreeHost);
   std::memset(host, 1, bytes);
-  void* dev = nullptr;
-  CUDA_CHECK(cudaMalloc(&dev, bytes));
-  std::unique_ptr<void, cudaError_t (*)(void*)> dev_owner(dev, cudaFree);
+  void* dev = into;
+  if (!dev) CUDA_CHECK(cudaMalloc(&dev, bytes));
+  std::unique_ptr<void, cudaError_t (*)(void*)> dev_owner(into ? nullptr : dev, cudaFree);
   cudaEvent_t a = nullptr, b = nullptr;
   CUDA_CHECK(cudaEventCreate(&a));
   CUDA_CHECK(cudaEventCreate(&b));

@@ -32,8 +32,9 @@ uint64_t process_context_bytes(int device);
 
 // Pinned host -> device rate on the current device, bytes per second: `bytes` copies from
 // cudaMallocHost memory, the median of `reps` (events on the copy). The PCIe figure of the host
-// plan and of the benchmarks.
-double measure_pinned_h2d(size_t bytes, int reps);
+// plan and of the benchmarks. `into`: device memory of at least `bytes` whose contents do not
+// matter (a backend's, measured after its plan allocated everything); null = allocated here.
+double measure_pinned_h2d(size_t bytes, int reps, void* into = nullptr);
 
 // What a CUDA backend planned and what it then measured.
 struct CudaMemoryReport {
