@@ -318,73 +318,73 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
 
   std::vector<StreamRow> rows;
   for (const std::string& share : shares) {
-  c.cpu_share = parse_share(share);
-  const std::string suffix = share == "0" ? "" : " cpu " + share;
-  for (int64_t b : batches) {
-    Config d = c;
-    d.batch_size = b;
-    d.prefill_chunk_tokens = decode_prompt;
-    d.max_context = decode_prompt + steps + 8;
-    StreamRow row;
-    row.figure = fmt::format("decode b{}{}", b, suffix);
-    row.share = share;
-    try {
-      auto be = budget_backend(*ws, d, &row.ahead);
-      const int64_t vocab = m.vocab_size;
-      std::vector<StepItem> items;
-      for (int64_t i = 0; i < b; ++i) {
-        be->add_sequence(i);
-        items.push_back({i, prompt(decode_prompt, vocab, 100 + i), true});
-      }
-      std::vector<int32_t> ids = be->step_greedy(items);  // the prompts (the first pass also fills the window)
-      auto next = [&] {
-        for (int64_t i = 0; i < b; ++i) items[static_cast<size_t>(i)].tokens = {ids[static_cast<size_t>(i)]};
-        ids = be->step_greedy(items);
-      };
-      next();
-      CudaStreamReport before;
-      cuda_stream_report(*be, &before);
-      const auto t1 = Clock::now();
-      for (int64_t i = 0; i < steps; ++i) next();
-      fill_stream_row(&row, *be, before, steps, seconds_since(t1), b * steps);
-    } catch (const Error& e) {
-      std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
-      continue;
-    }
-    std::fprintf(stderr, "%s: %.2f tok/s\n", row.figure.c_str(), row.tok_s);
-    rows.push_back(row);
-  }
-  {
-    Config d = c;
-    d.batch_size = 1;
-    d.prefill_chunk_tokens = prompt_tokens;
-    d.max_context = prompt_tokens + 16;
-    StreamRow row;
-    row.figure = fmt::format("prefill 1x{}{}", prompt_tokens, suffix);
-    row.share = share;
-    try {
-      auto be = budget_backend(*ws, d, &row.ahead);
-      const int reps = 3;
-      std::vector<double> t;
-      CudaStreamReport before;
-      for (int rep = 0; rep <= reps; ++rep) {
-        be->add_sequence(0);
-        std::vector<StepItem> items = {{0, prompt(prompt_tokens, m.vocab_size, 200 + rep), true}};
-        if (rep == 1) cuda_stream_report(*be, &before);
+    c.cpu_share = parse_share(share);
+    const std::string suffix = share == "0" ? "" : " cpu " + share;
+    for (int64_t b : batches) {
+      Config d = c;
+      d.batch_size = b;
+      d.prefill_chunk_tokens = decode_prompt;
+      d.max_context = decode_prompt + steps + 8;
+      StreamRow row;
+      row.figure = fmt::format("decode b{}{}", b, suffix);
+      row.share = share;
+      try {
+        auto be = budget_backend(*ws, d, &row.ahead);
+        const int64_t vocab = m.vocab_size;
+        std::vector<StepItem> items;
+        for (int64_t i = 0; i < b; ++i) {
+          be->add_sequence(i);
+          items.push_back({i, prompt(decode_prompt, vocab, 100 + i), true});
+        }
+        std::vector<int32_t> ids = be->step_greedy(items);  // the prompts (the first pass also fills the window)
+        auto next = [&] {
+          for (int64_t i = 0; i < b; ++i) items[static_cast<size_t>(i)].tokens = {ids[static_cast<size_t>(i)]};
+          ids = be->step_greedy(items);
+        };
+        next();
+        CudaStreamReport before;
+        cuda_stream_report(*be, &before);
         const auto t1 = Clock::now();
-        be->step_greedy(items);
-        if (rep > 0) t.push_back(seconds_since(t1));  // the first run warms up
-        be->free_sequence(0);
+        for (int64_t i = 0; i < steps; ++i) next();
+        fill_stream_row(&row, *be, before, steps, seconds_since(t1), b * steps);
+      } catch (const Error& e) {
+        std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
+        continue;
       }
-      double sum = 0;
-      for (double x : t) sum += x;
-      fill_stream_row(&row, *be, before, reps, sum, reps * prompt_tokens);
-      std::fprintf(stderr, "%s: %.1f tok/s\n", row.figure.c_str(), row.tok_s);
+      std::fprintf(stderr, "%s: %.2f tok/s\n", row.figure.c_str(), row.tok_s);
       rows.push_back(row);
-    } catch (const Error& e) {
-      std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
     }
-  }
+    {
+      Config d = c;
+      d.batch_size = 1;
+      d.prefill_chunk_tokens = prompt_tokens;
+      d.max_context = prompt_tokens + 16;
+      StreamRow row;
+      row.figure = fmt::format("prefill 1x{}{}", prompt_tokens, suffix);
+      row.share = share;
+      try {
+        auto be = budget_backend(*ws, d, &row.ahead);
+        const int reps = 3;
+        std::vector<double> t;
+        CudaStreamReport before;
+        for (int rep = 0; rep <= reps; ++rep) {
+          be->add_sequence(0);
+          std::vector<StepItem> items = {{0, prompt(prompt_tokens, m.vocab_size, 200 + rep), true}};
+          if (rep == 1) cuda_stream_report(*be, &before);
+          const auto t1 = Clock::now();
+          be->step_greedy(items);
+          if (rep > 0) t.push_back(seconds_since(t1));  // the first run warms up
+          be->free_sequence(0);
+        }
+        double sum = 0;
+        for (double x : t) sum += x;
+        fill_stream_row(&row, *be, before, reps, sum, reps * prompt_tokens);
+        std::fprintf(stderr, "%s: %.1f tok/s\n", row.figure.c_str(), row.tok_s);
+        rows.push_back(row);
+      } catch (const Error& e) {
+        std::fprintf(stderr, "%s: %s\n", row.figure.c_str(), e.what());
+      }
+    }
   }
   if (daemon) {
     // What the worker's metrics show as "weights": this process's passes through the daemon's
