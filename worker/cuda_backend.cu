@@ -345,7 +345,6 @@ class CudaBackend : public Backend {
     const auto t0 = std::chrono::steady_clock::now();
     if (trace) before = gw_->stats();
     run_step_inner(L, out);
-    if (hybrid_) hybrid_->check();
     if (trace) log_step_bound(before, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                               L.rows());
   }
@@ -424,6 +423,9 @@ class CudaBackend : public Backend {
                                  cudaMemcpyDeviceToHost, s));
     }
     CUDA_CHECK(cudaStreamSynchronize(s));
+    // The CPU's rows of this step are in (the compute stream waited for each): a failure there
+    // fails the step before its outputs are handed out.
+    if (hybrid_) hybrid_->check();
     if (profiled_) read_layer_times();
     if (out.ids) out.ids->assign(host_picked_.get(), host_picked_.get() + NL);
     if (out.logits) out.logits->assign(host_logits_.get(), host_logits_.get() + NL * m_.vocab_size);
