@@ -61,17 +61,23 @@ for share in 0 auto; do
   # shellcheck disable=SC2046  # budget_args is several words
   start_worker "w-$share" 0 16 --daemon "$control" $(budget_args 0) --cpu-share "$share"
   grep -A8 "^hybrid: each streamed" "$out/w-$share.log" >>"$summary" || true
+  # Each level on its own, 2 requests per client (at least 4): a batch-1 level stays short.
   IFS=, read -ra lv <<<"$levels"
-  requests=$((2 * ${lv[-1]}))
-  bench "service-$share" "ipc://$run/w-$share.sock" "$levels" "$requests" >/dev/null
+  for n in "${lv[@]}"; do
+    requests=$((2 * n < 4 ? 4 : 2 * n))
+    bench "service-$share-$n" "ipc://$run/w-$share.sock" "$n" "$requests" >/dev/null
+  done
   stop_worker "$wpid"
 done
 stop_daemon
 
-python3 - "$out/service-0.json" "$out/service-auto.json" <<'PY' | tee -a "$summary"
-import json, sys
-pure = {l["level"]: l for l in json.load(open(sys.argv[1]))["levels"]}
-hyb = {l["level"]: l for l in json.load(open(sys.argv[2]))["levels"]}
+python3 - "$out" "$levels" <<'PY' | tee -a "$summary"
+import json, os, sys
+out, levels = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
+def level(share, n):
+    return json.load(open(os.path.join(out, f"service-{share}-{n}.json")))["levels"][0]
+pure = {n: level("0", n) for n in levels}
+hyb = {n: level("auto", n) for n in levels}
 print("\nservice path (worker fed by the daemon, bench_client over ZeroMQ): tokens/s")
 print(f"{'clients':>7} {'pure':>9} {'hybrid':>9} {'ratio':>6} {'TPOT p50 pure/hybrid ms':>24} {'errors':>7}")
 for n in sorted(pure):
