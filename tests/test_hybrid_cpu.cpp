@@ -541,5 +541,18 @@ TEST(HybridLayout, PackedLayersAndBadRowsAreRefused) {
   EXPECT_THROW(hybrid_layer_refusal(man, man.model.n_layers), Error);  // no such layer
 }
 
+TEST(HybridLayout, RefusalNamesWhyTheHybridCannotApply) {
+  const Manifest man = wide_manifest();
+  EXPECT_EQ(hybrid_refusal(man, 0, 2), "");
+  EXPECT_EQ(hybrid_refusal(man, 1, 9), "");
+  EXPECT_NE(hybrid_refusal(man, 0, 1).find("hold 1 host layer"), std::string::npos) << hybrid_refusal(man, 0, 1);
+  EXPECT_NE(hybrid_refusal(man, man.model.n_layers, 4).find("nothing streams"), std::string::npos);
+  // A packed layer among the streamed ones refuses; resident packed layers would not matter, but
+  // every layer of this layout is packed.
+  const std::string why = hybrid_refusal(wide_manifest(TensorFormat{DType::FP8_E4M3, 0}), 1, 4);
+  EXPECT_NE(why.find("layer 1's"), std::string::npos) << why;
+  EXPECT_NE(why.find("fp8"), std::string::npos) << why;
+}
+
 }  // namespace
 }  // namespace ringllama

@@ -462,58 +462,20 @@ class CudaBackend : public Backend {
     }
   }
 
-  // The hybrid, when it applies (DESIGN.md "The CPU's share of a streamed layer (hybrid)"): layers
-  // stream, cpu_share is not 0, the streamed layers are bf16 with q|k|v and gate|up adjacent, and
-  // the source lets the pool hold a layer through its compute besides the copies ahead. A forced
-  // share that cannot apply is a ConfigError naming why; auto only says why in the log.
+  // The hybrid (DESIGN.md "The CPU's share of a streamed layer (hybrid)"), when layers stream and
+  // config.cpu_share asks for it (CudaHybrid::start says when it cannot apply). Its rates are
+  // measured now, every device allocation made: H2D into the KV cache, unused yet.
   void setup_hybrid(const Config& config) {
-    if (!streaming_ || config.cpu_share == 0.0) return;
-    const bool forced = config.cpu_share > 0.0;
-    const Manifest& man = *manifest_;
-    hybrid_layer_.assign(static_cast<size_t>(m_.n_layers), false);
-    std::string why;
-    for (int64_t l = gw_->resident_layers(); l < m_.n_layers && why.empty(); ++l) {
-      why = hybrid_layer_refusal(man, l);
-      hybrid_layer_[static_cast<size_t>(l)] = true;
-    }
-    if (why.empty() && gw_->held_layers_max() < 2)
-      why = fmt::format("the weight source lets the pool hold {} host layer at once; the CPU's share needs the layer "
-                        "computing held besides the next copy (2 or more)",
-                        gw_->held_layers_max());
-    if (!why.empty()) {
-      hybrid_layer_.clear();
-      if (forced) throw ConfigError("cpu_share " + fmt::format("{}", config.cpu_share) + " cannot apply: " + why);
-      spdlog::info("hybrid: off ({}); every streamed row crosses PCIe", why);
-      return;
-    }
-    CudaHybridOptions o;
-    if (forced) o.cpu_share = config.cpu_share;
-    o.threads = config.cpu_threads == kAuto ? 0 : static_cast<int>(config.cpu_threads);
-    try {
-      hybrid_ = std::make_unique<CudaHybrid>(m_, o, k_cache_.get(), k_cache_.bytes());
-    } catch (const Error& e) {
-      // A rate that could not be measured (zero, not finite): auto falls back to streaming alone.
-      if (forced) throw;
-      hybrid_layer_.clear();
-      spdlog::warn("hybrid: off ({}); every streamed row crosses PCIe", e.what());
-      return;
-    }
-    fmt::print(stderr, "{}", hybrid_->plan_text(m_.n_layers - gw_->resident_layers(),
-                                                std::min<int64_t>(max_rows_, CudaHybrid::kMaxTokens)));
+    if (!streaming_) return;
+    hybrid_ = CudaHybrid::start(*manifest_, gw_->resident_layers(), gw_->held_layers_max(), config, k_cache_.get(),
+                                k_cache_.bytes(), max_rows_);
   }
 
   // The pool copies each streamed layer less the CPU's rows of the split (set between passes,
   // when the split changes with the step's token count).
   void set_hybrid_split(const HybridSplit& split) {
     if (split.gpu_rows == skipped_rows_) return;
-    const Manifest& man = *manifest_;
-    std::vector<std::vector<SkippedBytes>> skipped(static_cast<size_t>(m_.n_layers));
-    for (int64_t l = 0; l < m_.n_layers; ++l) {
-      if (!hybrid_layer_[static_cast<size_t>(l)]) continue;
-      for (const HybridHostRange& r : hybrid_cpu_ranges(man, l, split.gpu_rows))
-        skipped[static_cast<size_t>(l)].push_back({r.ffn, r.begin, r.end});
-    }
-    gw_->set_skipped_bytes(std::move(skipped));
+    gw_->set_skipped_bytes(CudaHybrid::skipped_bytes(*manifest_, gw_->resident_layers(), split));
     skipped_rows_ = split.gpu_rows;
   }
 
@@ -831,7 +793,6 @@ class CudaBackend : public Backend {
   bool streaming_ = false;          // some layers stream through the pool
   const Manifest* manifest_ = nullptr;  // the weight source's
   std::unique_ptr<CudaHybrid> hybrid_;  // the CPU's share of streamed layers (null: off)
-  std::vector<bool> hybrid_layer_;      // per layer: streamed, bf16, q|k|v and gate|up adjacent
   std::vector<int64_t> skipped_rows_;   // the GPU rows the pool's skipped bytes were set for
   double last_f_ = 1;                   // the last hybrid step's GPU share
   const bf16* tok_embeddings_ = nullptr;

@@ -75,6 +75,42 @@ CudaHybrid::CudaHybrid(const ModelConfig& m, const CudaHybridOptions& o, void* d
   jobs_.resize(static_cast<size_t>(8 * std::max<int64_t>(1, m.n_layers) * kHybridMatrices));
 }
 
+std::unique_ptr<CudaHybrid> CudaHybrid::start(const Manifest& man, int64_t first_streamed, int64_t held_layers,
+                                               const Config& config, void* dev_scratch, size_t dev_bytes,
+                                               int64_t max_tokens) {
+  if (config.cpu_share == 0.0) return nullptr;
+  const bool forced = config.cpu_share > 0.0;
+  const std::string why = hybrid_refusal(man, first_streamed, held_layers);
+  if (!why.empty()) {
+    if (forced) throw ConfigError(fmt::format("cpu_share {} cannot apply: {}", config.cpu_share, why));
+    spdlog::info("hybrid: off ({}); every streamed row crosses PCIe", why);
+    return nullptr;
+  }
+  CudaHybridOptions o;
+  if (forced) o.cpu_share = config.cpu_share;
+  o.threads = config.cpu_threads == kAuto ? 0 : static_cast<int>(config.cpu_threads);
+  std::unique_ptr<CudaHybrid> h;
+  try {
+    h = std::make_unique<CudaHybrid>(man.model, o, dev_scratch, dev_bytes);
+  } catch (const Error& e) {
+    // A rate that could not be measured (zero, not finite): auto falls back to streaming alone.
+    if (forced) throw;
+    spdlog::warn("hybrid: off ({}); every streamed row crosses PCIe", e.what());
+    return nullptr;
+  }
+  fmt::print(stderr, "{}", h->plan_text(man.model.n_layers - first_streamed, std::min(max_tokens, kMaxTokens)));
+  return h;
+}
+
+std::vector<std::vector<SkippedBytes>> CudaHybrid::skipped_bytes(const Manifest& man, int64_t first_streamed,
+                                                                 const HybridSplit& split) {
+  std::vector<std::vector<SkippedBytes>> skipped(static_cast<size_t>(man.model.n_layers));
+  for (int64_t l = std::max<int64_t>(0, first_streamed); l < man.model.n_layers; ++l)
+    for (const HybridHostRange& r : hybrid_cpu_ranges(man, l, split.gpu_rows))
+      skipped[static_cast<size_t>(l)].push_back({r.ffn, r.begin, r.end});
+  return skipped;
+}
+
 CudaHybrid::~CudaHybrid() {
   if (h_) cudaStreamSynchronize(h_);
   if (hx_) cudaFreeHost(hx_);

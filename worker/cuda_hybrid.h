@@ -31,7 +31,9 @@
 #include <string>
 #include <vector>
 
+#include "common/config.h"
 #include "common/model_config.h"
+#include "worker/gpu_weights.h"
 #include "worker/hybrid_cpu.h"
 #include "worker/hybrid_cpu_split.h"
 
@@ -66,6 +68,19 @@ class CudaHybrid {
   CudaHybrid& operator=(const CudaHybrid&) = delete;
 
   static constexpr int64_t kMaxTokens = HybridCpuMatmul::kMaxTokens;
+
+  // The hybrid for a backend whose layers [first_streamed, n) stream through a pool that may hold
+  // `held_layers` host layers, as config.cpu_share asks: null when it is 0, or when it is auto and
+  // the hybrid cannot apply (hybrid_refusal, or a rate that cannot be measured: logged). A forced
+  // share that cannot apply is a ConfigError naming why. Prints the plan (hybrid_plan) to stderr.
+  static std::unique_ptr<CudaHybrid> start(const Manifest& man, int64_t first_streamed, int64_t held_layers,
+                                           const Config& config, void* dev_scratch, size_t dev_bytes,
+                                           int64_t max_tokens);
+
+  // The pool's skipped bytes for `split`: per layer, the CPU's row ranges of the streamed layers
+  // [first_streamed, n) (hybrid_cpu_ranges), none for the others.
+  static std::vector<std::vector<SkippedBytes>> skipped_bytes(const Manifest& man, int64_t first_streamed,
+                                                              const HybridSplit& split);
 
   // The GPU's rows of each matrix for a step of `tokens` (all rows past kMaxTokens or with the
   // share at 0), and the layer split behind them; cached per token count.

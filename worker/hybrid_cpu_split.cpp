@@ -136,6 +136,19 @@ std::string hybrid_layer_refusal(const Manifest& man, int64_t layer) {
   return "";
 }
 
+std::string hybrid_refusal(const Manifest& man, int64_t first_streamed, int64_t held_layers) {
+  if (first_streamed >= man.model.n_layers) return "every layer is resident: nothing streams";
+  for (int64_t l = std::max<int64_t>(0, first_streamed); l < man.model.n_layers; ++l) {
+    std::string why = hybrid_layer_refusal(man, l);
+    if (!why.empty()) return why;
+  }
+  if (held_layers < 2)
+    return fmt::format("the weight source lets the pool hold {} host layer at once; the CPU's share needs the layer "
+                       "computing held besides the next copy (2 or more)",
+                       held_layers);
+  return "";
+}
+
 std::vector<HybridHostRange> hybrid_cpu_ranges(const Manifest& man, int64_t layer,
                                                const std::vector<int64_t>& gpu_rows) {
   const std::string why = hybrid_layer_refusal(man, layer);

@@ -87,6 +87,12 @@ std::vector<HybridMatrix> hybrid_layer_matrices(const ModelConfig& m);
 // multiplies bf16), or q|k|v or gate|up not adjacent in their group.
 std::string hybrid_layer_refusal(const Manifest& man, int64_t layer);
 
+// Why the hybrid cannot apply to a store whose layers [first_streamed, n_layers) stream through a
+// pool that may hold `held_layers` host layers at once ("" when it can): a streamed layer
+// hybrid_layer_refusal refuses, or fewer than 2 layers held (the layer computing, whose host copy
+// the CPU reads, besides the next copy). Nothing streamed: nothing to split, also said.
+std::string hybrid_refusal(const Manifest& man, int64_t first_streamed, int64_t held_layers);
+
 // Bytes of one of a layer's groups, from the group's start.
 struct HybridHostRange {
   bool ffn = false;  // in the ffn group (gate|up, down), else the attn group (q|k|v, o)
