@@ -199,6 +199,9 @@ struct StreamRow {
   std::string share = "0";
   bool hybrid = false;
   double cpu_bytes_per_step = 0, cpu_rate = 0, cpu_read = 0, f = 1;
+  // Per streamed layer and step: the compute stream waiting for the CPU's rows (the join's cost),
+  // and the CPU's rows in before the GPU's half was done.
+  double join_wait_layer = 0, cpu_ahead_layer = 0;
   std::string cpu_isa;
 };
 
@@ -249,6 +252,9 @@ void fill_stream_row(StreamRow* row, const Backend& be, const CudaStreamReport& 
     row->cpu_read = r.cpu_dram_read_gbs * 1e9;
     row->f = r.gpu_fraction;
     row->cpu_isa = fmt::format("{} x{}", r.cpu_isa, r.cpu_threads);
+    const double per = double(steps) * double(std::max<int64_t>(1, r.n_layers - r.resident_layers));
+    row->join_wait_layer = (r.cpu_join_wait_seconds - before.cpu_join_wait_seconds) / per;
+    row->cpu_ahead_layer = (r.cpu_ahead_seconds - before.cpu_ahead_seconds) / per;
   }
 }
 
@@ -420,21 +426,25 @@ int run_streamed(const std::string& store_dir, double budget_gib, const std::vec
     std::printf("\nhybrid: each link's bytes per step and achieved rate (PCIe against pinned H2D %.2f GB/s, the CPU "
                 "against a plain read of the same size by the same threads)\n",
                 h2d / 1e9);
-    std::printf("%-22s %9s %9s %7s %10s %9s %6s %10s %9s %9s %6s %6s %s\n", "figure", "tok/s", "pure", "x pure",
-                "PCIe GB/st", "copy GB/s", "of H2D", "CPU GB/st", "CPU GB/s", "read GB/s", "of rd", "f", "cpu");
+    std::printf("%-22s %9s %9s %7s %10s %9s %6s %10s %9s %9s %6s %6s %8s %8s %s\n", "figure", "tok/s", "pure",
+                "x pure", "PCIe GB/st", "copy GB/s", "of H2D", "CPU GB/st", "CPU GB/s", "read GB/s", "of rd", "f",
+                "wait ms", "ahead ms", "cpu");
     for (const StreamRow& r : rows) {
       if (!r.hybrid) continue;
       const std::string base = r.figure.substr(0, r.figure.find(" cpu "));
       double pure = 0;
       for (const StreamRow& q : rows)
         if (q.figure == base) pure = q.tok_s;
-      std::printf("%-22s %9.2f %9.2f %7.2f %10.3f %9.2f %6.3f %10.3f %9.2f %9.2f %6.3f %6.3f %s\n", r.figure.c_str(),
-                  r.tok_s, pure, pure > 0 ? r.tok_s / pure : 0.0, r.bytes_per_step / 1e9, r.copy_rate / 1e9,
-                  r.copy_rate / h2d, r.cpu_bytes_per_step / 1e9, r.cpu_rate / 1e9, r.cpu_read / 1e9,
-                  r.cpu_read > 0 ? r.cpu_rate / r.cpu_read : 0.0, r.f, r.cpu_isa.c_str());
+      std::printf("%-22s %9.2f %9.2f %7.2f %10.3f %9.2f %6.3f %10.3f %9.2f %9.2f %6.3f %6.3f %8.3f %8.3f %s\n",
+                  r.figure.c_str(), r.tok_s, pure, pure > 0 ? r.tok_s / pure : 0.0, r.bytes_per_step / 1e9,
+                  r.copy_rate / 1e9, r.copy_rate / h2d, r.cpu_bytes_per_step / 1e9, r.cpu_rate / 1e9,
+                  r.cpu_read / 1e9, r.cpu_read > 0 ? r.cpu_rate / r.cpu_read : 0.0, r.f, r.join_wait_layer * 1e3,
+                  r.cpu_ahead_layer * 1e3, r.cpu_isa.c_str());
     }
     std::printf("CPU GB/s: the CPU's weight bytes over the time in its kernel; f: the GPU's share of each matrix's "
-                "rows (the last step's, before rounding to 64 rows)\n");
+                "rows (the last step's, before rounding to 64 rows); wait ms / ahead ms: per streamed layer and step, "
+                "the compute stream waiting for the CPU's rows (the joins' cost), and the CPU's rows in before the "
+                "GPU's half was done\n");
   }
   return 0;
 }

@@ -326,6 +326,9 @@ class CudaBackend : public Backend {
       r.cpu_bytes = h.cpu_bytes;
       r.cpu_seconds = h.cpu_seconds;
       r.cpu_callback_seconds = h.callback_seconds;
+      r.cpu_joins = h.joins;
+      r.cpu_join_wait_seconds = h.join_wait_seconds;
+      r.cpu_ahead_seconds = h.cpu_ahead_seconds;
       r.h2d_gbs_measured = hybrid_->rates().h2d_gbs;
       r.cpu_dram_read_gbs = hybrid_->dram_read_gbs();
       r.cpu_isa = hybrid_->isa();
@@ -425,7 +428,10 @@ class CudaBackend : public Backend {
     CUDA_CHECK(cudaStreamSynchronize(s));
     // The CPU's rows of this step are in (the compute stream waited for each): a failure there
     // fails the step before its outputs are handed out.
-    if (hybrid_) hybrid_->check();
+    if (hybrid_) {
+      hybrid_->check();
+      hybrid_->end_step();
+    }
     if (profiled_) read_layer_times();
     if (out.ids) out.ids->assign(host_picked_.get(), host_picked_.get() + NL);
     if (out.logits) out.logits->assign(host_logits_.get(), host_logits_.get() + NL * m_.vocab_size);
@@ -632,6 +638,7 @@ class CudaBackend : public Backend {
     if (hybrid_ && capturing == cudaStreamCaptureStatusNone) {
       split = &hybrid_->split(n);
       set_hybrid_split(*split);
+      hybrid_->begin_step();
       last_f_ = split->f;
     }
     // The pool enqueues each streamed layer's copy ahead on its own stream; acquire makes this

@@ -51,6 +51,9 @@ struct CudaStreamReport {
   uint64_t cpu_bytes = 0;            // weight bytes the CPU read
   double cpu_seconds = 0;            // in the CPU kernel
   double cpu_callback_seconds = 0;   // in the host functions (conversion and bookkeeping too)
+  uint64_t cpu_joins = 0;            // matrices whose halves met on the GPU
+  double cpu_join_wait_seconds = 0;  // the compute stream waiting for the CPU's rows, summed
+  double cpu_ahead_seconds = 0;      // the CPU's rows in before the GPU's half was done, summed
   double h2d_gbs_measured = 0;       // pinned H2D at start (the split's rate)
   double cpu_dram_read_gbs = 0;      // a plain read by the same threads at start (0: share forced)
   std::string cpu_isa;

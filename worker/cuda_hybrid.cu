@@ -73,6 +73,12 @@ CudaHybrid::CudaHybrid(const ModelConfig& m, const CudaHybridOptions& o, void* d
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&hyf_), size_t(kMaxTokens * max_out_) * 4));
   CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&hyb_), size_t(kMaxTokens * max_out_) * 2));
   jobs_.resize(static_cast<size_t>(8 * std::max<int64_t>(1, m.n_layers) * kHybridMatrices));
+  for (int64_t i = 0; i < std::max<int64_t>(1, m.n_layers) * kHybridMatrices; ++i) {
+    gpu_done_.push_back(nullptr);
+    cpu_in_.push_back(nullptr);
+    CUDA_CHECK(cudaEventCreate(&gpu_done_.back()));
+    CUDA_CHECK(cudaEventCreate(&cpu_in_.back()));
+  }
 }
 
 std::unique_ptr<CudaHybrid> CudaHybrid::start(const Manifest& man, int64_t first_streamed, int64_t held_layers,
@@ -116,6 +122,10 @@ CudaHybrid::~CudaHybrid() {
   if (hx_) cudaFreeHost(hx_);
   if (hyf_) cudaFreeHost(hyf_);
   if (hyb_) cudaFreeHost(hyb_);
+  for (cudaEvent_t e : gpu_done_)
+    if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : cpu_in_)
+    if (e) cudaEventDestroy(e);
   if (ex_) cudaEventDestroy(ex_);
   if (ey_) cudaEventDestroy(ey_);
   if (h_) cudaStreamDestroy(h_);
@@ -204,9 +214,27 @@ void CudaHybrid::linear(const void* x, int64_t n, int64_t in, int64_t ldx, const
   CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(y) + g * esize, ldy * esize,
                                y_f32 ? static_cast<const void*>(hyf_) : static_cast<const void*>(hyb_),
                                rows * esize, rows * esize, n, cudaMemcpyHostToDevice, h_));
+  const bool timed = slot_ < cpu_in_.size();
+  if (timed) CUDA_CHECK(cudaEventRecord(cpu_in_[slot_], h_));
   CUDA_CHECK(cudaEventRecord(ey_, h_));
   gpu_part();
+  if (timed) CUDA_CHECK(cudaEventRecord(gpu_done_[slot_++], s));
   CUDA_CHECK(cudaStreamWaitEvent(s, ey_, 0));
+}
+
+void CudaHybrid::end_step() {
+  double wait = 0, ahead = 0;
+  for (size_t k = 0; k < slot_; ++k) {
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, gpu_done_[k], cpu_in_[k]));
+    if (ms > 0) wait += ms * 1e-3;
+    else ahead -= ms * 1e-3;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.joins += slot_;
+  stats_.join_wait_seconds += wait;
+  stats_.cpu_ahead_seconds += ahead;
+  slot_ = 0;
 }
 
 void CudaHybrid::check() {

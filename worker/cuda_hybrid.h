@@ -54,6 +54,12 @@ struct CudaHybridStats {
   uint64_t cpu_bytes = 0;     // weight bytes the CPU read
   double cpu_seconds = 0;     // time in the CPU kernel (the pool's wall time per call, summed)
   double callback_seconds = 0;  // time in the host functions, conversions and bookkeeping included
+  // The joins (events: the GPU's part done on the compute stream, the CPU's rows in on the
+  // hybrid's), per matrix: the time the compute stream waited for the CPU's rows, and the time the
+  // CPU's rows were in before the GPU's part was done (the GPU the slower half).
+  uint64_t joins = 0;
+  double join_wait_seconds = 0;
+  double cpu_ahead_seconds = 0;
   double gbs() const { return cpu_seconds > 0 ? double(cpu_bytes) / cpu_seconds * 1e-9 : 0.0; }
 };
 
@@ -100,6 +106,11 @@ class CudaHybrid {
   void linear(const void* x, int64_t n, int64_t in, int64_t ldx, const uint16_t* host_w, int64_t out, int64_t g,
               void* y, bool y_f32, int64_t ldy, cudaStream_t s, const std::function<void()>& gpu_part);
 
+  // Around a step's forward (begin_step before its first linear, end_step after the compute
+  // stream synchronized): end_step adds the step's join times to the stats.
+  void begin_step() { slot_ = 0; }
+  void end_step();
+
   // After the compute stream synchronized: the CPU side's failure, if any, as an Error (the
   // step's outputs are then not to be used).
   void check();
@@ -128,6 +139,8 @@ class CudaHybrid {
   int64_t max_in_ = 0, max_out_ = 0;
   std::vector<Job> jobs_;    // a ring: a job lives until its host function ran
   size_t next_job_ = 0;
+  std::vector<cudaEvent_t> gpu_done_, cpu_in_;  // timing, per matrix of a step (4 per layer)
+  size_t slot_ = 0;                             // matrices of this step so far
   mutable std::mutex mu_;    // the stats and the error, written by the callback thread
   CudaHybridStats stats_;
   std::string error_;

@@ -75,6 +75,7 @@ SchedulerOptions scheduler_options() {
             {"gpu_fraction", sr.gpu_fraction},
             {"cpu_bytes", sr.cpu_bytes},
             {"cpu_seconds", sr.cpu_seconds},
+            {"cpu_join_wait_seconds", sr.cpu_join_wait_seconds},
             {"cpu_gb_per_s", sr.cpu_seconds > 0 ? double(sr.cpu_bytes) / sr.cpu_seconds * 1e-9 : 0.0}};
   };
 #endif
