@@ -33,6 +33,8 @@
 namespace ringllama {
 namespace {
 
+using test::compare_row;
+using test::RowDiff;
 using test::top2_gap;
 
 constexpr const char* kGpuSuite = "the CUDA backend tests";  // in the message where there is no GPU
@@ -40,24 +42,6 @@ constexpr const char* kGpuSuite = "the CUDA backend tests";  // in the message w
 constexpr double kRowTolerance = 5e-2;       // max|diff| / max|ref| per row (bf16 activations)
 constexpr double kScreenMargin = 4e-2;       // top-2 gap / max|logit| the CPU run of a test model must keep
 constexpr int kDecodeSteps = 8;
-
-struct RowDiff {
-  double ratio = 0;   // max|got - ref| / max|ref|
-  double max_diff = 0;
-  bool finite = true;
-};
-
-RowDiff compare_row(const std::vector<float>& got, const float* ref, size_t n) {
-  RowDiff r;
-  double max_ref = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) r.finite = false;
-    r.max_diff = std::max(r.max_diff, std::fabs(static_cast<double>(got[i]) - ref[i]));
-    max_ref = std::max(max_ref, std::fabs(static_cast<double>(ref[i])));
-  }
-  r.ratio = r.finite ? r.max_diff / std::max(max_ref, 1e-30) : INFINITY;
-  return r;
-}
 
 int32_t argmax(const float* x, size_t n) {
   return static_cast<int32_t>(std::max_element(x, x + n) - x);  // first of the largest: lowest index

@@ -134,18 +134,15 @@ CudaHybrid::~CudaHybrid() {
 const HybridSplit& CudaHybrid::split(int64_t tokens) {
   auto it = splits_.find(tokens);
   if (it != splits_.end()) return it->second;
-  HybridSplit sp;
-  if (tokens > kMaxTokens || tokens < 1) {
-    // The GPU alone: every row of every matrix.
-    for (const HybridMatrix& x : matrices_) {
-      sp.gpu_rows.push_back(x.rows);
-      sp.gpu_bytes += x.rows * x.in * 2;
-    }
-    sp.gpu_seconds = double(sp.gpu_bytes) / (rates_.h2d_gbs * 1e9);
-  } else {
-    sp = split_layer(matrices_, static_cast<int>(tokens), rates_);
-  }
+  const HybridSplit sp = tokens > kMaxTokens || tokens < 1 ? gpu_alone(1)
+                                                           : split_layer(matrices_, static_cast<int>(tokens), rates_);
   return splits_.emplace(tokens, sp).first->second;
+}
+
+HybridSplit CudaHybrid::gpu_alone(int tokens) const {
+  HybridRates off = rates_;
+  off.cpu_share = 0.0;  // f = 1: every row of every matrix
+  return split_layer(matrices_, tokens, off);
 }
 
 std::string CudaHybrid::plan_text(int64_t streamed_layers, int64_t max_tokens) const {
@@ -155,9 +152,7 @@ std::string CudaHybrid::plan_text(int64_t streamed_layers, int64_t max_tokens) c
   for (int t : {1, 2, 4, 8, 16, 32, 64}) {
     if (t > max_tokens) break;
     const HybridSplit sp = split_layer(matrices_, t, rates_);
-    HybridRates off = rates_;
-    off.cpu_share = 0.0;
-    const HybridSplit gpu_only = split_layer(matrices_, t, off);
+    const HybridSplit gpu_only = gpu_alone(t);
     out += fmt::format("  {:>2} tokens: CPU {:6.1f} GB/s, f {:.3f}: layer {:.2f} ms (GPU alone {:.2f}), bound {:.2f} "
                        "tokens/s (GPU alone {:.2f})\n",
                        t, rates_.cpu_share ? 0.0 : cpu_rate_gbs(rates_, t), sp.f, sp.seconds() * 1e3,

@@ -21,7 +21,6 @@
 #include <cuda_runtime_api.h>
 
 #include <array>
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -123,6 +122,8 @@ class CudaHybrid {
     int64_t in = 0, g = 0, out = 0, n = 0;
     bool y_f32 = false;
   };
+  // The split with the CPU off (f = 1, every row on the GPU) at a batch of `tokens`.
+  HybridSplit gpu_alone(int tokens) const;
   static void CUDART_CB run_job(void* job);
   void run(const Job& j);
 

@@ -335,6 +335,13 @@ struct GpuWeights::Impl {
     source.release_layer(c.layer);
   }
 
+  // The copy in flight of `layer` whose host layer is held through its compute; null if none.
+  Copy* held_copy(int64_t layer) {
+    for (Copy& c : in_flight)
+      if (c.layer == layer && c.hold) return &c;
+    return nullptr;
+  }
+
   // The copy landed and, for a held one, its layer's compute is done.
   bool done(const Copy& c) const {
     if (c.hold && (!c.free_recorded || !event_done(rec_free[static_cast<size_t>(c.record)].get()))) return false;
@@ -530,11 +537,9 @@ struct GpuWeights::Impl {
     CUDA_CHECK(cudaStreamWaitEvent(compute, ready_ffn[static_cast<size_t>(f)].get(), 0));
     spdlog::debug("layer {}: compute waits for its copy in attn {} / ffn {}", layer, a, f);
     DeviceLayer d = device_layer(m, layer, attn_buffer(a), ffn_buffer(f), false);
-    for (const Copy& c : in_flight) {
-      if (c.layer == layer && c.hold) {
-        d.host = c.host;
-        d.host_held = true;
-      }
+    if (const Copy* c = held_copy(layer)) {
+      d.host = c->host;
+      d.host_held = true;
     }
     return d;
   }
@@ -560,11 +565,9 @@ struct GpuWeights::Impl {
       CUDA_CHECK(cudaEventRecord(done_ffn[static_cast<size_t>(f)].get(), compute));
       attn_used[static_cast<size_t>(a)] = true;
       ffn_used[static_cast<size_t>(f)] = true;
-      for (Copy& c : in_flight) {
-        if (c.layer == layer && c.hold) {
-          CUDA_CHECK(cudaEventRecord(rec_free[static_cast<size_t>(c.record)].get(), compute));
-          c.free_recorded = true;
-        }
+      if (Copy* c = held_copy(layer)) {
+        CUDA_CHECK(cudaEventRecord(rec_free[static_cast<size_t>(c->record)].get(), compute));
+        c->free_recorded = true;
       }
     }
     ++released;
